@@ -1,0 +1,1 @@
+"""Data: sources named by spec strings, the embedded synthetic scenes, safe image loading, batching."""

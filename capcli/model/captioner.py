@@ -1,0 +1,185 @@
+"""The Captioner: vision tower, projection heads, prefix mapper and GPT-2 decoder (DESIGN §3).
+
+Shapes: B batch, T caption tokens, K prefix length, D decoder width, E shared embedding size.
+
+- image → vision tower → features (B, Dv) → image head → (B, E), L2-normalised
+- caption → decoder alone → hidden state at its last real token → text head → (B, E)
+- features → prefix mapper → (B, K, D) → decoder, caption tokens after it → next-token logits
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from capcli.losses import IGNORE_INDEX
+from capcli.model.tokenizer import load_tokenizer
+from capcli.model.towers import build_decoder, build_vision
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "model.json"
+
+
+@dataclass
+class CaptionerConfig:
+    """Everything needed to rebuild a Captioner without a network: written as ``model.json``."""
+
+    preset: str
+    embed_dim: int
+    prefix_length: int
+    prefix_mapper: str
+    temperature: float
+    learn_temperature: bool
+    vision: dict[str, Any]
+    decoder: dict[str, Any]
+
+
+class MLPMapper(nn.Module):
+    """ClipCap's MLP mapper: (B, Dv) → (B, K, D)."""
+
+    def __init__(self, in_dim: int, width: int, length: int):
+        super().__init__()
+        self.length, self.width = length, width
+        hidden = (width * length) // 2
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, width * length))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).view(-1, self.length, self.width)
+
+
+class TransformerMapper(nn.Module):
+    """ClipCap's transformer mapper: the features become K tokens that attend to K learned constants."""
+
+    def __init__(self, in_dim: int, width: int, length: int, layers: int = 2):
+        super().__init__()
+        self.length, self.width = length, width
+        self.project = nn.Linear(in_dim, width * length)
+        self.constants = nn.Parameter(torch.randn(length, width) * 0.02)
+        heads = max(1, width // 64)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.project(features).view(-1, self.length, self.width)  # (B, K, D)
+        x = torch.cat([x, self.constants.expand(x.shape[0], -1, -1)], dim=1)  # (B, 2K, D)
+        return self.transformer(x)[:, self.length:]  # the constants' outputs are the prefix
+
+
+class Captioner(nn.Module):
+    """Image captioner with a shared image-text embedding space."""
+
+    def __init__(self, config: CaptionerConfig, tokenizer: PreTrainedTokenizerBase):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.vision = build_vision(config.vision)
+        self.decoder = build_decoder(config.decoder)
+        vision_dim = config.vision["arch"]["output_dim"]
+        width = self.decoder.config.n_embd
+        mapper = MLPMapper if config.prefix_mapper == "mlp" else TransformerMapper
+        self.prefix_mapper = mapper(vision_dim, width, config.prefix_length)
+        self.image_head = nn.Linear(vision_dim, config.embed_dim, bias=False)
+        self.text_head = nn.Linear(width, config.embed_dim, bias=False)
+        # Stored as log(1/τ), as CLIP does; a fixed τ is simply not trained.
+        self.log_logit_scale = nn.Parameter(
+            torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
+        )
+        self.register_buffer("pixel_mean", torch.tensor(config.vision["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.vision["std"]).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision["arch"]["image_size"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    def logit_scale(self) -> torch.Tensor:
+        """1/τ, clamped at 100 as in the CLIP paper so a learnable τ cannot run away."""
+        return self.log_logit_scale.exp().clamp(max=100.0)
+
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 → (B, Dv) pooled vision features. Normalising here keeps transfers uint8."""
+        x = pixels.to(self.pixel_mean.dtype) / 255.0
+        return self.vision((x - self.pixel_mean) / self.pixel_std)
+
+    def embed_image(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, Dv) → (B, E), L2-normalised."""
+        return F.normalize(self.image_head(features), dim=-1)
+
+    def embed_text(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) caption tokens ending in end-of-text → (B, E), L2-normalised.
+
+        The caption is read by the decoder alone, after a begin-of-text token; its hidden
+        state at the last real token (the end-of-text) is the caption's summary, as CLIP
+        takes the EOT token.
+        """
+        bos = torch.full_like(caption_ids[:, :1], self.tokenizer.bos_token_id)
+        ids = torch.cat([bos, caption_ids], dim=1)  # (B, 1+T)
+        mask = torch.cat([torch.ones_like(caption_mask[:, :1]), caption_mask], dim=1)
+        hidden = self.decoder.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, 1+T, D)
+        last = mask.sum(dim=1) - 1  # index of the end-of-text token (right padding)
+        summary = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # (B, D)
+        return F.normalize(self.text_head(summary), dim=-1)
+
+    def prefix(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, Dv) → (B, K, D) embeddings in the decoder's input space."""
+        return self.prefix_mapper(features)
+
+    def caption_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for each caption token given the image: (B, T, V), aligned with ``caption_ids``.
+
+        The prefix plays the role of a begin-of-text token: its last position predicts the
+        first caption token. Logits are computed for caption positions only.
+        """
+        prefix = self.prefix(features)  # (B, K, D)
+        k = prefix.shape[1]
+        tokens = self.decoder.transformer.wte(caption_ids)  # (B, T, D)
+        mask = torch.cat([torch.ones_like(caption_mask[:, :1]).expand(-1, k), caption_mask], dim=1)
+        hidden = self.decoder.transformer(
+            inputs_embeds=torch.cat([prefix.to(tokens.dtype), tokens], dim=1), attention_mask=mask
+        ).last_hidden_state  # (B, K+T, D)
+        return self.decoder.lm_head(hidden[:, k - 1 : -1])  # position K-1+t predicts token t
+
+    def caption_targets(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
+        """The LM targets for ``caption_logits``: the caption tokens, ignored on padding."""
+        return caption_ids.masked_fill(caption_mask == 0, IGNORE_INDEX)
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write ``model.safetensors``, ``model.json`` and the tokenizer files into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        # GPT-2 ties lm_head to the token embedding; safetensors refuses shared storage, and the tie is restored on load.
+        state.pop("decoder.lm_head.weight", None)
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.__dict__, indent=2), encoding="utf-8")
+        self.tokenizer.save_pretrained(str(directory))
+
+    def load_weights(self, directory: Path) -> None:
+        """Load ``model.safetensors`` from a checkpoint into this model (same architecture)."""
+        state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(self.pixel_mean.device))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if k != "decoder.lm_head.weight"]  # tied to the token embedding
+        if missing or unexpected:
+            raise ValueError(f"{directory} holds a different model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        self.decoder.tie_weights()
+
+    @classmethod
+    def from_pretrained(cls, directory: Path, device: str | torch.device = "cpu") -> Captioner:
+        """Rebuild a Captioner from a checkpoint directory, with no network."""
+        directory = Path(directory)
+        config = CaptionerConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
+        model = cls(config, load_tokenizer(directory))
+        model.load_weights(directory)
+        return model.to(device)

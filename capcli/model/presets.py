@@ -1,0 +1,67 @@
+"""Model presets: what `--model tiny` and `--model clip-gpt2` build (DESIGN §3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from capcli.model.captioner import Captioner, CaptionerConfig
+from capcli.model.tokenizer import load_tokenizer, train_bpe, with_pad_token
+from capcli.model.towers import (
+    TINY_VOCAB,
+    decoder_spec_tiny,
+    load_pretrained_decoder,
+    vision_spec_open_clip,
+    vision_spec_tiny,
+)
+from capcli.settings import ModelSettings
+
+PREFIX_LENGTH = {"tiny": 4, "clip-gpt2": 10}  # ClipCap uses 10 for GPT-2
+
+
+def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captioner:
+    """Build a fresh Captioner for a preset.
+
+    Args:
+        settings: the model settings group.
+        captions: training captions, used by the tiny preset to train its tokenizer.
+    """
+    if settings.preset == "tiny":
+        tokenizer = train_bpe(captions, vocab_size=TINY_VOCAB)
+        vision, vision_state = vision_spec_tiny(), None
+        decoder_spec = decoder_spec_tiny(
+            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
+        pretrained_decoder = None
+    else:
+        vision, vision_state = vision_spec_open_clip("ViT-B-32", settings.vision_weights or "openai")
+        source = settings.decoder or "gpt2"
+        tokenizer = with_pad_token(load_tokenizer(source))
+        pretrained_decoder = load_pretrained_decoder(source)
+        # Grow (never shrink) the embedding so the added pad token has a row of its own.
+        pretrained_decoder.resize_token_embeddings(max(len(tokenizer), pretrained_decoder.config.vocab_size))
+        pretrained_decoder.config.pad_token_id = tokenizer.pad_token_id
+        decoder_spec = {"config": pretrained_decoder.config.to_dict(), "weights": f"transformers:{source}"}
+
+    config = CaptionerConfig(
+        preset=settings.preset,
+        embed_dim=settings.embed_dim,
+        prefix_length=settings.prefix_length or PREFIX_LENGTH[settings.preset],
+        prefix_mapper=settings.prefix_mapper,
+        temperature=settings.temperature,
+        learn_temperature=settings.learn_temperature,
+        vision=vision,
+        decoder=decoder_spec,
+    )
+    model = Captioner(config, tokenizer)
+    if vision_state is not None:
+        model.vision.load_state_dict(vision_state)
+    if pretrained_decoder is not None:
+        model.decoder.load_state_dict(pretrained_decoder.state_dict())
+    return model
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (optionally only those that get gradients)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

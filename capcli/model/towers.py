@@ -1,0 +1,113 @@
+"""The two towers: an open_clip vision transformer and a transformers GPT-2 decoder.
+
+Each tower is described by a plain dict (written into ``model.json``) and built from it
+with random weights; pretrained weights, when asked for, are loaded on top by name or
+local path. A checkpoint therefore rebuilds with no network: its dicts say what to build,
+``model.safetensors`` fills it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from open_clip.transformer import QuickGELU, VisionTransformer
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from capcli.errors import ConfigError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip's OPENAI_DATASET_STD
+
+TINY_VISION: dict[str, Any] = {
+    "image_size": 64, "patch_size": 8, "width": 128, "layers": 3, "heads": 4, "mlp_ratio": 4.0, "output_dim": 512,
+}
+TINY_DECODER: dict[str, Any] = {"n_positions": 64, "n_embd": 128, "n_layer": 3, "n_head": 4}
+TINY_VOCAB = 512
+
+OFFLINE_HELP = (
+    "go online once so the weights are cached, set HF_HOME to a cache that holds them, "
+    "or pass a local path"
+)
+
+
+def vision_spec_tiny() -> dict[str, Any]:
+    """The tiny preset's vision tower: a small ViT with CLIP's normalisation, trained from scratch."""
+    return {"arch": dict(TINY_VISION), "quick_gelu": False, "mean": CLIP_MEAN, "std": CLIP_STD, "weights": "scratch"}
+
+
+def vision_spec_open_clip(model_name: str, weights: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Describe an open_clip model's vision tower and fetch its pretrained weights.
+
+    Args:
+        model_name: an open_clip model name, e.g. ``ViT-B-32``.
+        weights: an open_clip pretrained tag (``openai``), a local file, or None/"none" for random.
+
+    Returns:
+        The spec dict and the tower's state dict (None for random weights).
+    """
+    import open_clip
+
+    random_init = weights in (None, "none")
+    try:
+        clip = open_clip.create_model(model_name, pretrained=None if random_init else weights, require_pretrained=not random_init)
+    except Exception as err:  # open_clip raises RuntimeError/OSError/hub errors alike for missing weights
+        raise ConfigError(
+            f"cannot load vision weights '{weights}' for {model_name} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+            f"{OFFLINE_HELP} with --vision-weights FILE"
+        ) from None
+    visual = clip.visual
+    block = visual.transformer.resblocks[0]
+    cfg = visual.preprocess_cfg if hasattr(visual, "preprocess_cfg") else {}
+    size = visual.image_size[0] if isinstance(visual.image_size, tuple) else visual.image_size
+    arch = {
+        "image_size": size,
+        "patch_size": visual.patch_size[0] if isinstance(visual.patch_size, tuple) else visual.patch_size,
+        "width": visual.conv1.out_channels,
+        "layers": len(visual.transformer.resblocks),
+        "heads": block.attn.num_heads,
+        "mlp_ratio": block.mlp.c_fc.out_features / visual.conv1.out_channels,
+        "output_dim": visual.output_dim,
+    }
+    spec = {
+        "arch": arch,
+        "quick_gelu": isinstance(block.mlp.gelu, QuickGELU),  # OpenAI's weights need QuickGELU, others GELU
+        "mean": tuple(cfg.get("mean", CLIP_MEAN)),
+        "std": tuple(cfg.get("std", CLIP_STD)),
+        "weights": f"open_clip:{model_name}:{weights or 'none'}",
+    }
+    return spec, None if random_init else visual.state_dict()
+
+
+def build_vision(spec: dict[str, Any]) -> VisionTransformer:
+    """A randomly initialised vision tower of the described shape; (B, 3, H, W) → (B, output_dim)."""
+    act = QuickGELU if spec["quick_gelu"] else torch.nn.GELU
+    return VisionTransformer(**spec["arch"], act_layer=act)
+
+
+def decoder_spec_tiny(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
+    """The tiny preset's GPT-2: small and without dropout, so training is deterministic."""
+    config = GPT2Config(
+        vocab_size=vocab_size, **TINY_DECODER, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return {"config": config.to_dict(), "weights": "scratch"}
+
+
+def load_pretrained_decoder(source: str) -> GPT2LMHeadModel:
+    """A GPT-2 family model by hub name or local ``save_pretrained`` directory."""
+    try:
+        model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa")
+    except Exception as err:  # transformers raises OSError/hub errors for a missing model
+        where = "directory" if Path(source).exists() else "model"
+        raise ConfigError(
+            f"cannot load decoder {where} '{source}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+            f"{OFFLINE_HELP} with --decoder DIR"
+        ) from None
+    return model
+
+
+def build_decoder(spec: dict[str, Any]) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 of the described configuration."""
+    return GPT2LMHeadModel(GPT2Config.from_dict(spec["config"], attn_implementation="sdpa"))

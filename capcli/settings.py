@@ -1,0 +1,312 @@
+"""Typed settings: one pydantic model per group, merged from defaults, preset, env, file and CLI.
+
+Precedence, lowest first (DESIGN §2):
+
+1. the field defaults below (``configs/default.yaml`` is the same values, written out);
+2. the model preset's profile (``configs/presets/<preset>.yaml``), so that the small CPU
+   preset brings its own sizes without the user repeating them;
+3. environment variables ``CAPCLI_<GROUP>__<FIELD>`` (nested with ``__``);
+4. the ``--config`` YAML file;
+5. command-line options.
+
+Every model forbids unknown keys, so a typo is an error that names the key, never a
+silently ignored setting. Each function downstream takes only the group it needs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict
+
+from capcli.errors import ConfigError
+
+ENV_PREFIX = "CAPCLI_"
+PRESETS = ("tiny", "clip-gpt2")
+
+
+class Strict(BaseModel):
+    """Base for every settings group: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class ModelSettings(Strict):
+    preset: Literal["tiny", "clip-gpt2"] = "tiny"
+    """Architecture: `tiny` (small ViT + small GPT-2, trained from scratch on CPU) or `clip-gpt2` (ViT-B/32 + GPT-2)."""
+    vision_weights: str | None = None
+    """clip-gpt2 only: an open_clip pretrained tag (e.g. `openai`), a local weights file, or `none` for random init. Default `openai`."""
+    decoder: str | None = None
+    """clip-gpt2 only: a GPT-2 family name (`gpt2`, `distilgpt2`, ...) or a local `save_pretrained` directory. Default `gpt2`."""
+    embed_dim: int = Field(512, gt=0)
+    """Size of the shared image-text embedding space."""
+    prefix_length: int | None = Field(None, gt=0)
+    """Number of prefix embeddings the image becomes in the decoder's input (ClipCap). Default: 4 for tiny, 10 for clip-gpt2."""
+    prefix_mapper: Literal["mlp", "transformer"] = "mlp"
+    """How image features become the prefix: ClipCap's MLP or its small transformer mapper."""
+    temperature: float = Field(0.07, gt=0, le=1)
+    """InfoNCE temperature τ (CLIP's initial value)."""
+    learn_temperature: bool = False
+    """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
+
+    @model_validator(mode="after")
+    def _tiny_has_no_pretrained_parts(self) -> ModelSettings:
+        if self.preset == "tiny" and (self.vision_weights not in (None, "none") or self.decoder is not None):
+            raise ValueError("the tiny preset is trained from scratch: vision_weights and decoder apply to clip-gpt2 only")
+        return self
+
+
+class DataSettings(Strict):
+    source: str = "synthetic"
+    """Where the image-caption pairs come from: `synthetic` or `imagefolder:PATH`."""
+    train_size: int = Field(10000, ge=1)
+    """At most this many training images."""
+    val_size: int = Field(1000, ge=1)
+    """At most this many validation images."""
+    test_size: int = Field(1000, ge=0)
+    """At most this many test images (and `test_novel` images for `synthetic`)."""
+    image_size: int | None = Field(None, ge=16)
+    """Synthetic images are rendered at this size. Default: the model's input resolution."""
+    seed: int = 0
+    """Seed of the synthetic data and of any split the loader has to make."""
+    cache_dir: Path | None = None
+    """Where generated data is materialised. Default: `$XDG_CACHE_HOME/capcli` or `~/.cache/capcli`."""
+    image_column: str | None = None
+    """Column holding the image in user data. Default: `image`."""
+    caption_column: str | None = None
+    """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text`."""
+    max_caption_tokens: int = Field(48, ge=4)
+    """Captions are cut to this many tokens (before the end-of-text token)."""
+    num_workers: int = Field(0, ge=0)
+    """DataLoader worker processes. 0 loads in the training process, which is fastest for small images on few cores."""
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    """A run fails when more than this fraction of images cannot be read; fewer are skipped and counted."""
+    max_pixels: int = Field(89_478_485, gt=0)
+    """Images larger than this many pixels are refused before decoding (Pillow's own bomb limit)."""
+
+
+class OptimizerSettings(Strict):
+    lr: float = Field(1e-4, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(0.01, ge=0)
+    """Decoupled weight decay, applied to matrices only (not to biases, norms or embeddings' scale)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """AdamW betas; 0.98 as in CLIP for stability with large contrastive batches."""
+    eps: float = Field(1e-6, gt=0)
+    """AdamW epsilon."""
+    warmup: float = Field(0.05, ge=0, le=1)
+    """Linear warmup, as a fraction of the phase's optimizer steps."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """The cosine schedule decays to lr × this ratio."""
+
+
+class EngineSettings(Strict):
+    epochs: int = Field(10, ge=1)
+    """Passes over the training data."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (smoke runs); the schedule is planned for this length."""
+    batch_size: int = Field(64, ge=1)
+    """Images per micro-batch (per process)."""
+    grad_accum: int = Field(2, ge=1)
+    """Micro-batches accumulated into one optimizer step."""
+    clip_grad: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this value; null disables clipping."""
+    patience: int | None = Field(3, ge=1)
+    """Stop when the validation loss has not improved for this many validations; null disables early stopping."""
+    log_every: int = Field(10, ge=1)
+    """Write a training line to metrics.jsonl every this many optimizer steps."""
+    output: Path = Path("runs/pretrain")
+    """Run directory: config.yaml, metrics.jsonl and checkpoints/{best,last}."""
+    resume: bool = False
+    """Continue from the run directory's last checkpoint."""
+
+
+class RuntimeSettings(Strict):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to run: `auto` takes CUDA, then MPS, then the CPU."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision. `auto`: bf16 on CUDA (fp16 with loss scaling where bf16 is missing), fp32 elsewhere."""
+    seed: int = 0
+    """Seed of model initialisation and data order."""
+    quiet: bool = False
+    """Silence progress output on stderr."""
+
+
+class PretrainSettings(Strict):
+    engine: EngineSettings = EngineSettings()
+    optimizer: OptimizerSettings = OptimizerSettings()
+    contrastive_weight: float = Field(1.0, ge=0)
+    """Weight of the symmetric InfoNCE loss."""
+    caption_weight: float = Field(1.0, ge=0)
+    """Weight of the captioning (language-model) loss."""
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> PretrainSettings:
+        if self.contrastive_weight == 0 and self.caption_weight == 0:
+            raise ValueError("contrastive_weight and caption_weight cannot both be 0")
+        return self
+
+
+class AlignSettings(Strict):
+    engine: EngineSettings = EngineSettings(epochs=5, batch_size=32, output=Path("runs/align"))
+    optimizer: OptimizerSettings = OptimizerSettings(lr=3e-5)
+    checkpoint: Path | None = None
+    """Start from this checkpoint (or run directory). Default: the best pretrain checkpoint."""
+    preferences: str | None = None
+    """Preference pairs. Default: pairs generated from the pretrain data source."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen (eval mode, no gradients, features cached)."""
+    beta: float = Field(0.1, gt=0)
+    """Bradley-Terry/DPO inverse temperature β."""
+    margin: float = Field(0.1, ge=0)
+    """Margin m in -log σ(β·Δr - m)."""
+    alpha_init: float = Field(0.7, ge=0, le=1)
+    """Weight of the contrastive loss at the first step; the preference loss gets 1 - α."""
+    alpha_final: float = Field(0.3, ge=0, le=1)
+    """Weight of the contrastive loss at the last step (linear in between)."""
+    reference: Literal["checkpoint", "none"] = "checkpoint"
+    """Reward baseline: the frozen starting checkpoint (DPO), or none (plain log-probabilities)."""
+    length_normalize: bool = False
+    """Use per-token mean log-probabilities as rewards."""
+    lm_weight: float = Field(0.0, ge=0)
+    """Optional LM loss on the chosen caption, to keep its likelihood from falling."""
+
+
+class Settings(Strict):
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    runtime: RuntimeSettings = RuntimeSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    align: AlignSettings = AlignSettings()
+
+
+class _EnvReader(BaseSettings):
+    """Only used to parse ``CAPCLI_*`` variables with pydantic-settings' own rules."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid")
+    model: dict[str, Any] = {}
+    data: dict[str, Any] = {}
+    runtime: dict[str, Any] = {}
+    pretrain: dict[str, Any] = {}
+    align: dict[str, Any] = {}
+
+
+def config_path(name: str) -> Path:
+    """A config file shipped inside the package, e.g. ``default.yaml`` or ``presets/tiny.yaml``."""
+    return Path(str(resources.files("capcli") / "configs" / name))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors a user can act on."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of setting groups, got {type(data).__name__}")
+    return data
+
+
+def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """``CAPCLI_GROUP__FIELD=value`` variables as a nested dict (values still strings)."""
+    environ = dict(os.environ if environ is None else environ)
+    groups = set(Settings.model_fields)
+    for key in environ:
+        if key.upper().startswith(ENV_PREFIX):
+            group = key[len(ENV_PREFIX):].split("__")[0].lower()
+            if group not in groups:
+                raise ConfigError(f"unknown setting {key}: the group must be one of {', '.join(sorted(groups))}")
+    source = EnvSettingsSource(_EnvReader, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
+    source.env_vars = {k.lower(): v for k, v in environ.items()}
+    return {k: v for k, v in source().items() if v}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``over`` into a copy of ``base``; nested mappings merge, anything else replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def unflatten(dotted: dict[str, Any]) -> dict[str, Any]:
+    """``{"pretrain.engine.epochs": 3}`` → ``{"pretrain": {"engine": {"epochs": 3}}}``; None values are dropped."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def load_settings(
+    config: Path | None = None,
+    cli: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Resolve the settings from every layer; raises ConfigError with a one-line message.
+
+    Each layer is merged into the full defaults before validation, so a partial group
+    (``align.engine.epochs`` alone) keeps that group's other defaults.
+
+    Args:
+        config: an optional YAML file with the same shape as ``configs/default.yaml``.
+        cli: dotted keys to values, e.g. ``{"pretrain.engine.epochs": 3}``; None means "not given".
+        environ: the environment to read (default ``os.environ``).
+    """
+    upper = deep_merge(env_overrides(environ), read_yaml(config) if config else {})
+    upper = deep_merge(upper, unflatten(cli or {}))
+    preset = (upper.get("model") or {}).get("preset", ModelSettings().preset)
+    profile = read_yaml(config_path(f"presets/{preset}.yaml")) if preset in PRESETS else {}
+    try:
+        return Settings.model_validate(deep_merge(deep_merge(Settings().model_dump(), profile), upper))
+    except ValidationError as err:
+        raise ConfigError(describe_error(err)) from None
+
+
+def describe_error(err: ValidationError) -> str:
+    """The first validation error as one line that names the key and what is allowed."""
+    first = err.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    key = ".".join(loc) or "settings"
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown setting '{key}'{hint} (allowed here: {', '.join(allowed)})"
+    given = first.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"invalid setting '{key}': {first['msg']}{shown}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in loc:
+        annotation = model.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def to_yaml(settings: Settings) -> str:
+    """The resolved settings as YAML, as written to each run's ``config.yaml``."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
