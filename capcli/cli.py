@@ -57,22 +57,22 @@ def main_options(
 
 # Options shared by the commands. None means "not given": the settings layers below decide.
 Config = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file, shaped like configs/default.yaml.", show_default=False)]
-Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps  [default: auto]", show_default=False)]
-Precision = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16  [default: auto: bf16 on CUDA, fp32 on CPU]", show_default=False)]
-Seed = Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order.  [default: 0]", show_default=False)]
+Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps  \\[default: auto]", show_default=False)]
+Precision = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16  \\[default: auto: bf16 on CUDA, fp32 on CPU]", show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order.  \\[default: 0]", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress output on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
-Data = Annotated[Optional[str], typer.Option(help="Data source: synthetic | imagefolder:PATH  [default: synthetic]", show_default=False)]
-Model = Annotated[Optional[str], typer.Option(help="Model preset: tiny | clip-gpt2  [default: tiny]", show_default=False)]
-VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip tag, local file, or none  [default: openai]", show_default=False)]
-Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  [default: gpt2]", show_default=False)]
-Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  [default: 10; tiny: 8]", show_default=False)]
+Data = Annotated[Optional[str], typer.Option(help="Data source: synthetic | imagefolder:PATH  \\[default: synthetic]", show_default=False)]
+Model = Annotated[Optional[str], typer.Option(help="Model preset: tiny | clip-gpt2  \\[default: tiny]", show_default=False)]
+VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip tag, local file, or none  \\[default: openai]", show_default=False)]
+Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  \\[default: gpt2]", show_default=False)]
+Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  \\[default: 10; tiny: 8]", show_default=False)]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (smoke runs).", show_default=False)]
-BatchSize = Annotated[Optional[int], typer.Option(help="Images per micro-batch.  [default: 64; tiny: 32]", show_default=False)]
-Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.  [default: 1e-4; tiny: 1e-3]", show_default=False)]
-TrainSize = Annotated[Optional[int], typer.Option(help="At most N training images.  [default: 10000; tiny: 3000]", show_default=False)]
-ValSize = Annotated[Optional[int], typer.Option(help="At most N validation images.  [default: 1000; tiny: 300]", show_default=False)]
-TestSize = Annotated[Optional[int], typer.Option(help="At most N test images.  [default: 1000; tiny: 300]", show_default=False)]
+BatchSize = Annotated[Optional[int], typer.Option(help="Images per micro-batch.  \\[default: 64; tiny: 32]", show_default=False)]
+Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 1e-4; tiny: 1e-3]", show_default=False)]
+TrainSize = Annotated[Optional[int], typer.Option(help="At most N training images.  \\[default: 10000; tiny: 3000]", show_default=False)]
+ValSize = Annotated[Optional[int], typer.Option(help="At most N validation images.  \\[default: 1000; tiny: 300]", show_default=False)]
+TestSize = Annotated[Optional[int], typer.Option(help="At most N test images.  \\[default: 1000; tiny: 300]", show_default=False)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")]
 
@@ -82,14 +82,13 @@ def pretrain(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, data: Data = None, model: Model = None,
     vision_weights: VisionWeights = None, decoder: Decoder = None,
-    output: Annotated[Optional[Path], typer.Option(help="Run directory.  [default: runs/pretrain]", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/pretrain]", show_default=False)] = None,
     epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None, lr: Lr = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False,
 ) -> None:
     """Phase 1: contrastive (InfoNCE) + captioning loss on image-caption pairs."""
     with exit_codes():
-        from capcli import phases, results
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
@@ -101,6 +100,8 @@ def pretrain(
             "pretrain.optimizer.lr": lr, "data.train_size": train_size, "data.val_size": val_size,
             "data.test_size": test_size, "pretrain.engine.resume": resume or None,
         })
+        from capcli import phases, results  # torch and friends: only once the settings are known to be good
+
         result = phases.pretrain(settings, overwrite=overwrite)
         results.print_fit(results.fit_summary("pretrain", result), json)
 

@@ -5,6 +5,8 @@ Nothing here loops over data; a phase only decides *what* is trained (DESIGN §2
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ import torch
 from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import CaptionCollator, CaptionDataset
 from capcli.data.sources import load_splits
-from capcli.engine import FitResult, TrainData, fit
+from capcli.engine import FitResult, Objective, TrainData, fit
 from capcli.errors import ConfigError
 from capcli.model import Captioner, build_model
 from capcli.objectives import PretrainObjective
@@ -22,15 +24,26 @@ from capcli.settings import EngineSettings, Settings, to_yaml
 def prepare_run_dir(engine: EngineSettings, overwrite: bool = False) -> Path:
     """Refuse to train over an existing run unless told to resume or overwrite: nothing is lost silently."""
     run_dir = Path(engine.output)
-    if (run_dir / "checkpoints").exists() and not engine.resume and not overwrite:
+    if engine.resume:
+        resolve_checkpoint(run_dir, "last")  # fail now, before any data is loaded, if there is nothing to resume
+    elif (run_dir / "checkpoints").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, "
                           f"--overwrite to start it again, or --output DIR for a new one")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def pretrain(settings: Settings, overwrite: bool = False) -> FitResult:
-    """Phase 1: contrastive + captioning loss on image-caption pairs."""
+@dataclass
+class Phase:
+    """Everything ``engine.fit`` needs for one phase, before any training."""
+
+    model: Captioner
+    objective: Objective
+    data: TrainData
+
+
+def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
+    """Phase 1's model, objective and data; writes the run's ``config.yaml``."""
     phase = settings.pretrain
     run_dir = prepare_run_dir(phase.engine, overwrite)
     splits = load_splits(settings.data)
@@ -51,5 +64,13 @@ def pretrain(settings: Settings, overwrite: bool = False) -> FitResult:
         collate=CaptionCollator(model.tokenizer, settings.data.max_caption_tokens),
         num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction,
     )
-    objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight)
-    return fit(model, objective, data, phase.engine, phase.optimizer, settings.runtime, title="pretrain")
+    return Phase(model, PretrainObjective(phase.contrastive_weight, phase.caption_weight), data)
+
+
+def pretrain(settings: Settings, overwrite: bool = False,
+             on_step: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
+    """Phase 1: contrastive + captioning loss on image-caption pairs."""
+    run = prepare_pretrain(settings, overwrite)
+    phase = settings.pretrain
+    return fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
+               title="pretrain", on_step=on_step)

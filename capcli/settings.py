@@ -227,6 +227,8 @@ def env_overrides(environ: dict[str, str] | None = None) -> dict[str, Any]:
             group = key[len(ENV_PREFIX):].split("__")[0].lower()
             if group not in groups:
                 raise ConfigError(f"unknown setting {key}: the group must be one of {', '.join(sorted(groups))}")
+            if "__" not in key[len(ENV_PREFIX):]:
+                raise ConfigError(f"{key} names a whole group; set one field as {key.upper()}__FIELD")
     source = EnvSettingsSource(_EnvReader, env_prefix=ENV_PREFIX, env_nested_delimiter="__", case_sensitive=False)
     source.env_vars = {k.lower(): v for k, v in environ.items()}
     return {k: v for k, v in source().items() if v}
@@ -243,11 +245,14 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def unflatten(dotted: dict[str, Any]) -> dict[str, Any]:
-    """``{"pretrain.engine.epochs": 3}`` → ``{"pretrain": {"engine": {"epochs": 3}}}``; None values are dropped."""
+def unflatten(dotted: dict[str, Any], keep_none: bool = False) -> dict[str, Any]:
+    """``{"pretrain.engine.epochs": 3}`` → ``{"pretrain": {"engine": {"epochs": 3}}}``.
+
+    None means "not given" on the command line and is dropped, unless ``keep_none``.
+    """
     out: dict[str, Any] = {}
     for key, value in dotted.items():
-        if value is None:
+        if value is None and not keep_none:
             continue
         node = out
         *parents, leaf = key.split(".")
@@ -274,10 +279,19 @@ def load_settings(
     """
     upper = deep_merge(env_overrides(environ), read_yaml(config) if config else {})
     upper = deep_merge(upper, unflatten(cli or {}))
-    preset = (upper.get("model") or {}).get("preset", ModelSettings().preset)
+    model = upper.get("model")
+    preset = model.get("preset", ModelSettings().preset) if isinstance(model, dict) else ModelSettings().preset
     profile = read_yaml(config_path(f"presets/{preset}.yaml")) if preset in PRESETS else {}
     try:
         return Settings.model_validate(deep_merge(deep_merge(Settings().model_dump(), profile), upper))
+    except ValidationError as err:
+        raise ConfigError(describe_error(err)) from None
+
+
+def override(settings: Settings, dotted: dict[str, Any]) -> Settings:
+    """A copy of ``settings`` with dotted keys replaced (None is a value here), validated again."""
+    try:
+        return Settings.model_validate(deep_merge(settings.model_dump(), unflatten(dotted, keep_none=True)))
     except ValidationError as err:
         raise ConfigError(describe_error(err)) from None
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: a small synthetic dataset made once per session, and settings that train fast.
+
+Everything runs on the CPU with no network: datasets' cache is pointed at a temporary
+folder before anything imports it, and the hub is told to stay offline.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_CACHE = Path(tempfile.mkdtemp(prefix="capcli-tests-"))
+os.environ.setdefault("HF_DATASETS_CACHE", str(_CACHE / "hf-datasets"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+for key in [k for k in os.environ if k.startswith("CAPCLI_")]:  # a developer's own settings must not leak in
+    del os.environ[key]
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from capcli.settings import Settings, load_settings, override  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SMALL_SIZES = {"data.train_size": 64, "data.val_size": 16, "data.test_size": 16}
+
+
+@pytest.fixture(scope="session")
+def data_cache() -> Path:
+    """The session's cache root for materialised synthetic data."""
+    return _CACHE / "data"
+
+
+def make_settings(output: Path, cache: Path, **overrides) -> Settings:
+    """Tiny-preset settings for a quick run: small data, small batches, no early stop, no accumulation."""
+    cli = {
+        **SMALL_SIZES,
+        "data.cache_dir": cache,
+        "pretrain.engine.output": output,
+        "pretrain.engine.batch_size": 8,
+        "pretrain.engine.grad_accum": 1,
+        "pretrain.engine.epochs": 2,
+        "pretrain.engine.log_every": 1,
+        "runtime.device": "cpu",
+        "runtime.quiet": True,
+    }
+    return override(load_settings(cli=cli, environ={}), overrides)
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path, data_cache: Path):
+    """``settings_factory(name, **dotted_overrides)`` → Settings writing to ``tmp_path / name``."""
+
+    def factory(name: str = "run", **overrides) -> Settings:
+        return make_settings(tmp_path / name, data_cache, **overrides)
+
+    return factory
