@@ -211,10 +211,6 @@ def test_learned_logit_scale_is_trainable_and_clamped_at_100(captions: list[str]
 # ---------------------------------------------------------------- save and load
 
 
-def _state(model: Captioner) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _assert_same_state(a: Captioner, b: Captioner) -> None:
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
@@ -275,16 +271,12 @@ def test_loading_a_checkpoint_into_a_different_mapper_raises_value_error(tmp_pat
                                                                         captions: list[str]) -> None:
     tiny.save_pretrained(tmp_path)
     other = build_model(ModelSettings(prefix_mapper="transformer"), captions)
-    before = _state(other)
     with pytest.raises(ValueError, match="different model") as err:
         other.load_weights(tmp_path)
     assert str(tmp_path) in str(err.value)
     assert "prefix_mapper" in str(err.value)
-    assert before.keys() == other.state_dict().keys()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="capcli bug: Captioner.load_weights lets torch's size-mismatch RuntimeError through")
 def test_loading_a_checkpoint_with_other_shapes_raises_value_error(tmp_path: Path, tiny: Captioner,
                                                                    captions: list[str]) -> None:
     tiny.save_pretrained(tmp_path)
@@ -336,8 +328,6 @@ def _small_decoder_dir(directory: Path, captions: list[str]) -> Path:
     return directory
 
 
-@pytest.mark.xfail(strict=True, raises=OSError,
-                   reason="capcli bug: build_model loads the decoder's tokenizer outside the ConfigError wrapper")
 def test_offline_missing_decoder_is_a_config_error_naming_it(offline_empty_hub: Path) -> None:
     settings = ModelSettings(preset="clip-gpt2", vision_weights="none", decoder="gpt2")
     with pytest.raises(ConfigError) as err:
@@ -503,8 +493,6 @@ def test_clip_gpt2_grows_a_full_vocabulary_by_one_row_for_the_pad(tmp_path: Path
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="capcli bug: open_clip's ViT-B-32 with the 'openai' tag is built with GELU; "
-                                       "OpenAI's weights need QuickGELU")
 def test_openai_vision_weights_get_quick_gelu(vit_b32_file: dict, tmp_path: Path, captions: list[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import open_clip.factory

@@ -110,9 +110,6 @@ def test_synthetic_is_materialised_once_and_reused(tmp_path: Path, monkeypatch: 
         assert img.size == (32, 32)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="capcli bug: splits are loaded in one load_dataset call, whose per-file schema inference "
-                          "types an all-empty `relations` list as null and then refuses the mismatch")
 def test_synthetic_loads_when_a_split_has_no_relations(tmp_path: Path) -> None:
     # With seed 0, test_novel rows 0-2 and test row 0 are single-object scenes (no relations).
     settings = DataSettings(source="synthetic", cache_dir=tmp_path, train_size=6, val_size=2, test_size=2)
@@ -120,9 +117,6 @@ def test_synthetic_loads_when_a_split_has_no_relations(tmp_path: Path) -> None:
     assert {name: len(split) for name, split in splits.items()} == {"train": 6, "val": 2, "test": 2, "test_novel": 2}
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="capcli bug: split folders are loaded in one load_dataset call, which requires every "
-                          "metadata file to infer the same features")
 def test_split_folders_whose_metadata_infers_different_types_still_load(tmp_path: Path) -> None:
     root = tmp_path / "splits"
     _write_folder(root / "train", 4, rows=[{"caption": "a cat", "tags": ["pet"]}] * 4)
@@ -451,8 +445,6 @@ def test_pretrain_fails_with_a_count_when_too_many_images_are_corrupt(tmp_path: 
     assert "max_bad_fraction 0.01" in message
 
 
-@pytest.mark.xfail(strict=True, reason="capcli bug: the collator lets the tokenizer parse special-token text "
-                                       "inside captions, so a caption can contain the pad and end-of-text ids")
 def test_caption_text_that_spells_a_special_token_is_not_padding(synthetic_train, tokenizer) -> None:
     example = CaptionDataset(synthetic_train, image_size=16, max_pixels=10**6)[(0, 0)]
     example.caption = "a sign that reads <|pad|> and <|endoftext|>"

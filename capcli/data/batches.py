@@ -87,8 +87,9 @@ class CaptionCollator:
 
     def __call__(self, examples: list[CaptionExample | None]) -> CaptionBatch:
         kept = [e for e in examples if e is not None]
+        # split_special_tokens: a caption that contains the text "<|pad|>" is text, not padding.
         ids = self.tokenizer([e.caption for e in kept], add_special_tokens=False, truncation=True,
-                             max_length=self.max_tokens)["input_ids"] if kept else []
+                             max_length=self.max_tokens, split_special_tokens=True)["input_ids"] if kept else []
         ids = [seq + [self.tokenizer.eos_token_id] for seq in ids]
         width = max((len(seq) for seq in ids), default=1)
         caption_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -84,8 +84,12 @@ def _imagefolder(arg: str, settings: DataSettings) -> Splits:
         if not _has_metadata(root):
             raise ConfigError(f"imagefolder: {root} has no metadata.jsonl or metadata.csv naming the captions")
         named = {"train": root}
-    loaded = datasets.load_dataset("imagefolder", data_files={n: str(p / "**") for n, p in named.items()})
-    splits = {name: _standardise(split, settings, named[name]) for name, split in loaded.items()}
+    # One load per folder: a single call would demand the same inferred metadata schema in every split.
+    splits = {
+        name: _standardise(datasets.load_dataset("imagefolder", data_files=str(path / "**"), split="train"),
+                           settings, path)
+        for name, path in named.items()
+    }
     return _ensure_eval_splits(splits, settings)
 
 

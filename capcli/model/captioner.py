@@ -167,12 +167,20 @@ class Captioner(nn.Module):
         self.tokenizer.save_pretrained(str(directory))
 
     def load_weights(self, directory: Path) -> None:
-        """Load ``model.safetensors`` from a checkpoint into this model (same architecture)."""
+        """Load ``model.safetensors`` from a checkpoint into this model.
+
+        Names and shapes are checked before anything is copied, so a mismatch leaves this
+        model untouched and says what differs.
+        """
         state = load_file(str(Path(directory) / WEIGHTS_FILE), device=str(self.pixel_mean.device))
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if k != "decoder.lm_head.weight"]  # tied to the token embedding
-        if missing or unexpected:
-            raise ValueError(f"{directory} holds a different model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        own = {k: v.shape for k, v in self.state_dict().items() if k != "decoder.lm_head.weight"}  # tied to wte
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        reshaped = sorted(k for k in set(own) & set(state) if own[k] != state[k].shape)
+        if missing or unexpected or reshaped:
+            raise ValueError(f"{directory} holds a different model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}, shapes differ {reshaped[:3]})")
+        self.load_state_dict(state, strict=False)
         self.decoder.tie_weights()
 
     @classmethod

@@ -37,8 +37,8 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captio
     else:
         vision, vision_state = vision_spec_open_clip("ViT-B-32", settings.vision_weights or "openai")
         source = settings.decoder or "gpt2"
+        pretrained_decoder = load_pretrained_decoder(source)  # first: its error says how to provide the files
         tokenizer = with_pad_token(load_tokenizer(source))
-        pretrained_decoder = load_pretrained_decoder(source)
         # Grow (never shrink) the embedding so the added pad token has a row of its own.
         pretrained_decoder.resize_token_embeddings(max(len(tokenizer), pretrained_decoder.config.vocab_size))
         pretrained_decoder.config.pad_token_id = tokenizer.pad_token_id

@@ -50,8 +50,12 @@ def vision_spec_open_clip(model_name: str, weights: str | None) -> tuple[dict[st
     import open_clip
 
     random_init = weights in (None, "none")
+    tag = {} if random_init or Path(weights).exists() else open_clip.get_pretrained_cfg(model_name, weights)
     try:
-        clip = open_clip.create_model(model_name, pretrained=None if random_init else weights, require_pretrained=not random_init)
+        clip = open_clip.create_model(
+            model_name, pretrained=None if random_init else weights, require_pretrained=not random_init,
+            force_quick_gelu=bool(tag.get("quick_gelu")),  # OpenAI's weights were trained with QuickGELU
+        )
     except Exception as err:  # open_clip raises RuntimeError/OSError/hub errors alike for missing weights
         raise ConfigError(
             f"cannot load vision weights '{weights}' for {model_name} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
