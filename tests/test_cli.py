@@ -274,3 +274,40 @@ def test_table_on_stdout_and_progress_lines_on_stderr(tmp_path, run_env):
     assert re.search(r"^pretrain step 2/2 ", result.stderr, re.MULTILINE), result.stderr
     assert "before training: val loss" in result.stderr
     assert "\x1b" not in result.stderr  # plain lines, not a live bar: the runner is not a terminal
+
+
+# --- Ctrl-C through the real process ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_exits_130_and_resumes(tmp_path, run_env):
+    """SIGINT to a real ``capcli pretrain`` process once it has logged a step of its first epoch."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "capcli", "pretrain", "--output", str(run_dir), "--train-size", "64",
+            "--val-size", "8", "--batch-size", "8", "--epochs", "50", "--quiet"]
+    env = {**os.environ, **run_env, "CAPCLI_PRETRAIN__ENGINE__LOG_EVERY": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and any(r["split"] == "train" for r in read_metrics(metrics)):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    assert out == ""
+    state_step = max(r["step"] for r in read_metrics(metrics) if r["split"] == "train")
+    assert state_step < 50 * 8, "the run was not stopped"
+    assert (run_dir / "checkpoints" / "last" / "state.pt").is_file()
+
+    resumed = subprocess.run([*args[:-1], "--max-steps", str(state_step + 2), "--resume", "--json", "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["steps"] == state_step + 2
