@@ -21,6 +21,7 @@ from capcli.engine import fit
 from capcli.optim import cosine_with_warmup
 from capcli.precision import resolve_precision
 from capcli.errors import CapcliError, TrainingInterrupted
+from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
 from capcli.phases import prepare_pretrain, pretrain
 from capcli.runlog import read_metrics
@@ -87,6 +88,12 @@ def test_one_batch_can_be_overfitted(settings_factory):
     assert last["caption_loss"] < 0.05 * first["caption_loss"], (first, last)
     assert last["contrastive_loss"] < 0.05 * first["contrastive_loss"], (first, last)
     assert last["retrieval_acc"] == 1.0
+    # The memorised captions come back from the images alone, through batched greedy decoding.
+    examples = [phase.data.train[(i, 0)] for i in range(8)]
+    pixels = torch.stack([e.pixels for e in examples])
+    generated = generate_captions(phase.model, pixels, DecodeSettings(beams=1, max_length=40))
+    hits = sum(g == e.caption for g, e in zip(generated, examples))
+    assert hits >= 6, list(zip(generated, [e.caption for e in examples]))
 
 
 def test_accumulation_equals_a_larger_batch(settings_factory):

@@ -504,3 +504,4 @@ def test_openai_vision_weights_get_quick_gelu(vit_b32_file: dict, tmp_path: Path
     model = build_model(ModelSettings(preset="clip-gpt2", vision_weights="openai", decoder=str(decoder)))
     assert model.config.vision["quick_gelu"] is True
     assert isinstance(model.vision.transformer.resblocks[0].mlp.gelu, QuickGELU)
+
