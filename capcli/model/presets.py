@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import torch
-
 from capcli.model.captioner import Captioner, CaptionerConfig
-from capcli.model.tokenizer import load_tokenizer, train_bpe, with_pad_token
+from capcli.model.tokenizer import load_tokenizer, train_bpe
 from capcli.model.towers import (
     TINY_VOCAB,
     decoder_spec_tiny,
@@ -38,7 +36,7 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captio
         vision, vision_state = vision_spec_open_clip("ViT-B-32", settings.vision_weights or "openai")
         source = settings.decoder or "gpt2"
         pretrained_decoder = load_pretrained_decoder(source)  # first: its error says how to provide the files
-        tokenizer = with_pad_token(load_tokenizer(source))
+        tokenizer = load_tokenizer(source)
         # Grow (never shrink) the embedding so the added pad token has a row of its own.
         pretrained_decoder.resize_token_embeddings(max(len(tokenizer), pretrained_decoder.config.vocab_size))
         pretrained_decoder.config.pad_token_id = tokenizer.pad_token_id
@@ -61,7 +59,3 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captio
         model.decoder.load_state_dict(pretrained_decoder.state_dict())
     return model
 
-
-def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters (optionally only those that get gradients)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
