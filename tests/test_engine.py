@@ -18,12 +18,12 @@ from torch.testing import assert_close
 from capcli import engine
 from capcli.checkpoint import load_state, resolve_checkpoint, save_checkpoint
 from capcli.engine import fit
-from capcli.optim import cosine_with_warmup
-from capcli.precision import resolve_precision
 from capcli.errors import CapcliError, TrainingInterrupted
 from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
+from capcli.optim import cosine_with_warmup
 from capcli.phases import prepare_pretrain, pretrain
+from capcli.precision import resolve_precision
 from capcli.runlog import read_metrics
 from capcli.settings import override
 
@@ -132,7 +132,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses(settings_factory, stop_at)
     expected = [(r["step"], r["loss"]) for r in train_log(whole.pretrain.engine.output)]
     got = [(r["step"], r["loss"]) for r in train_log(parted.pretrain.engine.output)]
     assert [s for s, _ in got] == [s for s, _ in expected] == list(range(1, 17))
-    assert_close([l for _, l in got], [l for _, l in expected], rtol=1e-6, atol=1e-7)
+    assert_close([loss for _, loss in got], [loss for _, loss in expected], rtol=1e-6, atol=1e-7)
     a = Captioner.from_pretrained(whole.pretrain.engine.output / "checkpoints" / "last").state_dict()
     b = Captioner.from_pretrained(parted.pretrain.engine.output / "checkpoints" / "last").state_dict()
     for key in a:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SMALL_SIZES
 
 from capcli.errors import ConfigError
 from capcli.settings import (
@@ -23,7 +24,6 @@ from capcli.settings import (
     to_yaml,
     unflatten,
 )
-from conftest import SMALL_SIZES
 
 
 def write_config(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
