@@ -49,7 +49,8 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     splits = load_splits(settings.data)
     torch.manual_seed(settings.runtime.seed)
     if phase.engine.resume:
-        model = Captioner.from_pretrained(resolve_checkpoint(run_dir, "last"))
+        # Architecture and tokenizer only: the engine's resume loads the weights with the rest of the state.
+        model = Captioner.from_pretrained(resolve_checkpoint(run_dir, "last"), weights=False)
     else:
         model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps))
     (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")

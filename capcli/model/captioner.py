@@ -184,10 +184,15 @@ class Captioner(nn.Module):
         self.decoder.tie_weights()
 
     @classmethod
-    def from_pretrained(cls, directory: Path, device: str | torch.device = "cpu") -> Captioner:
-        """Rebuild a Captioner from a checkpoint directory, with no network."""
+    def from_pretrained(cls, directory: Path, device: str | torch.device = "cpu", weights: bool = True) -> Captioner:
+        """Rebuild a Captioner from a checkpoint directory, with no network.
+
+        ``weights=False`` builds the architecture and tokenizer only, for a caller that loads
+        the weights itself (the engine's resume).
+        """
         directory = Path(directory)
         config = CaptionerConfig(**json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")))
         model = cls(config, load_tokenizer(directory))
-        model.load_weights(directory)
+        if weights:
+            model.load_weights(directory)
         return model.to(device)
