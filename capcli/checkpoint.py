@@ -19,6 +19,8 @@ from capcli.errors import ConfigError
 
 STATE_FILE = "state.pt"
 _OLD_PREFIX = ".old-"
+# Where a command with no --checkpoint looks, in order: aligned beats pretrained (DESIGN §9).
+DEFAULT_RUNS: tuple[Path, ...] = (Path("runs/align"), Path("runs/pretrain"))
 
 
 class Checkpointable(Protocol):
@@ -74,3 +76,21 @@ def resolve_checkpoint(path: Path, which: str = "best") -> Path:
         if (backup / "model.json").is_file():
             return backup
     raise ConfigError(f"no checkpoint at {path} (expected model.json there or in {path / 'checkpoints' / which})")
+
+
+def default_checkpoint(runs: tuple[Path, ...] = DEFAULT_RUNS) -> Path:
+    """The checkpoint a command uses when none is given: the best align checkpoint if
+    ``runs/align`` holds one, else the best pretrain checkpoint (paths relative to the
+    working directory).
+
+    Raises:
+        ConfigError: neither run holds a checkpoint; the message names what was looked for.
+    """
+    for run in runs:
+        try:
+            return resolve_checkpoint(run, "best")
+        except ConfigError:
+            continue
+    looked = " or ".join(str(Path(run) / "checkpoints" / "best") for run in runs)
+    raise ConfigError(f"no checkpoint given and none found (looked for {looked}); "
+                      f"pass --checkpoint DIR, or train one with `capcli pretrain`")

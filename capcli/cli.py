@@ -41,6 +41,12 @@ def exit_codes() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+def _runtime(device: str | None, precision: str | None, seed: int | None, quiet: bool) -> dict[str, object]:
+    """The runtime options every command shares, as dotted settings keys (None: not given)."""
+    return {"runtime.device": device, "runtime.precision": precision, "runtime.seed": seed,
+            "runtime.quiet": quiet or None}
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"capcli {__version__}")
@@ -56,7 +62,7 @@ def main_options(
 
 
 # Options shared by the commands. None means "not given": the settings layers below decide.
-Config = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file, shaped like configs/default.yaml.", show_default=False)]
+Config = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file shaped like configs/default.yaml, or a shipped config by name (ablation).", show_default=False)]
 Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps  \\[default: auto]", show_default=False)]
 Precision = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16  \\[default: auto: bf16 on CUDA, fp32 on CPU]", show_default=False)]
 Seed = Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order.  \\[default: 0]", show_default=False)]
@@ -92,15 +98,17 @@ def pretrain(
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            "runtime.device": device, "runtime.precision": precision, "runtime.seed": seed,
-            "runtime.quiet": quiet or None, "data.source": data, "model.preset": model,
+            **_runtime(device, precision, seed, quiet), "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
             "pretrain.engine.output": output, "pretrain.engine.epochs": epochs,
             "pretrain.engine.max_steps": max_steps, "pretrain.engine.batch_size": batch_size,
             "pretrain.optimizer.lr": lr, "data.train_size": train_size, "data.val_size": val_size,
             "data.test_size": test_size, "pretrain.engine.resume": resume or None,
         })
-        from capcli import phases, results  # torch and friends: only once the settings are known to be good
+        from capcli import (  # torch and friends: only once the settings are known to be good
+            phases,
+            results,
+        )
 
         result = phases.pretrain(settings, overwrite=overwrite)
         results.print_fit(results.fit_summary("pretrain", result), json)
@@ -112,22 +120,123 @@ def _not_yet(command: str, issue: str) -> None:
     raise typer.Exit(1)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def align() -> None:
-    """Phase 2: Bradley-Terry preference alignment with the vision encoder frozen. (Not built yet.)"""
-    _not_yet("align", "planned: preference alignment")
+@app.command()
+def align(
+    config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
+    quiet: Quiet = False, json: Json = False, data: Data = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Starting checkpoint, or a run directory (its best).  \\[default: runs/pretrain]", show_default=False)] = None,
+    preferences: Annotated[Optional[str], typer.Option(help="Preference pairs: generated | jsonl:PATH | hf:NAME[:CONFIG] | disk:PATH | ultrafeedback[:NAME]  \\[default: generated from --data]", show_default=False)] = None,
+    freeze_vision: Annotated[Optional[bool], typer.Option("--freeze-vision/--no-freeze-vision", help="Keep the vision tower frozen, its features cached.  \\[default: freeze]", show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option(help="β, the scale of the implicit reward.  \\[default: 0.1]", show_default=False)] = None,
+    margin: Annotated[Optional[float], typer.Option(help="Margin of the Bradley-Terry loss.  \\[default: 0.1]", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/align]", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training pairs.  \\[default: 5; tiny: 2]", show_default=False)] = None,
+    max_steps: MaxSteps = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch.  \\[default: 32]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 1e-4]", show_default=False)] = None,
+    train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
+    resume: Resume = False, overwrite: Overwrite = False,
+) -> None:
+    """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen."""
+    with exit_codes():
+        from capcli.settings import load_settings
+
+        settings = load_settings(config, {
+            **_runtime(device, precision, seed, quiet), "data.source": data, "align.checkpoint": checkpoint,
+            "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
+            "align.margin": margin, "align.engine.output": output, "align.engine.epochs": epochs,
+            "align.engine.max_steps": max_steps, "align.engine.batch_size": batch_size,
+            "align.optimizer.lr": lr, "data.train_size": train_size, "data.val_size": val_size,
+            "data.test_size": test_size, "align.engine.resume": resume or None,
+        })
+        from capcli import phases, results
+
+        result = phases.align(settings, overwrite=overwrite)
+        results.print_align(results.align_summary(result), json)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def evaluate() -> None:
-    """CLIP score, BLEU-4, CIDEr, ROUGE-L and preference win rate of a checkpoint. (Not built yet.)"""
-    _not_yet("evaluate", "planned: metrics")
+Images = Annotated[Optional[list[str]], typer.Argument(metavar="IMAGES", help="Image files, folders (searched recursively, sorted), globs (quoted ones are expanded too), or - to read paths from stdin, one per line.", show_default=False)]
+CaptionCheckpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint, or a run directory (its best).  \\[default: runs/align's best, else runs/pretrain's]", show_default=False)]
+Beams = Annotated[int, typer.Option(help="Beam width; 1 is greedy search.  \\[default: 5, in caption and evaluate alike]", show_default=False)]
+CaptionBatch = Annotated[int, typer.Option("--batch-size", help="Images decoded together; their lines are written and flushed after each batch.  \\[default: 16]", show_default=False)]
+Format = Annotated[str, typer.Option("--format", help="text: path<TAB>caption | tsv: a header line, then path, caption, score, logprob, tokens | jsonl: one JSON object per image with those keys.  \\[default: text]", show_default=False)]
+MaxLength = Annotated[int, typer.Option(help="At most N new tokens, end-of-text included.  \\[default: 32]", show_default=False)]
+MinLength = Annotated[int, typer.Option(help="At least N caption tokens before end-of-text may be chosen.  \\[default: 1]", show_default=False)]
+LengthPenalty = Annotated[float, typer.Option(help="Beam search ranks finished captions by logprob / tokens^X; above 1 favours longer ones.  \\[default: 1.0]", show_default=False)]
+NoRepeatNgram = Annotated[int, typer.Option(help="Never repeat an n-gram of this size; 0 allows repeats.  \\[default: 0]", show_default=False)]
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def caption() -> None:
-    """Caption image files, folders and lists, for shell scripts. (Not built yet.)"""
-    _not_yet("caption", "planned: batched decoding")
+@app.command()
+def caption(
+    images: Images = None, checkpoint: CaptionCheckpoint = None, beams: Beams = 5, batch_size: CaptionBatch = 16,
+    fmt: Format = "text", max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
+    no_repeat_ngram: NoRepeatNgram = 0, config: Config = None, device: Device = None, precision: Precision = None,
+    quiet: Quiet = False,
+) -> None:
+    """Caption image files, folders, globs and stdin lists: one line per image on stdout, in input order, flushed batch by batch.
+
+    jsonl and tsv add two numbers per caption, both ≤ 0 (closer to 0: more likely). [bold]logprob[/bold]: Σ log p(token | image, earlier tokens), in nats, under the model's own distribution, over the caption's tokens and its end-of-text token (over all max-length tokens when it never ended); [bold]tokens[/bold] counts them. [bold]score[/bold]: logprob / tokens^length-penalty, the length-normalised score that beam search ranks captions by.
+
+    A missing, corrupt, non-image or oversized file gets one line on stderr, "error: PATH: reason", and the rest is still captioned. Exit codes: 0 every image captioned, 1 some failed, 2 usage error.
+    """
+    with exit_codes():
+        from capcli.captioning import CaptionOptions, expand_inputs, write_captions
+        from capcli.settings import load_settings
+
+        settings = load_settings(config, {"runtime.device": device, "runtime.precision": precision,
+                                          "runtime.quiet": quiet or None})
+        options = CaptionOptions(fmt, batch_size, beams, max_length, min_length, length_penalty, no_repeat_ngram)
+        items = expand_inputs(images or [], sys.stdin)
+        # torch and friends: only once the options are known to be good
+        from capcli.checkpoint import default_checkpoint, resolve_checkpoint
+
+        directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
+        failed = write_captions(items, directory, options, settings)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
+    quiet: Quiet = False, json: Json = False, data: Data = None,
+    checkpoint: CaptionCheckpoint = None,
+    split: Annotated[str, typer.Option(help="train | val | test | test_novel  \\[default: test]", show_default=False)] = "test",
+    beams: Beams = 5, max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
+    no_repeat_ngram: NoRepeatNgram = 0,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images of the split only.", show_default=False)] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help="Checkpoint whose captions the win rate is against.  \\[default: shuffled captions]", show_default=False)] = None,
+    save_captions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per image: image, caption, references, scores.", show_default=False)] = None,
+    output: Annotated[Path, typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = Path("results/evaluation_metrics.json"),
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = 64,
+    train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
+) -> None:
+    """Captions of a split, scored: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIP score, win rate, preference
+    accuracy and (on synthetic) grounding, each with a bootstrap 95% interval."""
+    with exit_codes():
+        from capcli.settings import load_settings
+
+        settings = load_settings(config, {
+            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
+            "data.val_size": val_size, "data.test_size": test_size,
+        })
+        if beams < 1 or max_length < 1 or min_length < 0 or batch_size < 1 or (limit is not None and limit < 1):
+            raise typer.BadParameter("--beams, --max-length, --batch-size and --limit must be at least 1")
+        from capcli import evaluation, results
+        from capcli.checkpoint import default_checkpoint, resolve_checkpoint
+        from capcli.generation import DecodeSettings
+
+        options = evaluation.EvalOptions(
+            checkpoint=resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint(), split=split,
+            decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram), limit=limit,
+            baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions,
+            batch_size=batch_size,
+        )
+        log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))
+        outcome = evaluation.evaluate(settings, options, log)
+        evaluation.write_results(outcome, output)
+        results.print_evaluation(outcome, json)
+        log(f"results written to {output}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

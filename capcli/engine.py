@@ -29,7 +29,12 @@ from torch.utils.data import DataLoader, Dataset
 from capcli.checkpoint import load_state, resolve_checkpoint, save_checkpoint
 from capcli.errors import CapcliError, ConfigError, DataError, TrainingInterrupted
 from capcli.optim import build_optimizer, build_scheduler
-from capcli.precision import autocast_context, grad_scaler, resolve_device, resolve_precision
+from capcli.precision import (
+    autocast_context,
+    grad_scaler,
+    resolve_device,
+    resolve_precision,
+)
 from capcli.progress import ProgressDisplay
 from capcli.runlog import RunLog
 from capcli.sampler import StepBatchSampler, in_order
@@ -48,7 +53,9 @@ class Batch(Protocol):
 class Objective(Protocol):
     """Turns a batch into named losses. Keys ending in ``_loss`` are summed into the loss to
     minimise; other 0-d tensors are logged as metrics. ``progress`` runs from 0 to 1 over
-    the phase's optimizer steps (for schedules such as align's α(t))."""
+    the phase's optimizer steps (for schedules such as align's α(t)). An optional
+    ``monitor`` attribute names the validation value (lower is better) that picks the best
+    checkpoint and drives early stopping; the default is ``loss``."""
 
     def __call__(self, model: nn.Module, batch: Any, progress: float) -> dict[str, torch.Tensor]: ...
 
@@ -278,8 +285,9 @@ class _Training:
             state["batch_in_epoch"] = 0
         if self.val_loader is not None:
             self.result.val = self._validate()
-            loss = self.result.val["loss"]
-            self.display.print(f"{self.title} epoch {state['epoch']} step {state['step']}: val loss {loss:.4f}")
+            monitor = getattr(self.objective, "monitor", "loss")
+            loss = self.result.val[monitor]
+            self.display.print(f"{self.title} epoch {state['epoch']} step {state['step']}: val {monitor} {loss:.4f}")
             if loss < state["best_val_loss"]:
                 state["best_val_loss"], state["bad_validations"] = loss, 0
                 self._save("best")
@@ -295,7 +303,9 @@ class _Training:
     def _validate(self) -> dict[str, float]:
         metrics = validate(self.model, self.objective, self.val_loader, self.device, self.autocast,
                            self.state["step"] / self.total_steps)
-        self.log.write({"split": "val", "step": self.state["step"], "epoch": self.state["epoch"], **metrics})
+        # Prefixed so that a line read alone says what it measured (val_reward_accuracy, not reward_accuracy).
+        self.log.write({"split": "val", "step": self.state["step"], "epoch": self.state["epoch"],
+                        **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
 
     def _interrupted(self, saved: bool = False) -> None:

@@ -2,10 +2,15 @@
 
 transformers' ``generate`` does the search; the image enters as the prefix embeddings
 (``inputs_embeds``), so for a decoder-only model the returned ids are the new tokens only.
+``generate_scored_captions`` also scores each caption under the model (``logprob``) and
+as beam search ranks it (``score``); see :class:`ScoredCaption`.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +29,67 @@ class DecodeSettings:
     no_repeat_ngram: int = 0
 
 
+@dataclass(frozen=True)
+class ScoredCaption:
+    """A caption with its scores under the model that wrote it.
+
+    The scored tokens are the caption's tokens followed by the end-of-text token, or, when
+    the search stopped at ``max_length`` first, the ``max_length`` caption tokens alone.
+    """
+
+    text: str
+    """The caption, without special tokens."""
+    logprob: float
+    """Σ log p(token | image, earlier tokens) over the scored tokens, in nats, under the model's
+    own next-token distribution (before any search constraint such as no-repeat n-grams)."""
+    score: float
+    """``logprob / tokens ** length_penalty``: the length-normalised score that beam search ranks
+    finished captions by (transformers' ``sequences_scores``); the same formula for greedy."""
+    tokens: int
+    """How many tokens were scored (end-of-text included when the caption ended)."""
+
+
+@contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """Silence transformers' warnings for a block, then restore its level.
+
+    Once a caption of a batch has ended, ``generate`` feeds it pad tokens and GPT-2 warns
+    that "input_ids may be padded" on stderr; the tokens after end-of-text are discarded,
+    so the warning is noise in a command whose stderr is for the user.
+    """
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the search: (vision features, (B, new tokens) ids padded with pad after end-of-text)."""
+    model.eval()
+    device = model.pixel_mean.device
+    features = model.image_features(pixels.to(device))
+    prefix = model.prefix(features)  # (B, K, D)
+    tokenizer = model.tokenizer
+    with _transformers_errors_only():
+        ids = model.decoder.generate(
+            inputs_embeds=prefix,
+            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
+            max_new_tokens=decode.max_length,
+            min_new_tokens=decode.min_length,
+            num_beams=decode.beams,
+            length_penalty=decode.length_penalty,
+            no_repeat_ngram_size=decode.no_repeat_ngram,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+        )  # (B, new tokens), padded with pad after end-of-text
+    return features, ids
+
+
 @torch.no_grad()
 def generate_captions(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings = DecodeSettings()) -> list[str]:
     """Caption a batch of images.
@@ -36,21 +102,60 @@ def generate_captions(model: Captioner, pixels: torch.Tensor, decode: DecodeSett
     Returns:
         One caption per image, without special tokens.
     """
-    model.eval()
-    device = model.pixel_mean.device
-    prefix = model.prefix(model.image_features(pixels.to(device)))  # (B, K, D)
-    tokenizer = model.tokenizer
-    ids = model.decoder.generate(
-        inputs_embeds=prefix,
-        attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
-        max_new_tokens=decode.max_length,
-        min_new_tokens=decode.min_length,
-        num_beams=decode.beams,
-        length_penalty=decode.length_penalty,
-        no_repeat_ngram_size=decode.no_repeat_ngram,
-        do_sample=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )  # (B, new tokens), padded with pad after end-of-text
-    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    _, ids = _search(model, pixels, decode)
+    return [text.strip() for text in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+def scored_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, T) generated ids → (B, T) mask of the scored tokens: up to and including the first end-of-text.
+
+    A row without end-of-text (the search hit ``max_length``) is scored in full; whatever
+    follows the end-of-text is padding and is not scored.
+    """
+    is_eos = (ids == eos_id).long()
+    before = torch.cumsum(is_eos, dim=1) - is_eos  # end-of-text tokens strictly before each position
+    return (before == 0).long()
+
+
+@torch.no_grad()
+def caption_logprobs(model: Captioner, features: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probability of generated captions given their images.
+
+    Args:
+        model: the Captioner that generated ``ids``.
+        features: the images' vision features (``model.image_features``).
+        ids: (B, T) generated ids, as ``generate`` returns them.
+
+    Returns:
+        (B,) float32 sums of log p(token | image, earlier tokens) over the scored tokens
+        (:func:`scored_mask`), and (B,) the number of scored tokens.
+    """
+    mask = scored_mask(ids, model.tokenizer.eos_token_id)
+    logits = model.caption_logits(features, ids, mask).float()  # (B, T, V)
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+
+
+@torch.no_grad()
+def generate_scored_captions(
+    model: Captioner, pixels: torch.Tensor, decode: DecodeSettings = DecodeSettings()
+) -> list[ScoredCaption]:
+    """Caption a batch of images, as :func:`generate_captions` does, and score each caption.
+
+    The search is the same as :func:`generate_captions`'s, so the texts are identical; one
+    extra teacher-forced forward pass over the chosen captions gives their log-probabilities.
+
+    Args:
+        model: a Captioner (its device is used).
+        pixels: (B, 3, H, W) uint8 images at the model's resolution.
+        decode: search settings.
+
+    Returns:
+        One :class:`ScoredCaption` per image, in order.
+    """
+    features, ids = _search(model, pixels, decode)
+    texts = [text.strip() for text in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    logprobs, lengths = caption_logprobs(model, features, ids)
+    scores = logprobs / lengths.float() ** decode.length_penalty
+    rows = zip(texts, logprobs.tolist(), scores.tolist(), lengths.tolist(), strict=True)
+    return [ScoredCaption(text, logprob, score, length) for text, logprob, score, length in rows]

@@ -67,3 +67,59 @@ def clamp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
 def initial_logit_scale(temperature: float) -> float:
     """The log of 1/τ, the parametrisation CLIP learns (``logit_scale.exp()`` is 1/τ)."""
     return math.log(1.0 / temperature)
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
+    """Log-probability of each target sequence under its logits: the reward's raw material.
+
+    Args:
+        logits: (B, T, V) next-token logits aligned with ``targets``.
+        targets: (B, T) token ids, ``IGNORE_INDEX`` on positions that are not part of the sequence.
+        length_normalize: divide by the number of tokens (mean log-prob per token), so a
+            long caption is not penalised for its length alone.
+
+    Returns:
+        (B,) summed (or mean) log-probabilities, in float32.
+    """
+    mask = targets != IGNORE_INDEX
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T); ignored ids read row 0
+    total = (token * mask).sum(dim=1)
+    return total / mask.sum(dim=1).clamp(min=1) if length_normalize else total
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    beta: float = 0.1,
+    margin: float = 0.1,
+) -> torch.Tensor:
+    """Bradley-Terry preference loss with a margin: ``−log σ(β·((πc−refc) − (πr−refr)) − margin)``.
+
+    With reference log-probs this is DPO (Rafailov et al. 2023,
+    https://arxiv.org/abs/2305.18290) plus a margin, as in the Llama 2 reward model;
+    without them (``reference: none``) the rewards are the plain log-probabilities. At
+    initialisation the policy is the reference, so with no margin the loss is ln 2.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps: (B,) sequence log-probs under the trained model.
+        ref_chosen_logps, ref_rejected_logps: (B,) the same under the frozen reference, or None.
+        beta: scale of the implicit reward.
+        margin: how far the chosen reward must exceed the rejected before the loss flattens.
+
+    Returns:
+        A 0-d tensor: the mean over pairs.
+    """
+    chosen, rejected = policy_chosen_logps, policy_rejected_logps
+    if ref_chosen_logps is not None and ref_rejected_logps is not None:
+        chosen, rejected = chosen - ref_chosen_logps, rejected - ref_rejected_logps
+    return -F.logsigmoid(beta * (chosen - rejected) - margin).mean()
+
+
+def alpha_schedule(step: float, total: float, init: float = 0.7, final: float = 0.3) -> float:
+    """α(t) = init + (final − init)·t/T, linear over the phase's optimizer steps, held at ``final`` after T."""
+    if total <= 0:
+        return final
+    return init + (final - init) * min(max(step / total, 0.0), 1.0)

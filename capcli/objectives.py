@@ -11,8 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from capcli.data.batches import CaptionBatch
-from capcli.losses import caption_loss, contrastive_loss
+from capcli.data.batches import CaptionBatch, PreferenceBatch
+from capcli.losses import (
+    alpha_schedule,
+    caption_loss,
+    contrastive_loss,
+    preference_loss,
+    sequence_logps,
+)
 from capcli.model import Captioner
 
 
@@ -38,3 +44,104 @@ class PretrainObjective:
                 hits = (image @ text.t()).argmax(dim=1) == torch.arange(len(image), device=image.device)
                 out["retrieval_acc"] = hits.float().mean()
         return out
+
+
+def score_pairs(model: Captioner, batch: PreferenceBatch, length_normalize: bool = False,
+                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-probs of each pair's chosen and rejected caption: two (B,) tensors.
+
+    Chosen and rejected go through the decoder in one forward pass: they are padded to
+    one width, stacked, and conditioned on the same image features twice.
+    """
+    logits, targets = _pair_logits(model, batch, features)
+    logps = sequence_logps(logits, targets, length_normalize)  # (2B,)
+    return logps[: len(batch)], logps[len(batch) :]
+
+
+def _pair_logits(model: Captioner, batch: PreferenceBatch, features: torch.Tensor | None):
+    width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
+    ids = torch.cat([_pad(batch.chosen_ids, width, model.pad_id), _pad(batch.rejected_ids, width, model.pad_id)])
+    mask = torch.cat([_pad(batch.chosen_mask, width, 0), _pad(batch.rejected_mask, width, 0)])
+    if features is None:
+        features = _features(model, batch)
+    if features is None:  # text-only pairs: the decoder alone
+        logits = model.text_logits(ids, mask)
+    else:
+        logits = model.caption_logits(torch.cat([features, features]), ids, mask)  # (2B, T, V)
+    return logits, model.caption_targets(ids, mask)
+
+
+def _pad(t: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+
+def _features(model: Captioner, batch: PreferenceBatch) -> torch.Tensor | None:
+    if batch.features is not None:
+        return batch.features.to(model.pixel_mean.dtype)  # cached by the frozen tower
+    if batch.pixels is not None:
+        return model.image_features(batch.pixels)
+    return None
+
+
+@dataclass
+class AlignObjective:
+    """Phase 2: ``α(t)·L_con + (1−α(t))·L_pref`` (+ ``lm_weight·L_lm`` on the chosen caption), DESIGN §4.
+
+    The reward of a caption is β·(log π − log π_ref); the reference log-probs come with the
+    batch, cached once per pair. ``loss_unweighted`` (L_con + L_pref, without α) is what
+    validation ranks checkpoints by: the weighted total moves with α(t), so its values at
+    different epochs are not comparable.
+    """
+
+    beta: float = 0.1
+    margin: float = 0.1
+    alpha_init: float = 0.7
+    alpha_final: float = 0.3
+    length_normalize: bool = False
+    lm_weight: float = 0.0
+    monitor: str = "loss_unweighted"
+
+    def __call__(self, model: Captioner, batch: PreferenceBatch, progress: float) -> dict[str, torch.Tensor]:
+        alpha = alpha_schedule(progress, 1.0, self.alpha_init, self.alpha_final)
+        features = _features(model, batch)
+        logits, targets = _pair_logits(model, batch, features)
+        logps = sequence_logps(logits, targets, self.length_normalize)
+        n = len(batch)
+        policy_chosen, policy_rejected = logps[:n], logps[n:]
+        ref_chosen = ref_rejected = None
+        if batch.reference is not None:
+            ref_chosen, ref_rejected = batch.reference[:, 0], batch.reference[:, 1]
+        preference = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.margin)
+        out: dict[str, torch.Tensor] = {"preference_loss": (1 - alpha) * preference}
+        unweighted = preference.detach()
+        if features is not None:  # text-only pairs have no image to contrast with
+            image = model.embed_image(features)
+            text = model.embed_text(batch.chosen_ids, batch.chosen_mask)
+            contrastive = contrastive_loss(image, text, model.logit_scale())
+            out["contrastive_loss"] = alpha * contrastive
+            unweighted = unweighted + contrastive.detach()
+        if self.lm_weight:
+            out["caption_loss"] = self.lm_weight * caption_loss(logits[:n], targets[:n])
+        with torch.no_grad():
+            reward_chosen = self.beta * (policy_chosen - (0 if ref_chosen is None else ref_chosen))
+            reward_rejected = self.beta * (policy_rejected - (0 if ref_rejected is None else ref_rejected))
+            out.update(
+                loss_unweighted=unweighted,
+                reward_accuracy=_ranked(reward_chosen, reward_rejected),
+                # The model's own ranking by log-prob, as `capcli evaluate` measures it: ties are wrong.
+                preference_accuracy=(policy_chosen > policy_rejected).float().mean(),
+                reward_margin=(reward_chosen - reward_rejected).mean(),
+                logp_chosen=policy_chosen.mean(),
+                logp_rejected=policy_rejected.mean(),
+                alpha=torch.tensor(alpha),
+            )
+        return out
+
+
+def _ranked(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """The share of pairs whose reward ranks chosen first, ties counting half.
+
+    Half, because at the start the policy is the reference and every reward is exactly 0:
+    the accuracy then reads 0.5, chance, rather than a misleading 0.
+    """
+    return (chosen > rejected).float().mean() + 0.5 * (chosen == rejected).float().mean()

@@ -5,19 +5,30 @@ Nothing here loops over data; a phase only decides *what* is trained (DESIGN §2
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from capcli.caches import frozen_features, reference_logps
 from capcli.checkpoint import resolve_checkpoint
-from capcli.data.batches import CaptionCollator, CaptionDataset
+from capcli.data.batches import (
+    CaptionCollator,
+    CaptionDataset,
+    PreferenceCollator,
+    PreferenceDataset,
+)
+from capcli.data.preferences import load_preferences
 from capcli.data.sources import load_splits
 from capcli.engine import FitResult, Objective, TrainData, fit
 from capcli.errors import ConfigError
+from capcli.heldout import heldout_metrics
 from capcli.model import Captioner, build_model
-from capcli.objectives import PretrainObjective
+from capcli.objectives import AlignObjective, PretrainObjective, score_pairs
+from capcli.precision import autocast_context, resolve_device, resolve_precision
 from capcli.settings import EngineSettings, Settings, to_yaml
 
 
@@ -40,6 +51,7 @@ class Phase:
     model: Captioner
     objective: Objective
     data: TrainData
+    extra: dict = field(default_factory=dict)  # what a phase needs after training (align: held-out data)
 
 
 def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
@@ -75,3 +87,91 @@ def pretrain(settings: Settings, overwrite: bool = False,
     phase = settings.pretrain
     return fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
                title="pretrain", on_step=on_step)
+
+
+DEFAULT_START = Path("runs/pretrain")
+
+
+def prepare_align(settings: Settings, overwrite: bool = False) -> Phase:
+    """Phase 2's model (the starting checkpoint), objective, pairs and caches; writes ``config.yaml``.
+
+    The starting checkpoint is also the reference model: its log-probs of every pair are
+    computed here, once, and so are the frozen tower's features. On ``--resume`` the
+    caches are rebuilt from the same starting checkpoint, then the engine loads the
+    run's last weights over it.
+    """
+    phase = settings.align
+    run_dir = prepare_run_dir(phase.engine, overwrite)
+    start = resolve_checkpoint(phase.checkpoint or DEFAULT_START, "best")
+    device = resolve_device(settings.runtime.device)
+    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    model = Captioner.from_pretrained(start, device)
+    caption_splits = load_splits(settings.data)
+    pairs, report = load_preferences(phase.preferences, settings.data, caption_splits)
+    print(report.summary(), file=sys.stderr)
+    (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")
+    if phase.freeze_vision:
+        model.freeze_vision()
+
+    objective = AlignObjective(phase.beta, phase.margin, phase.alpha_init, phase.alpha_final,
+                               phase.length_normalize, phase.lm_weight)
+    collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
+    score = partial(score_pairs, length_normalize=phase.length_normalize)
+    batch = phase.engine.batch_size
+
+    def dataset(name: str) -> PreferenceDataset | None:
+        if name not in pairs or len(pairs[name]) == 0:
+            return None
+        split, features, index = pairs[name], None, None
+        has_images = "image" in split.column_names and any(v is not None for v in split["image"])
+        if phase.freeze_vision and has_images:
+            split, features, index = frozen_features(model, split, settings.data.max_pixels, device, autocast, batch)
+        data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index)
+        if phase.reference == "checkpoint":
+            data.reference = reference_logps(model, data, collate, score, device, autocast, batch)
+        return data
+
+    val_captions = caption_splits.get("val")
+    data = TrainData(train=dataset("train"), val=dataset("val"), collate=collate,
+                     num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction)
+    captions = None if val_captions is None else CaptionDataset(
+        val_captions, model.image_size, settings.data.max_pixels, settings.data.seed)
+    measure = partial(heldout_metrics, objective=objective, pairs=data.val, captions=captions, device=device,
+                      autocast=autocast, batch_size=batch, max_tokens=settings.data.max_caption_tokens)
+    return Phase(model, objective, data, extra={"start": start, "measure": measure, "report": report})
+
+
+@dataclass
+class AlignResult:
+    """Align's training result, and the held-out numbers before and after it."""
+
+    fit: FitResult
+    start: Path
+    before: dict[str, float]
+    after: dict[str, float]
+    pairs: str
+    retrieval_drop: float | None = None
+    tax_warning: str | None = None
+
+
+def align(settings: Settings, overwrite: bool = False,
+          on_step: Callable[[int, dict[str, float]], None] | None = None) -> AlignResult:
+    """Phase 2: preference alignment from the pretrain checkpoint, with the before/after numbers."""
+    run = prepare_align(settings, overwrite)
+    phase = settings.align
+    measure = run.extra["measure"]
+    before = measure(run.model)
+    result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
+                 title="align", on_step=on_step)
+    best = result.best_checkpoint or resolve_checkpoint(result.run_dir, "last")
+    model = Captioner.from_pretrained(best, next(run.model.parameters()).device)
+    after = measure(model)
+    out = AlignResult(result, run.extra["start"], before, after, run.extra["report"].summary())
+    if "retrieval_r1" in before and "retrieval_r1" in after:
+        out.retrieval_drop = before["retrieval_r1"] - after["retrieval_r1"]
+        if out.retrieval_drop > phase.max_retrieval_drop:
+            out.tax_warning = (f"alignment tax: val retrieval R@1 fell from {before['retrieval_r1']:.3f} to "
+                               f"{after['retrieval_r1']:.3f} (more than align.max_retrieval_drop = "
+                               f"{phase.max_retrieval_drop}); consider a higher alpha or a lower --lr")
+            print(f"warning: {out.tax_warning}", file=sys.stderr)
+    return out

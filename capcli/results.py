@@ -49,3 +49,59 @@ def print_fit(summary: dict[str, Any], as_json: bool) -> None:
         table.add_row(key, *("" if c is None else f"{c:.4f}" for c in cells))
     stdout.print(table)
     stdout.print(f"best checkpoint: {summary['best_checkpoint']}")
+
+
+ALIGN_ROWS = {
+    "reward_accuracy": "held-out reward accuracy (vs reference)",
+    "preference_accuracy": "held-out preference accuracy (log-prob)",
+    "val_caption_loss": "val caption loss",
+    "retrieval_r1": "val image→text R@1",
+}
+
+
+def align_summary(result: Any) -> dict[str, Any]:
+    """``fit_summary`` plus the held-out numbers before and after alignment."""
+    return {**fit_summary("align", result.fit), "start_checkpoint": str(result.start), "pairs": result.pairs,
+            "before": result.before, "after": result.after, "retrieval_drop": result.retrieval_drop,
+            "alignment_tax_warning": result.tax_warning}
+
+
+def print_align(summary: dict[str, Any], as_json: bool) -> None:
+    """The fit table, then held-out before/after, or the whole summary as JSON."""
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    print_fit(summary, as_json=False)
+    table = Table(title=f"align: held-out, before and after ({summary['pairs']})")
+    table.add_column("metric")
+    for column in ("before", "after", "change"):
+        table.add_column(column, justify="right")
+    for key, label in ALIGN_ROWS.items():
+        before, after = summary["before"].get(key), summary["after"].get(key)
+        if before is None or after is None:
+            continue
+        table.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
+    stdout.print(table)
+    if summary["alignment_tax_warning"]:
+        stdout.print(f"[yellow]warning:[/] {summary['alignment_tax_warning']}")
+
+
+def print_evaluation(results: dict[str, Any], as_json: bool) -> None:
+    """Metric, value and 95% interval, or the whole results document as JSON."""
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    table = Table(title=f"evaluate: {results['checkpoint']} on {results['split']} (n={results['n']}, "
+                        f"beams={results['decoding']['beams']}, tokenizer={results['tokenizer']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("95% interval", justify="right")
+    for name, m in results["metrics"].items():
+        if m["value"] is None:
+            table.add_row(name, "n/a", "")
+        else:
+            table.add_row(name, f"{m['value']:.4f}", f"[{m['low']:.4f}, {m['high']:.4f}]")
+    stdout.print(table)
+    stdout.print(f"judge: {results['judge']}; win rate against: {results['baseline']}")
+    for name, reason in results["skipped_metrics"].items():
+        stdout.print(f"skipped {name}: {reason}")

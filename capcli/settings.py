@@ -176,6 +176,8 @@ class AlignSettings(Strict):
     """Use per-token mean log-probabilities as rewards."""
     lm_weight: float = Field(0.0, ge=0)
     """Optional LM loss on the chosen caption, to keep its likelihood from falling."""
+    max_retrieval_drop: float = Field(0.05, ge=0, le=1)
+    """Warn of an alignment tax when val image→text R@1 falls by more than this (absolute) during align."""
 
 
 class Settings(Strict):
@@ -200,6 +202,17 @@ class _EnvReader(BaseSettings):
 def config_path(name: str) -> Path:
     """A config file shipped inside the package, e.g. ``default.yaml`` or ``presets/tiny.yaml``."""
     return Path(str(resources.files("capcli") / "configs" / name))
+
+
+def shipped_or_file(config: Path | str) -> Path:
+    """``--config`` takes a file, or the name of a config shipped in the package (``ablation``)."""
+    path = Path(config)
+    if path.is_file():
+        return path
+    for name in (f"{config}", f"{config}.yaml"):
+        if "/" not in str(config) and config_path(name).is_file():
+            return config_path(name)
+    return path
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -277,7 +290,7 @@ def load_settings(
         cli: dotted keys to values, e.g. ``{"pretrain.engine.epochs": 3}``; None means "not given".
         environ: the environment to read (default ``os.environ``).
     """
-    upper = deep_merge(env_overrides(environ), read_yaml(config) if config else {})
+    upper = deep_merge(env_overrides(environ), read_yaml(shipped_or_file(config)) if config else {})
     upper = deep_merge(upper, unflatten(cli or {}))
     model = upper.get("model")
     preset = model.get("preset", ModelSettings().preset) if isinstance(model, dict) else ModelSettings().preset

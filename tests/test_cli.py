@@ -153,7 +153,7 @@ def test_unknown_env_group_exits_2(tmp_path, run_env):
     assert_usage_error(result, "CAPCLI_BOGUS", "align, data, model, pretrain, runtime")
 
 
-@pytest.mark.parametrize("command", [["align"], ["evaluate", "--beams", "5"], ["caption", "photo.jpg"], ["benchmark"]])
+@pytest.mark.parametrize("command", [["benchmark"]])
 def test_unbuilt_commands_do_not_pretend_success(command):
     result = runner.invoke(app, command)
     assert result.exit_code != 0

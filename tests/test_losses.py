@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from capcli.losses import IGNORE_INDEX, caption_loss, contrastive_loss
+from capcli.losses import (
+    IGNORE_INDEX,
+    alpha_schedule,
+    caption_loss,
+    contrastive_loss,
+    preference_loss,
+    sequence_logps,
+)
 
 
 def test_infonce_on_identical_orthonormal_pairs():
@@ -85,3 +92,53 @@ def test_caption_loss_of_uniform_logits_is_log_vocab():
 def test_caption_loss_refuses_a_caption_without_targets():
     with pytest.raises(ValueError, match="no target tokens"):
         caption_loss(torch.zeros(1, 2, 3), torch.full((1, 2), IGNORE_INDEX))
+
+
+# --- preference loss, α schedule, sequence log-probs ------------------------------------------------------------
+
+
+def test_preference_loss_at_initialisation_is_ln2():
+    """Policy = reference, no margin: every reward difference is 0 and −log σ(0) = ln 2."""
+    logps = torch.tensor([-12.5, -3.0, -40.0])
+    other = torch.tensor([-11.0, -9.0, -1.0])
+    loss = preference_loss(logps, other, logps, other, beta=0.1, margin=0.0)
+    assert_close(loss, torch.tensor(math.log(2)))
+
+
+def test_preference_loss_hand_example_with_reference_and_margin():
+    """πc−refc = 2, πr−refr = −3: z = 0.1·(2 − (−3)) − 0.1 = 0.4, loss = log(1 + e^−0.4) ≈ 0.513015."""
+    loss = preference_loss(torch.tensor([-8.0]), torch.tensor([-13.0]), torch.tensor([-10.0]), torch.tensor([-10.0]),
+                           beta=0.1, margin=0.1)
+    assert_close(loss, torch.tensor(math.log1p(math.exp(-0.4))))
+    assert float(loss) == pytest.approx(0.513015, abs=1e-6)
+
+
+def test_preference_loss_without_reference_uses_plain_logps():
+    """reference none: z = β·(πc − πr) − m = 0.5·(−1 − (−3)) − 0 = 1, loss = log(1 + e^−1); mean over two pairs."""
+    chosen, rejected = torch.tensor([-1.0, -3.0]), torch.tensor([-3.0, -1.0])
+    loss = preference_loss(chosen, rejected, beta=0.5, margin=0.0)
+    expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2
+    assert_close(loss, torch.tensor(expected))
+
+
+def test_preference_loss_margin_raises_the_loss_and_gradient_prefers_chosen():
+    chosen = torch.tensor([-5.0], requires_grad=True)
+    rejected = torch.tensor([-5.0], requires_grad=True)
+    loss = preference_loss(chosen, rejected, beta=0.1, margin=0.1)
+    assert float(loss.detach()) > math.log(2)  # −log σ(−0.1) > −log σ(0)
+    loss.backward()
+    assert float(chosen.grad) < 0 < float(rejected.grad)  # descent raises chosen, lowers rejected
+
+
+@pytest.mark.parametrize(("step", "expected"), [(0, 0.7), (50, 0.5), (100, 0.3), (25, 0.6), (150, 0.3)])
+def test_alpha_schedule_is_linear_from_init_to_final(step, expected):
+    assert alpha_schedule(step, 100, init=0.7, final=0.3) == pytest.approx(expected)
+
+
+def test_sequence_logps_sum_and_length_normalised_by_hand():
+    """V = 4, uniform logits: each real token has log-prob −ln 4. Row 0 has 3 tokens, row 1 has 1 then padding."""
+    logits = torch.zeros(2, 3, 4)
+    logits[1, 1:] = torch.tensor([100.0, -100.0, 5.0, 0.0])  # padding positions: must not count
+    targets = torch.tensor([[1, 2, 3], [0, IGNORE_INDEX, IGNORE_INDEX]])
+    assert_close(sequence_logps(logits, targets), torch.tensor([-3 * math.log(4), -math.log(4)]))
+    assert_close(sequence_logps(logits, targets, length_normalize=True), torch.tensor([-math.log(4)] * 2))

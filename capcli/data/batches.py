@@ -87,16 +87,121 @@ class CaptionCollator:
 
     def __call__(self, examples: list[CaptionExample | None]) -> CaptionBatch:
         kept = [e for e in examples if e is not None]
-        # split_special_tokens: a caption that contains the text "<|pad|>" is text, not padding.
-        ids = self.tokenizer([e.caption for e in kept], add_special_tokens=False, truncation=True,
-                             max_length=self.max_tokens, split_special_tokens=True)["input_ids"] if kept else []
-        ids = [seq + [self.tokenizer.eos_token_id] for seq in ids]
-        width = max((len(seq) for seq in ids), default=1)
-        caption_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        caption_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            caption_ids[row, : len(seq)] = torch.tensor(seq)
-            caption_mask[row, : len(seq)] = 1
+        caption_ids, caption_mask = tokenize_captions(self, [e.caption for e in kept])
         pixels = torch.stack([e.pixels for e in kept]) if kept else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
         return CaptionBatch(pixels, caption_ids, caption_mask, [e.caption for e in kept],
                             skipped=len(examples) - len(kept))
+
+
+def tokenize_captions(collator: CaptionCollator, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) ids and mask: each caption cut at ``max_tokens``, then end-of-text, then padding."""
+    tokenizer = collator.tokenizer
+    # split_special_tokens: a caption that contains the text "<|pad|>" is text, not padding.
+    ids = tokenizer(captions, add_special_tokens=False, truncation=True, max_length=collator.max_tokens,
+                    split_special_tokens=True)["input_ids"] if captions else []
+    ids = [seq + [tokenizer.eos_token_id] for seq in ids]
+    width = max((len(seq) for seq in ids), default=1)
+    caption_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    caption_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        caption_ids[row, : len(seq)] = torch.tensor(seq)
+        caption_mask[row, : len(seq)] = 1
+    return caption_ids, caption_mask
+
+
+# --- preference pairs (align) -------------------------------------------------
+
+
+@dataclass
+class PreferenceExample:
+    chosen: str
+    rejected: str
+    pixels: torch.Tensor | None = None  # (3, H, W) uint8, when the tower runs live
+    features: torch.Tensor | None = None  # (Dv,) cached features of the frozen tower
+    reference: torch.Tensor | None = None  # (2,) cached reference log-probs of (chosen, rejected)
+
+
+@dataclass
+class PreferenceBatch:
+    """Chosen and rejected captions of the same images, with what conditions them.
+
+    Exactly one of ``pixels`` and ``features`` is set for image pairs; both are None for
+    text-only pairs (UltraFeedback), which the decoder scores with no image.
+    """
+
+    chosen_ids: torch.Tensor  # (B, T) long, end-of-text included, pad after
+    chosen_mask: torch.Tensor  # (B, T)
+    rejected_ids: torch.Tensor  # (B, T') long
+    rejected_mask: torch.Tensor  # (B, T')
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) uint8
+    features: torch.Tensor | None = None  # (B, Dv)
+    reference: torch.Tensor | None = None  # (B, 2) reference log-probs of chosen, rejected
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.chosen_ids)
+
+    def to(self, device: torch.device) -> PreferenceBatch:
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return PreferenceBatch(move(self.chosen_ids), move(self.chosen_mask), move(self.rejected_ids),
+                               move(self.rejected_mask), move(self.pixels), move(self.features),
+                               move(self.reference), self.skipped)
+
+
+class PreferenceDataset(Dataset):
+    """Preference pairs (``image``, ``chosen``, ``rejected``) indexed by ``SampleKey``.
+
+    ``features[feature_index[i]]`` replaces pair ``i``'s image when the vision tower is
+    frozen, and ``reference[i]`` holds its reference log-probs: both are computed once
+    before training (``capcli.caches``), so a step decodes no image and runs no tower.
+    """
+
+    def __init__(self, pairs, image_size: int, max_pixels: int, features: torch.Tensor | None = None,
+                 feature_index: list[int] | None = None, reference: torch.Tensor | None = None):
+        self.pairs, self.image_size, self.max_pixels = pairs, image_size, max_pixels
+        self.features, self.feature_index, self.reference = features, feature_index, reference
+        self.text_only = "image" not in pairs.column_names or all(v is None for v in pairs["image"])
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> PreferenceExample | None:
+        index = key[0]
+        row = self.pairs[index]
+        example = PreferenceExample(row["chosen"], row["rejected"])
+        if self.reference is not None:
+            example.reference = self.reference[index]
+        if self.text_only:
+            return example
+        if self.features is not None:
+            example.features = self.features[self.feature_index[index]]
+            return example
+        try:
+            example.pixels = resize_center_crop(load_image_field(row["image"], self.max_pixels), self.image_size)
+        except ImageLoadError as err:
+            print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
+            return None
+        return example
+
+
+@dataclass
+class PreferenceCollator:
+    """Tokenises both captions of each pair like ``CaptionCollator`` and stacks the rest."""
+
+    tokenizer: PreTrainedTokenizerBase
+    max_tokens: int
+
+    def __call__(self, examples: list[PreferenceExample | None]) -> PreferenceBatch:
+        kept = [e for e in examples if e is not None]
+        captions = CaptionCollator(self.tokenizer, self.max_tokens)
+        chosen = tokenize_captions(captions, [e.chosen for e in kept])
+        rejected = tokenize_captions(captions, [e.rejected for e in kept])
+
+        def stack(name: str) -> torch.Tensor | None:
+            values = [getattr(e, name) for e in kept]
+            return torch.stack(values) if values and values[0] is not None else None
+
+        return PreferenceBatch(*chosen, *rejected, pixels=stack("pixels"), features=stack("features"),
+                               reference=stack("reference"), skipped=len(examples) - len(kept))

@@ -93,6 +93,7 @@ class Captioner(nn.Module):
         self.log_logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
         )
+        self.vision_frozen = False
         self.register_buffer("pixel_mean", torch.tensor(config.vision["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(config.vision["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -150,6 +151,28 @@ class Captioner(nn.Module):
             inputs_embeds=torch.cat([prefix.to(tokens.dtype), tokens], dim=1), attention_mask=mask
         ).last_hidden_state  # (B, K+T, D)
         return self.decoder.lm_head(hidden[:, k - 1 : -1])  # position K-1+t predicts token t
+
+    def text_logits(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits for captions with no image (text-only preference pairs): (B, T, V).
+
+        A begin-of-text token stands where the prefix would be, as in ``embed_text``.
+        """
+        bos = torch.full_like(caption_ids[:, :1], self.tokenizer.bos_token_id)
+        ids = torch.cat([bos, caption_ids], dim=1)
+        mask = torch.cat([torch.ones_like(caption_mask[:, :1]), caption_mask], dim=1)
+        return self.decoder(input_ids=ids, attention_mask=mask).logits[:, :-1]  # position t predicts token t
+
+    def freeze_vision(self) -> None:
+        """Freeze the vision tower: no gradients, and eval mode that ``train()`` will not undo."""
+        self.vision.requires_grad_(False)
+        self.vision.eval()
+        self.vision_frozen = True
+
+    def train(self, mode: bool = True) -> Captioner:
+        super().train(mode)
+        if getattr(self, "vision_frozen", False):
+            self.vision.eval()  # a frozen tower stays in eval mode (no dropout, fixed norms)
+        return self
 
     def caption_targets(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
         """The LM targets for ``caption_logits``: the caption tokens, ignored on padding."""

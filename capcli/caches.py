@@ -1,0 +1,103 @@
+"""Align's caches: work that does not change during training is done once, before it.
+
+- **Frozen features:** with the vision tower frozen, an image's features are the same at
+  every step, so each distinct image goes through the tower once (DESIGN §4).
+- **Reference log-probs:** the reference model is the starting checkpoint, frozen, so
+  each pair's reference log-probs are computed once; the reference model need not stay
+  in memory during training.
+
+Both run before the engine starts and hand the datasets plain tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import datasets
+import torch
+
+from capcli.data.batches import PreferenceCollator, PreferenceDataset, load_image_field
+from capcli.data.images import ImageLoadError, resize_center_crop
+from capcli.model import Captioner
+from capcli.sampler import in_order
+
+
+def image_identity(value: Any) -> str:
+    """A key that is equal for the same image: its path, else a hash of its bytes."""
+    if isinstance(value, dict):
+        if value.get("path") and not value.get("bytes"):
+            return f"path:{value['path']}"
+        if value.get("bytes"):
+            return "sha1:" + hashlib.sha1(value["bytes"]).hexdigest()
+    return f"value:{value}"
+
+
+@torch.no_grad()
+def frozen_features(
+    model: Captioner, pairs: datasets.Dataset, max_pixels: int, device: torch.device,
+    autocast: Callable[[], Any], batch_size: int = 64,
+) -> tuple[datasets.Dataset, torch.Tensor, list[int]]:
+    """Run the frozen tower once per distinct image of ``pairs``.
+
+    Returns:
+        The pairs whose image could be read (a pair whose image cannot is dropped, with
+        a warning, as a training step would drop it), the (N_images, Dv) float32 features
+        on the CPU, and for each kept pair the row of its image in the features.
+    """
+    images = pairs["image"]
+    keys = [image_identity(v) for v in images]
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    unique = list(first.values())  # the pair rows whose image stands for all pairs of that image
+    was_training = model.training
+    model.eval()
+    rows, bad = [], set()
+    for start in range(0, len(unique), batch_size):
+        pixels, good = [], []
+        for i in unique[start : start + batch_size]:
+            try:
+                pixels.append(resize_center_crop(load_image_field(images[i], max_pixels), model.image_size))
+                good.append(i)
+            except ImageLoadError as err:
+                print(f"warning: skipping pairs of unreadable image: {err}", file=sys.stderr)
+                bad.add(keys[i])
+        if pixels:
+            with autocast():
+                rows.append(model.image_features(torch.stack(pixels).to(device)).float().cpu())
+    model.train(was_training)
+    features = torch.cat(rows) if rows else torch.empty(0, model.config.vision["arch"]["output_dim"])
+    slot = {key: n for n, key in enumerate(k for k in (keys[i] for i in unique) if k not in bad)}
+    keep = [i for i, key in enumerate(keys) if key not in bad]
+    if len(keep) < len(keys):
+        pairs = pairs.select(keep)
+    return pairs, features, [slot[keys[i]] for i in keep]
+
+
+@torch.no_grad()
+def reference_logps(
+    model: Captioner, dataset: PreferenceDataset, collate: PreferenceCollator, score: Callable,
+    device: torch.device, autocast: Callable[[], Any], batch_size: int = 64,
+) -> torch.Tensor:
+    """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``, the reference.
+
+    ``score(model, batch) -> (chosen_logps, rejected_logps)`` is the objective's own scoring,
+    so the reference and the policy are measured identically.
+    """
+    was_training = model.training
+    model.eval()
+    out = torch.full((len(dataset), 2), float("nan"))  # NaN stays only where a pair's image is unreadable
+    for keys in in_order(len(dataset), batch_size):
+        examples = [(key.index, dataset[key]) for key in keys]
+        kept = [(i, e) for i, e in examples if e is not None]
+        if not kept:
+            continue
+        batch = collate([e for _, e in kept]).to(device)
+        with autocast():
+            chosen, rejected = score(model, batch)
+        out[[i for i, _ in kept]] = torch.stack([chosen, rejected], dim=1).float().cpu()
+    model.train(was_training)
+    return out

@@ -1,0 +1,269 @@
+"""``capcli evaluate``: a checkpoint's captions on one split, and every metric with a 95% interval.
+
+The pipeline (DESIGN §6): load the split → decode every image (batched search, KV cache) →
+caption metrics against the references (pycocoevalcap) → CLIP score and RefCLIPScore by a
+judge → preference accuracy on held-out pairs generated from the split → win rate against
+a baseline's captions (or shuffled captions) → grounding against the scene graphs where
+the data has them. Each number gets a percentile bootstrap interval over images.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from capcli import __version__
+from capcli.data.batches import (
+    CaptionCollator,
+    PreferenceCollator,
+    PreferenceDataset,
+    load_image_field,
+    tokenize_captions,
+)
+from capcli.data.images import ImageLoadError, resize_center_crop
+from capcli.data.preferences import generate_pairs
+from capcli.data.sources import load_splits
+from capcli.errors import ConfigError, DataError
+from capcli.generation import DecodeSettings, generate_captions
+from capcli.metrics import (
+    bootstrap_interval,
+    caption_intervals,
+    caption_metrics,
+    clip_score,
+    grounding_intervals,
+    grounding_metrics,
+    pairwise_outcomes,
+    ref_clip_score,
+)
+from capcli.model import Captioner
+from capcli.objectives import score_pairs
+from capcli.precision import autocast_context, resolve_device, resolve_precision
+from capcli.sampler import SampleKey
+from capcli.settings import Settings
+
+RESULTS_FILE = Path("results/evaluation_metrics.json")
+
+
+@dataclass
+class EvalOptions:
+    """What ``capcli evaluate`` was asked for, beside the settings."""
+
+    checkpoint: Path
+    split: str = "test"
+    decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(beams=5))
+    limit: int | None = None
+    baseline: Path | None = None
+    save_captions: Path | None = None
+    batch_size: int = 64
+    resamples: int = 1000
+
+
+def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate ``options.checkpoint`` on ``options.split``; returns the results document."""
+    device = resolve_device(settings.runtime.device)
+    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    model = Captioner.from_pretrained(options.checkpoint, device).eval()
+    rows, pixels, skipped = _load_split(settings, options, model.image_size)
+    n = len(rows)
+    seed = settings.runtime.seed
+    log(f"evaluate: captioning {n} {options.split} images with beams={options.decode.beams}")
+    with autocast():
+        predictions = _decode(model, pixels, options)
+    references = [list(captions) for captions in rows["captions"]]
+
+    metrics: dict[str, dict[str, float | None]] = {}
+
+    def put(name: str, value: float, interval: tuple[float, float]) -> None:
+        metrics[name] = {"value": _clean(value), "low": _clean(interval[0]), "high": _clean(interval[1])}
+
+    scores = caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)))
+    for name, interval in caption_intervals(scores, options.resamples, seed=seed).items():
+        put(name, scores.corpus[name], interval)
+
+    # CLIP score in the model's own space: no pretrained judge is loaded by default (DESIGN §6).
+    judge = f"self:{options.checkpoint}"
+    with autocast():
+        image_emb = _embed_images(model, pixels, options.batch_size)
+        cand_emb = _embed_texts(model, predictions, options.batch_size)
+        ref_emb = _embed_texts(model, [r for refs in references for r in refs], options.batch_size)
+    clip = clip_score(image_emb, cand_emb).cpu().numpy()
+    put("clip_score_self", float(clip.mean()), bootstrap_interval(clip, options.resamples, seed=seed))
+    ref_sets = torch.split(ref_emb, [len(r) for r in references])
+    ref_clip = ref_clip_score(image_emb, cand_emb, ref_sets).cpu().numpy()
+    put("ref_clip_score_self", float(ref_clip.mean()), bootstrap_interval(ref_clip, options.resamples, seed=seed))
+
+    # Win rate: the judge's CLIP score of our caption against the baseline's, per image.
+    if options.baseline is not None:
+        baseline_model = Captioner.from_pretrained(options.baseline, device).eval()
+        with autocast():
+            baseline_captions = _decode(baseline_model, pixels, options)
+        del baseline_model
+        baseline_name = f"checkpoint:{options.baseline}"
+    else:
+        baseline_captions = _shuffled(predictions, seed)
+        baseline_name = "shuffled captions (each image gets another image's generated caption)"
+    with autocast():
+        baseline_emb = _embed_texts(model, baseline_captions, options.batch_size)
+    outcomes = pairwise_outcomes(clip, clip_score(image_emb, baseline_emb).cpu().numpy(), tie=0.5)
+    put("win_rate", float(outcomes.mean()), bootstrap_interval(outcomes, options.resamples, seed=seed))
+
+    # Preference accuracy: the model's log-probs rank the true caption over its corruption.
+    pairs = generate_pairs(rows, seed, f"evaluate-{options.split}")
+    if len(pairs):
+        ranked = _preference_outcomes(model, pairs, settings, device, autocast, options.batch_size)
+        put("preference_accuracy", float(ranked.mean()), bootstrap_interval(ranked, options.resamples, seed=seed))
+
+    grounding = None
+    if "scene" in rows.column_names:
+        grounding = grounding_metrics(predictions, list(rows["scene"]))
+        for name, interval in grounding_intervals(grounding, options.resamples, seed=seed).items():
+            put(f"grounding_{name}", grounding.corpus[name], interval)
+
+    if options.save_captions is not None:
+        _save_captions(options.save_captions, rows, predictions, references, clip, scores, grounding)
+
+    return {
+        "checkpoint": str(options.checkpoint),
+        "split": options.split,
+        "n": n,
+        "skipped_images": skipped,
+        "data": settings.data.source,
+        "tokenizer": scores.tokenizer,
+        "judge": judge,
+        "baseline": baseline_name,
+        "decoding": asdict(options.decode),
+        "bootstrap": {"resamples": options.resamples, "confidence": 0.95, "seed": seed},
+        "metrics": metrics,
+        "skipped_metrics": scores.skipped,
+        "notes": scores.notes,
+        "versions": _versions(),
+    }
+
+
+def write_results(results: dict[str, Any], path: Path) -> Path:
+    """Write the results document atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+# --- the steps ----------------------------------------------------------------------------------------------------
+
+
+def _load_split(settings: Settings, options: EvalOptions, image_size: int):
+    splits = load_splits(settings.data)
+    if options.split not in splits or len(splits[options.split]) == 0:
+        raise ConfigError(f"data source '{settings.data.source}' has no '{options.split}' split "
+                          f"(it has: {', '.join(name for name, s in splits.items() if len(s))})")
+    rows = splits[options.split]
+    if options.limit is not None:
+        rows = rows.select(range(min(options.limit, len(rows))))
+    images, keep = [], []
+    for i, value in enumerate(rows["image"]):
+        try:
+            images.append(resize_center_crop(load_image_field(value, settings.data.max_pixels), image_size))
+            keep.append(i)
+        except ImageLoadError as err:
+            print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
+    if not images:
+        raise DataError(f"no readable image in the '{options.split}' split")
+    skipped = len(rows) - len(keep)
+    if skipped:
+        rows = rows.select(keep)
+    return rows, torch.stack(images), skipped
+
+
+def _decode(model: Captioner, pixels: torch.Tensor, options: EvalOptions) -> list[str]:
+    out: list[str] = []
+    for start in range(0, len(pixels), options.batch_size):
+        out += generate_captions(model, pixels[start : start + options.batch_size], options.decode)
+    return out
+
+
+@torch.no_grad()
+def _embed_images(model: Captioner, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
+    device = model.pixel_mean.device
+    parts = [model.embed_image(model.image_features(pixels[s : s + batch_size].to(device))).float()
+             for s in range(0, len(pixels), batch_size)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def _embed_texts(model: Captioner, texts: list[str], batch_size: int) -> torch.Tensor:
+    """Embed captions with the model's text path; an empty caption is embedded as end-of-text alone."""
+    collate = CaptionCollator(model.tokenizer, 48)
+    device = model.pixel_mean.device
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        ids, mask = tokenize_captions(collate, texts[start : start + batch_size])
+        parts.append(model.embed_text(ids.to(device), mask.to(device)).float())
+    return torch.cat(parts)
+
+
+def _shuffled(captions: list[str], seed: int) -> list[str]:
+    """A seeded derangement: every image gets a caption generated for another image."""
+    if len(captions) < 2:
+        return list(captions)
+    order = list(range(len(captions)))
+    random.Random(seed).shuffle(order)
+    shifted = [0] * len(captions)
+    for k, i in enumerate(order):  # each image takes the caption of the next image in a random cycle
+        shifted[i] = order[(k + 1) % len(order)]
+    return [captions[shifted[i]] for i in range(len(captions))]
+
+
+@torch.no_grad()
+def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> np.ndarray:
+    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong)."""
+    data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
+    collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
+    out = []
+    for start in range(0, len(data), batch_size):
+        examples = [data[SampleKey(i, 0)] for i in range(start, min(len(data), start + batch_size))]
+        batch = collate([e for e in examples if e is not None]).to(device)
+        if len(batch) == 0:
+            continue
+        with autocast():
+            chosen, rejected = score_pairs(model, batch)
+        out.append((chosen > rejected).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _save_captions(path: Path, rows, predictions, references, clip, scores, grounding) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i, caption in enumerate(predictions):
+            image = rows[i]["image"]
+            record = {"image": image.get("path") if isinstance(image, dict) else str(image), "caption": caption,
+                      "references": references[i], "clip_score_self": float(clip[i]),
+                      "cider_d": float(scores.per_image["cider_d"][i])}
+            if grounding is not None:
+                record["grounding_errors"] = grounding.errors[i]
+            f.write(json.dumps(record) + "\n")
+
+
+def _clean(value: float) -> float | None:
+    """JSON has no NaN: a metric with nothing to measure is null."""
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+def _versions() -> dict[str, str]:
+    versions = {"capcli": __version__}
+    for package in ("torch", "transformers", "open_clip_torch", "pycocoevalcap", "datasets"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions

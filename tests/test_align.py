@@ -1,0 +1,223 @@
+"""Align (phase 2), tested by behaviour on the tiny model on CPU.
+
+The frozen tower is bit-identical afterwards (and trained without the freeze), the caches
+equal fresh computations, chosen and rejected share one forward pass, the reward metrics
+reach metrics.jsonl, and the command's errors are one line with exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from torch.testing import assert_close
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.data.batches import PreferenceCollator, PreferenceDataset
+from capcli.engine import fit
+from capcli.errors import TrainingInterrupted
+from capcli.model import Captioner
+from capcli.objectives import AlignObjective, score_pairs
+from capcli.phases import align, prepare_align, pretrain
+from capcli.runlog import read_metrics
+from capcli.sampler import SampleKey
+from capcli.settings import override
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory, data_cache) -> Path:
+    """A briefly pretrained tiny model: the starting point (and reference) of every align here."""
+    from conftest import make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("align") / "pretrain", data_cache,
+                             **{"pretrain.engine.max_steps": 6})
+    return pretrain(settings).best_checkpoint
+
+
+def align_settings(settings_factory, start: Path, name: str = "align", **overrides):
+    return settings_factory(name, **{
+        "align.checkpoint": start, "align.engine.output": settings_factory(name).pretrain.engine.output,
+        "align.engine.batch_size": 8, "align.engine.grad_accum": 1, "align.engine.log_every": 1,
+        "align.engine.max_steps": 3, "align.optimizer.lr": 1e-3, **overrides,
+    })
+
+
+def vision_state(model: Captioner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.vision.state_dict().items()}
+
+
+def test_frozen_vision_is_bit_identical_after_align(settings_factory, start_checkpoint):
+    settings = align_settings(settings_factory, start_checkpoint)
+    result = align(settings)
+    before = vision_state(Captioner.from_pretrained(start_checkpoint))
+    after = Captioner.from_pretrained(result.fit.run_dir / "checkpoints" / "last")
+    assert all(torch.equal(before[k], v) for k, v in after.vision.state_dict().items())
+    trained = Captioner.from_pretrained(start_checkpoint).prefix_mapper.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in after.prefix_mapper.state_dict().items())
+
+
+def test_unfrozen_vision_changes_during_align(settings_factory, start_checkpoint):
+    settings = align_settings(settings_factory, start_checkpoint, **{"align.freeze_vision": False})
+    result = align(settings)
+    before = vision_state(Captioner.from_pretrained(start_checkpoint))
+    after = Captioner.from_pretrained(result.fit.run_dir / "checkpoints" / "last").vision.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+
+
+def test_frozen_tower_stays_in_eval_mode_and_has_no_gradients(start_checkpoint):
+    model = Captioner.from_pretrained(start_checkpoint)
+    model.freeze_vision()
+    model.train()
+    assert not model.vision.training and model.decoder.training
+    assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+def test_cached_features_equal_a_fresh_forward_pass(settings_factory, start_checkpoint):
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint))
+    data: PreferenceDataset = phase.data.train
+    assert data.features is not None
+    assert len(data.features) < len(data)  # two pairs per image share one tower pass
+    model = phase.model.eval()
+    rows = [0, 1, 5, len(data) - 1]
+    fresh_data = PreferenceDataset(data.pairs, model.image_size, 10**8)
+    pixels = torch.stack([fresh_data[SampleKey(i, 0)].pixels for i in rows])
+    with torch.no_grad():
+        fresh = model.image_features(pixels)
+    cached = torch.stack([data[SampleKey(i, 0)].features for i in rows])
+    assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_reference_logps_equal_the_starting_model(settings_factory, start_checkpoint):
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint))
+    data: PreferenceDataset = phase.data.val
+    reference = Captioner.from_pretrained(start_checkpoint).eval()
+    collate = PreferenceCollator(reference.tokenizer, 48)
+    rows = [0, 3, len(data) - 1]
+    batch = collate([PreferenceDataset(data.pairs, reference.image_size, 10**8)[SampleKey(i, 0)] for i in rows])
+    with torch.no_grad():
+        chosen, rejected = score_pairs(reference, batch)
+    assert_close(data.reference[rows], torch.stack([chosen, rejected], dim=1), rtol=1e-4, atol=1e-4)
+
+
+def test_chosen_and_rejected_in_one_pass_equal_separate_passes(settings_factory, start_checkpoint):
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint))
+    model, data = phase.model.eval(), phase.data.train
+    batch = phase.data.collate([data[SampleKey(i, 0)] for i in range(4)])
+    with torch.no_grad():
+        chosen, rejected = score_pairs(model, batch)
+        features = batch.features
+        for ids, mask, joint in ((batch.chosen_ids, batch.chosen_mask, chosen),
+                                 (batch.rejected_ids, batch.rejected_mask, rejected)):
+            logits = model.caption_logits(features, ids, mask)
+            alone = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+            assert_close(joint, (alone * mask).sum(1), rtol=1e-4, atol=1e-4)
+
+
+def test_align_logs_reward_metrics_each_step_and_at_validation(settings_factory, start_checkpoint):
+    result = align(align_settings(settings_factory, start_checkpoint))
+    records = read_metrics(result.fit.run_dir / "metrics.jsonl")
+    train = [r for r in records if r["split"] == "train"]
+    val = [r for r in records if r["split"] == "val"]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    for key in ("reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected", "alpha", "preference_loss",
+                "contrastive_loss"):
+        assert all(math.isfinite(r[key]) for r in train), key
+    assert train[0]["alpha"] == pytest.approx(0.7) and train[-1]["alpha"] == pytest.approx(0.7 - 0.4 * 2 / 3)
+    assert val and all("val_reward_accuracy" in r and "val_preference_accuracy" in r for r in val)
+    assert val[0]["val_reward_accuracy"] == pytest.approx(0.5)  # policy = reference: every reward ties at 0
+    assert set(result.before) == set(result.after) == {
+        "reward_accuracy", "preference_accuracy", "val_caption_loss", "retrieval_r1"}
+
+
+def test_text_only_pairs_train_the_decoder_without_an_image(start_checkpoint):
+    model = Captioner.from_pretrained(start_checkpoint)
+    pairs = datasets.Dataset.from_list([
+        {"image": None, "chosen": "a helpful and correct answer", "rejected": "a rude answer"},
+        {"image": None, "chosen": "thank you", "rejected": "no"},
+    ])
+    data = PreferenceDataset(pairs, model.image_size, 10**8, reference=torch.zeros(2, 2))
+    batch = PreferenceCollator(model.tokenizer, 48)([data[SampleKey(i, 0)] for i in range(2)])
+    out = AlignObjective()(model, batch, progress=0.0)
+    assert "contrastive_loss" not in out
+    out["preference_loss"].backward()
+    assert model.decoder.transformer.wte.weight.grad is not None
+    assert model.vision.conv1[0].weight.grad is None
+
+
+def test_ablation_config_switches_the_preference_term_off(settings_factory, start_checkpoint):
+    from capcli.settings import config_path, load_settings
+
+    settings = load_settings(config_path("ablation.yaml"), {}, environ={})
+    assert settings.align.alpha_init == settings.align.alpha_final == 1.0
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint, **{
+        "align.alpha_init": settings.align.alpha_init, "align.alpha_final": settings.align.alpha_final}))
+    batch = phase.data.collate([phase.data.train[SampleKey(i, 0)] for i in range(4)])
+    out = phase.objective(phase.model, batch, progress=0.5)
+    assert float(out["preference_loss"].detach()) == 0.0 and float(out["contrastive_loss"].detach()) > 0
+
+
+def test_resumed_align_repeats_the_uninterrupted_run(settings_factory, start_checkpoint):
+    """Ctrl-C after step 2 of 4, then --resume: the caches are rebuilt from the starting
+    checkpoint, the weights come from the run's last one, and the losses repeat."""
+    whole = align_settings(settings_factory, start_checkpoint, "whole", **{"align.engine.max_steps": 4})
+    align(whole)
+    parted = align_settings(settings_factory, start_checkpoint, "parted", **{"align.engine.max_steps": 4})
+    with pytest.raises(TrainingInterrupted):
+        align(parted, on_step=lambda step, _: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
+    resumed = override(parted, {"align.engine.resume": True})
+    phase = prepare_align(resumed)
+    fit(phase.model, phase.objective, phase.data, resumed.align.engine, resumed.align.optimizer, resumed.runtime)
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+
+    expected, got = losses(whole.align.engine.output), losses(parted.align.engine.output)
+    assert [s for s, _ in got] == [s for s, _ in expected] == [1, 2, 3, 4]
+    assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in expected]), rtol=1e-5, atol=1e-6)
+
+
+# --- the command -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_align_command_defaults_to_runs_pretrain_and_prints_before_after(tmp_path, data_cache, start_checkpoint,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import shutil
+
+    shutil.copytree(start_checkpoint, tmp_path / "runs" / "pretrain" / "checkpoints" / "best")
+    env = {"CAPCLI_DATA__CACHE_DIR": str(data_cache), "CAPCLI_RUNTIME__DEVICE": "cpu"}
+    result = runner.invoke(app, ["align", "--max-steps", "2", "--batch-size", "8", "--train-size", "32",
+                                 "--val-size", "8", "--test-size", "8", "--quiet", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["phase"] == "align" and summary["steps"] == 2
+    assert Path(summary["start_checkpoint"]) == Path("runs/pretrain/checkpoints/best")
+    assert set(summary["before"]) == set(summary["after"])
+    assert (tmp_path / "runs" / "align" / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert "pairs kept" in result.stderr
+
+
+def test_align_without_a_pretrain_checkpoint_exits_2(tmp_path, monkeypatch, data_cache):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["align", "--max-steps", "1"], env={"CAPCLI_DATA__CACHE_DIR": str(data_cache)})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: no checkpoint at runs/pretrain")
+    assert "Traceback" not in result.output
+
+
+def test_align_with_an_unknown_preference_source_exits_2(tmp_path, data_cache, start_checkpoint):
+    result = runner.invoke(app, ["align", "--checkpoint", str(start_checkpoint), "--preferences", "csv:x",
+                                 "--output", str(tmp_path / "a"), "--train-size", "32", "--val-size", "8"],
+                           env={"CAPCLI_DATA__CACHE_DIR": str(data_cache)})
+    assert result.exit_code == 2, result.output
+    assert "unknown preference source 'csv:x'" in result.stderr

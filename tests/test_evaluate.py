@@ -1,0 +1,114 @@
+"""``capcli evaluate``: the results document, its intervals, and its errors.
+
+The metric functions themselves are pinned in test_metrics.py and test_grounding.py; here
+the pipeline is checked end to end on a briefly trained tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.evaluation import _shuffled
+
+runner = CliRunner()
+
+CAPTION_METRICS = {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l", "cider_d"}
+OTHER_METRICS = {"clip_score_self", "ref_clip_score_self", "win_rate", "preference_accuracy"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_cache) -> Path:
+    from conftest import make_settings
+
+    from capcli.phases import pretrain
+
+    settings = make_settings(tmp_path_factory.mktemp("evaluate") / "pretrain", data_cache,
+                             **{"pretrain.engine.max_steps": 8})
+    return pretrain(settings).best_checkpoint
+
+
+@pytest.fixture(scope="module")
+def env(data_cache) -> dict[str, str]:
+    return {"CAPCLI_DATA__CACHE_DIR": str(data_cache), "CAPCLI_RUNTIME__DEVICE": "cpu",
+            "CAPCLI_DATA__TRAIN_SIZE": "64", "CAPCLI_DATA__VAL_SIZE": "16", "CAPCLI_DATA__TEST_SIZE": "16"}
+
+
+def run_evaluate(tmp_path: Path, checkpoint: Path, env: dict, *extra: str):
+    out = tmp_path / "results" / "evaluation_metrics.json"
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--beams", "2", "--limit", "12",
+                                 "--output", str(out), "--quiet", "--json", *extra], env=env)
+    return result, out
+
+
+def test_results_document_has_every_metric_with_an_interval(tmp_path, checkpoint, env):
+    result, out = run_evaluate(tmp_path, checkpoint, env)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc == json.loads(out.read_text(encoding="utf-8"))  # --json prints what the file holds
+    assert doc["n"] == 12 and doc["split"] == "test" and doc["checkpoint"] == str(checkpoint)
+    assert doc["decoding"]["beams"] == 2
+    assert doc["tokenizer"] in ("ptb", "python")
+    assert doc["judge"].startswith("self:")
+    assert doc["baseline"].startswith("shuffled captions")
+    assert {"capcli", "torch", "transformers", "pycocoevalcap"} <= set(doc["versions"])
+    metrics = doc["metrics"]
+    assert CAPTION_METRICS | OTHER_METRICS <= set(metrics)
+    assert any(name.startswith("grounding_") for name in metrics)  # synthetic has scene graphs
+    for name, m in metrics.items():
+        if m["value"] is None:
+            continue
+        assert m["low"] - 1e-9 <= m["value"] <= m["high"] + 1e-9 or name.startswith("meteor"), (name, m)
+        assert math.isfinite(m["low"]) and math.isfinite(m["high"])
+    assert 0.0 <= metrics["win_rate"]["value"] <= 1.0
+    assert 0.0 <= metrics["clip_score_self"]["value"] <= 2.5
+
+
+def test_test_novel_split_and_saved_captions(tmp_path, checkpoint, env):
+    saved = tmp_path / "captions.jsonl"
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--split", "test_novel", "--save-captions", str(saved))
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["split"] == "test_novel"
+    lines = [json.loads(line) for line in saved.read_text(encoding="utf-8").splitlines()]
+    assert len(lines) == 12
+    assert {"image", "caption", "references", "clip_score_self", "cider_d", "grounding_errors"} <= set(lines[0])
+    assert len(lines[0]["references"]) == 5
+
+
+def test_baseline_checkpoint_is_named_and_itself_ties(tmp_path, checkpoint, env):
+    """Against itself every caption ties, and ties count half: the win rate is exactly 0.5."""
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--baseline", str(checkpoint))
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["baseline"] == f"checkpoint:{checkpoint}"
+    assert doc["metrics"]["win_rate"]["value"] == pytest.approx(0.5)
+
+
+def test_table_output_names_metrics_and_intervals(tmp_path, checkpoint, env):
+    out = tmp_path / "r.json"
+    result = runner.invoke(app, ["evaluate", "--checkpoint", str(checkpoint), "--beams", "1", "--limit", "6",
+                                 "--output", str(out)], env=env)
+    assert result.exit_code == 0, result.output
+    assert "cider_d" in result.stdout and "95% interval" in result.stdout
+    assert out.is_file()
+
+
+def test_unknown_split_and_missing_checkpoint_exit_2(tmp_path, checkpoint, env, monkeypatch):
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--split", "nope")
+    assert result.exit_code == 2 and "no 'nope' split" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["evaluate"], env=env)
+    assert result.exit_code == 2 and "no checkpoint given" in result.stderr
+
+
+def test_shuffled_baseline_never_gives_an_image_its_own_caption():
+    captions = [f"caption {i}" for i in range(50)]
+    shuffled = _shuffled(captions, seed=3)
+    assert sorted(shuffled) == sorted(captions)
+    assert all(a != b for a, b in zip(captions, shuffled))
+    assert shuffled == _shuffled(captions, seed=3) != _shuffled(captions, seed=4)
