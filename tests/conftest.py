@@ -27,6 +27,20 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SMALL_SIZES = {"data.train_size": 64, "data.val_size": 16, "data.test_size": 16}
 
 
+class SameCaptionEveryEpoch(torch.utils.data.Dataset):
+    """Each image with the caption of epoch 0 only: one batch really is the same batch every
+    step, and a few steps teach image-dependent captions."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, key):
+        return self.inner[(key[0], 0)]
+
+
 @pytest.fixture(scope="session")
 def data_cache() -> Path:
     """The session's cache root for materialised synthetic data."""

@@ -13,6 +13,7 @@ import signal
 
 import pytest
 import torch
+from conftest import SameCaptionEveryEpoch
 from torch.testing import assert_close
 
 from capcli import engine
@@ -59,19 +60,6 @@ def test_parameters_change_and_frozen_ones_do_not(settings_factory):
         assert any(k.startswith(part) for k in changed), f"nothing under {part} was trained"
     assert not any(k.startswith("vision.") for k in changed), "a frozen tower was updated"
     assert "log_logit_scale" not in changed, "a fixed temperature was trained"
-
-
-class SameCaptionEveryEpoch(torch.utils.data.Dataset):
-    """Always the caption of epoch 0, so that one batch really is the same batch every step."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __len__(self):
-        return len(self.inner)
-
-    def __getitem__(self, key):
-        return self.inner[(key[0], 0)]
 
 
 def test_one_batch_can_be_overfitted(settings_factory):

@@ -1,0 +1,227 @@
+"""Fast decoding against a plain reference decoder, on a briefly trained tiny model on CPU.
+
+The fast path (``generate_captions``) decodes a whole batch through transformers'
+``generate`` with the KV cache. The reference below shares no code with it: one image at
+a time, it re-runs the whole decoder on [prefix; tokens so far] at every step and writes
+out the search rules of ``generate`` as capcli calls it (transformers 5.x,
+``GenerationMixin._sample`` and ``_beam_search``). The eight images are decoded in one
+fast call, so padding and batching must not change a caption either.
+
+Every comparison comes with a check that the setting it tests really changes the captions,
+so that a reference which ignored the setting could not pass. ``capcli.speed``'s naive
+baseline, separate code again, must give the same captions: its speedup compares equal work.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import pytest
+import torch
+from conftest import SameCaptionEveryEpoch
+
+from capcli.engine import fit
+from capcli.generation import DecodeSettings, generate_captions
+from capcli.model import Captioner
+from capcli.phases import prepare_pretrain
+from capcli.speed import decode_speed, naive_generate
+
+GREEDY = DecodeSettings()
+BEAM = DecodeSettings(beams=5)
+LONG_BEAM = DecodeSettings(beams=5, length_penalty=2.0)  # favours long captions: the stopping rule matters
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_cache) -> tuple[Captioner, torch.Tensor]:
+    """A tiny model trained 30 steps on 8 images, and those 8 images: (model, (8, 3, H, W) uint8).
+
+    After 30 steps the captions are words that end with end-of-text, differ between the
+    images, and are uncertain enough that beam search, the length penalty and the stopping
+    rule each change some of them. (Five captions per image over 64 images would need
+    hundreds of steps before the captions depend on the image at all.)
+    """
+    from conftest import make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("decoding") / "pretrain", data_cache, **{
+        "data.train_size": 8, "data.val_size": 1, "data.test_size": 1, "pretrain.engine.max_steps": 30,
+        "pretrain.engine.epochs": 30, "pretrain.engine.patience": None, "pretrain.contrastive_weight": 0.0,
+        "pretrain.optimizer.lr": 1e-3, "pretrain.optimizer.min_lr_ratio": 1.0,
+    })
+    phase = prepare_pretrain(settings)
+    phase.data.train = SameCaptionEveryEpoch(phase.data.train)
+    p = settings.pretrain
+    fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime)
+    pixels = torch.stack([phase.data.train[(i, 0)].pixels for i in range(8)])
+    return phase.model.eval(), pixels
+
+
+# --- the reference decoder -----------------------------------------------------------------------------------------
+
+
+def next_token_logits(model: Captioner, prefix: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
+    """(R, V) float32 logits of the token after each sequence, by a full forward pass with no cache.
+
+    ``prefix`` is one image's (1, K, D); the sequences all have the same length, so no padding.
+    """
+    ids = torch.tensor(sequences, dtype=torch.long).view(len(sequences), -1)  # (R, t)
+    embeds = torch.cat([prefix.expand(len(sequences), -1, -1), model.decoder.transformer.wte(ids)], dim=1)
+    return model.decoder(inputs_embeds=embeds, use_cache=False).logits[:, -1].float()  # (R, V)
+
+
+def reference_greedy(model: Captioner, prefix: torch.Tensor, decode: DecodeSettings) -> list[int]:
+    """Greedy search as ``generate`` does it: argmax of the logits, end-of-text barred before ``min_length``."""
+    eos, tokens = model.tokenizer.eos_token_id, []
+    while len(tokens) < decode.max_length:
+        logits = next_token_logits(model, prefix, [tokens])[0]
+        if len(tokens) < decode.min_length:
+            logits[eos] = -math.inf
+        token = int(logits.argmax())
+        if token == eos:
+            break
+        tokens.append(token)
+    return tokens
+
+
+def reference_beam(model: Captioner, prefix: torch.Tensor, decode: DecodeSettings,
+                   early_stopping: bool | str = False) -> list[int]:
+    """Beam search with the rules of transformers' ``_beam_search``, one hypothesis list at a time.
+
+    - A running beam's score is the sum of its tokens' log-softmax (float32); before
+      ``min_length`` new tokens, end-of-text gets -inf after the softmax (not renormalised).
+    - Each step ranks the ``2·beams`` best (beam, token) continuations of all running beams
+      (at the first step there is one beam, the empty caption).
+    - A continuation that ends (end-of-text, or the ``max_length``-th token) becomes a
+      finished hypothesis scored ``sum / length ** length_penalty``, the length counting
+      end-of-text, but only if it ranks among the first ``beams``; the ``beams`` best are kept.
+    - The next running beams are the ``beams`` best continuations that did not end.
+    - Stop once ``beams`` hypotheses are finished and: the best running beam's sum divided by
+      the *current* length ** length_penalty cannot beat the worst finished score
+      (``early_stopping=False``, the default: the heuristic of transformers' PR #20901);
+      at once (``True``); or, for ``"never"`` with ``length_penalty > 0``, judged at
+      ``max_length`` instead of the current length.
+    - The answer is the best finished hypothesis, without its end-of-text.
+    """
+    eos, beams, penalty = model.tokenizer.eos_token_id, decode.beams, decode.length_penalty
+    running: list[tuple[list[int], float]] = [([], 0.0)]
+    finished: list[tuple[float, list[int]]] = []  # (score, tokens), best first
+    for length in range(1, decode.max_length + 1):  # tokens after this step, end-of-text included
+        logps = torch.log_softmax(next_token_logits(model, prefix, [tokens for tokens, _ in running]), dim=-1)
+        if length - 1 < decode.min_length:
+            logps[:, eos] = -math.inf
+        sums = logps + torch.tensor([total for _, total in running])[:, None]  # (R, V)
+        top, index = sums.flatten().topk(2 * beams)
+        vocab = sums.shape[1]
+        candidates = [(running[i // vocab][0] + [i % vocab], total) for total, i in zip(top.tolist(), index.tolist())]
+        ended = [tokens[-1] == eos or length == decode.max_length for tokens, _ in candidates]
+        finished += [(total / length**penalty, tokens)
+                     for (tokens, total), end in zip(candidates[:beams], ended) if end]
+        finished = sorted(finished, key=lambda hypothesis: -hypothesis[0])[:beams]
+        running = [candidate for candidate, end in zip(candidates, ended) if not end][:beams]
+        if not running or len(finished) < beams:
+            continue
+        judged_at = decode.max_length if early_stopping == "never" and penalty > 0 else length
+        if early_stopping is True or running[0][1] / judged_at**penalty <= finished[-1][0]:
+            break
+    tokens = finished[0][1]
+    return tokens[:-1] if tokens[-1] == eos else tokens
+
+
+@torch.no_grad()
+def reference_tokens(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings,
+                     early_stopping: bool | str = False) -> list[list[int]]:
+    """Each image's caption tokens, decoded alone."""
+    out = []
+    for image in pixels:
+        prefix = model.prefix(model.image_features(image[None]))  # (1, K, D)
+        if decode.beams == 1:
+            out.append(reference_greedy(model, prefix, decode))
+        else:
+            out.append(reference_beam(model, prefix, decode, early_stopping))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """``reference(decode, early_stopping=False)`` → the 8 images' reference caption tokens, computed once."""
+    model, pixels = trained
+    return cache(lambda decode, early_stopping=False: reference_tokens(model, pixels, decode, early_stopping))
+
+
+def texts(model: Captioner, captions: list[list[int]]) -> list[str]:
+    """Tokens → text, as ``generate_captions`` turns its ids into captions."""
+    return [model.tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in captions]
+
+
+# --- the fast path equals the reference ----------------------------------------------------------------------------
+
+
+def test_batched_greedy_equals_the_reference(trained, reference):
+    model, pixels = trained
+    expected = texts(model, reference(GREEDY))
+    assert generate_captions(model, pixels, GREEDY) == expected
+    assert all(expected) and len(set(expected)) >= 3, expected  # captions depend on the image: rows cannot swap
+
+
+def test_batched_beam_search_equals_the_reference(trained, reference):
+    model, pixels = trained
+    assert generate_captions(model, pixels, BEAM) == texts(model, reference(BEAM))
+    assert reference(BEAM) != reference(GREEDY)  # beam search finds other captions than greedy here
+
+
+def test_length_penalty_reaches_the_search_and_equals_the_reference(trained, reference):
+    model, pixels = trained
+    assert generate_captions(model, pixels, LONG_BEAM) == texts(model, reference(LONG_BEAM))
+    assert reference(LONG_BEAM) != reference(BEAM)
+
+
+def test_beam_search_stops_by_transformers_default_rule(trained, reference):
+    """capcli passes no ``early_stopping`` and the decoder's generation config leaves it unset, so
+    ``generate`` takes its global default, False; the reference's other two rules give other
+    captions here, so the match pins the rule down."""
+    model, pixels = trained
+    assert model.decoder.generation_config.early_stopping in (None, False)
+    fast = generate_captions(model, pixels, LONG_BEAM)
+    assert fast == texts(model, reference(LONG_BEAM, False))
+    assert fast != texts(model, reference(LONG_BEAM, True))
+    assert fast != texts(model, reference(LONG_BEAM, "never"))
+
+
+@pytest.mark.parametrize("beams", [1, 5])
+def test_min_length_equals_the_reference(trained, reference, beams):
+    """One token more than the shortest caption: exactly the step where the bound starts to bind."""
+    model, pixels = trained
+    free = reference(DecodeSettings(beams=beams))
+    decode = DecodeSettings(beams=beams, min_length=min(map(len, free)) + 1)
+    assert generate_captions(model, pixels, decode) == texts(model, reference(decode))
+    assert all(len(tokens) >= decode.min_length for tokens in reference(decode))
+    assert reference(decode) != free
+
+
+@pytest.mark.parametrize("beams", [1, 5])
+def test_max_length_cuts_as_the_reference(trained, reference, beams):
+    """Captions cut at ``max_length`` end the search as finished ones, with no end-of-text scored."""
+    model, pixels = trained
+    decode = DecodeSettings(beams=beams, max_length=6)
+    assert generate_captions(model, pixels, decode) == texts(model, reference(decode))
+    assert any(len(tokens) > 6 for tokens in reference(DecodeSettings(beams=beams)))  # some captions were cut
+
+
+# --- the benchmark's naive baseline decodes the same captions --------------------------------------------------------
+
+
+@pytest.mark.parametrize("decode", [GREEDY, LONG_BEAM], ids=["greedy", "beam"])
+def test_naive_baseline_gives_the_fast_paths_captions(trained, reference, decode):
+    """``capcli.speed``'s baseline, its own code with no cache, does the same search: its speedup is fair."""
+    model, pixels = trained
+    expected = texts(model, reference(decode))
+    assert naive_generate(model, pixels, decode) == generate_captions(model, pixels, decode) == expected
+
+
+def test_decode_speed_times_both_decoders_on_the_same_captions(trained):
+    model, pixels = trained
+    result = decode_speed(model, pixels, beams=5, repeats=1)
+    assert result["caption_beam5_agreement"] == 1.0
+    fast, naive = result["caption_beam5_images_per_s"], result["caption_beam5_naive_images_per_s"]
+    assert result["caption_beam5_speedup"] == pytest.approx(fast / naive)
+    assert fast > naive > 0  # the cache and the batch pay: about 5x on 8 images here
