@@ -209,6 +209,7 @@ def evaluate(
     save_captions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per image: image, caption, references, scores.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = Path("results/evaluation_metrics.json"),
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = 64,
+    judge: Annotated[str, typer.Option(help="Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE.  \\[default: auto]", show_default=False)] = "auto",
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
 ) -> None:
     """Captions of a split, scored: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIP score, win rate, preference
@@ -230,7 +231,7 @@ def evaluate(
             checkpoint=resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint(), split=split,
             decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram), limit=limit,
             baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions,
-            batch_size=batch_size,
+            batch_size=batch_size, judge=judge,
         )
         log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))
         outcome = evaluation.evaluate(settings, options, log)

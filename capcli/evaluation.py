@@ -23,17 +23,16 @@ import torch
 
 from capcli import __version__
 from capcli.data.batches import (
-    CaptionCollator,
     PreferenceCollator,
     PreferenceDataset,
     load_image_field,
-    tokenize_captions,
 )
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.data.preferences import generate_pairs
 from capcli.data.sources import load_splits
 from capcli.errors import ConfigError, DataError
 from capcli.generation import DecodeSettings, generate_captions
+from capcli.judge import load_judge
 from capcli.metrics import (
     bootstrap_interval,
     caption_intervals,
@@ -65,6 +64,7 @@ class EvalOptions:
     save_captions: Path | None = None
     batch_size: int = 64
     resamples: int = 1000
+    judge: str = "auto"
 
 
 def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -72,6 +72,7 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     device = resolve_device(settings.runtime.device)
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
     model = Captioner.from_pretrained(options.checkpoint, device).eval()
+    judge = load_judge(options.judge, model, options.checkpoint, device, settings.data.max_pixels)
     rows, pixels, skipped = _load_split(settings, options, model.image_size)
     n = len(rows)
     seed = settings.runtime.seed
@@ -89,17 +90,16 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     for name, interval in caption_intervals(scores, options.resamples, seed=seed).items():
         put(name, scores.corpus[name], interval)
 
-    # CLIP score in the model's own space: no pretrained judge is loaded by default (DESIGN §6).
-    judge = f"self:{options.checkpoint}"
     with autocast():
-        image_emb = _embed_images(model, pixels, options.batch_size)
-        cand_emb = _embed_texts(model, predictions, options.batch_size)
-        ref_emb = _embed_texts(model, [r for refs in references for r in refs], options.batch_size)
+        image_emb = _batched(judge.embed_images, list(rows["image"]), options.batch_size)
+        cand_emb = _batched(judge.embed_texts, predictions, options.batch_size)
+        ref_emb = _batched(judge.embed_texts, [r for refs in references for r in refs], options.batch_size)
     clip = clip_score(image_emb, cand_emb).cpu().numpy()
-    put("clip_score_self", float(clip.mean()), bootstrap_interval(clip, options.resamples, seed=seed))
+    put(f"clip_score{judge.suffix}", float(clip.mean()), bootstrap_interval(clip, options.resamples, seed=seed))
     ref_sets = torch.split(ref_emb, [len(r) for r in references])
     ref_clip = ref_clip_score(image_emb, cand_emb, ref_sets).cpu().numpy()
-    put("ref_clip_score_self", float(ref_clip.mean()), bootstrap_interval(ref_clip, options.resamples, seed=seed))
+    put(f"ref_clip_score{judge.suffix}", float(ref_clip.mean()),
+        bootstrap_interval(ref_clip, options.resamples, seed=seed))
 
     # Win rate: the judge's CLIP score of our caption against the baseline's, per image.
     if options.baseline is not None:
@@ -112,7 +112,7 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         baseline_captions = _shuffled(predictions, seed)
         baseline_name = "shuffled captions (each image gets another image's generated caption)"
     with autocast():
-        baseline_emb = _embed_texts(model, baseline_captions, options.batch_size)
+        baseline_emb = _batched(judge.embed_texts, baseline_captions, options.batch_size)
     outcomes = pairwise_outcomes(clip, clip_score(image_emb, baseline_emb).cpu().numpy(), tie=0.5)
     put("win_rate", float(outcomes.mean()), bootstrap_interval(outcomes, options.resamples, seed=seed))
 
@@ -129,7 +129,8 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
             put(f"grounding_{name}", grounding.corpus[name], interval)
 
     if options.save_captions is not None:
-        _save_captions(options.save_captions, rows, predictions, references, clip, scores, grounding)
+        _save_captions(options.save_captions, rows, predictions, references, {f"clip_score{judge.suffix}": clip},
+                       scores, grounding)
 
     return {
         "checkpoint": str(options.checkpoint),
@@ -138,7 +139,7 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         "skipped_images": skipped,
         "data": settings.data.source,
         "tokenizer": scores.tokenizer,
-        "judge": judge,
+        "judge": judge.name,
         "baseline": baseline_name,
         "decoding": asdict(options.decode),
         "bootstrap": {"resamples": options.resamples, "confidence": 0.95, "seed": seed},
@@ -191,24 +192,8 @@ def _decode(model: Captioner, pixels: torch.Tensor, options: EvalOptions) -> lis
     return out
 
 
-@torch.no_grad()
-def _embed_images(model: Captioner, pixels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    device = model.pixel_mean.device
-    parts = [model.embed_image(model.image_features(pixels[s : s + batch_size].to(device))).float()
-             for s in range(0, len(pixels), batch_size)]
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def _embed_texts(model: Captioner, texts: list[str], batch_size: int) -> torch.Tensor:
-    """Embed captions with the model's text path; an empty caption is embedded as end-of-text alone."""
-    collate = CaptionCollator(model.tokenizer, 48)
-    device = model.pixel_mean.device
-    parts = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = tokenize_captions(collate, texts[start : start + batch_size])
-        parts.append(model.embed_text(ids.to(device), mask.to(device)).float())
-    return torch.cat(parts)
+def _batched(embed: Callable[[list[Any]], torch.Tensor], items: list[Any], batch_size: int) -> torch.Tensor:
+    return torch.cat([embed(items[s : s + batch_size]) for s in range(0, len(items), batch_size)])
 
 
 def _shuffled(captions: list[str], seed: int) -> list[str]:
@@ -240,13 +225,14 @@ def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def _save_captions(path: Path, rows, predictions, references, clip, scores, grounding) -> None:
+def _save_captions(path: Path, rows, predictions, references, judged: dict[str, np.ndarray], scores,
+                   grounding) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for i, caption in enumerate(predictions):
             image = rows[i]["image"]
             record = {"image": image.get("path") if isinstance(image, dict) else str(image), "caption": caption,
-                      "references": references[i], "clip_score_self": float(clip[i]),
+                      "references": references[i], **{k: float(v[i]) for k, v in judged.items()},
                       "cider_d": float(scores.per_image["cider_d"][i])}
             if grounding is not None:
                 record["grounding_errors"] = grounding.errors[i]

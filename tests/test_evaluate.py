@@ -112,3 +112,40 @@ def test_shuffled_baseline_never_gives_an_image_its_own_caption():
     assert sorted(shuffled) == sorted(captions)
     assert all(a != b for a, b in zip(captions, shuffled))
     assert shuffled == _shuffled(captions, seed=3) != _shuffled(captions, seed=4)
+
+
+@pytest.mark.slow
+def test_open_clip_judge_from_a_local_weights_file(tmp_path, checkpoint, env):
+    """A full-size ViT-B-32 with random weights, saved as a file, judges through the same path
+    as the pretrained one: the scores are named clip_score (not _self) and the judge is named."""
+    import open_clip
+    import torch
+
+    weights = tmp_path / "vit-b-32.pt"
+    torch.save(open_clip.create_model("ViT-B-32").state_dict(), weights)
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--judge", str(weights), "--limit", "4")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["judge"] == f"open_clip:ViT-B-32:{weights}"
+    assert {"clip_score", "ref_clip_score", "win_rate"} <= set(doc["metrics"])
+    assert "clip_score_self" not in doc["metrics"]
+
+
+def test_auto_judge_without_cached_weights_is_self_and_unknown_judge_exits_2(tmp_path, checkpoint, env,
+                                                                           monkeypatch):
+    import capcli.judge
+
+    monkeypatch.setattr(capcli.judge, "cached_judge_weights", lambda: None)
+    from capcli.judge import SelfJudge, load_judge
+    from capcli.model import Captioner
+
+    judge = load_judge("auto", Captioner.from_pretrained(checkpoint), checkpoint, torch_device(), 10**8)
+    assert isinstance(judge, SelfJudge) and judge.name == f"self:{checkpoint}"
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--judge", "nonsense")
+    assert result.exit_code == 2 and "unknown judge 'nonsense'" in result.stderr
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")

@@ -163,6 +163,11 @@ def test_with_java_ptb_and_meteor(monkeypatch, python_scores):
     assert scores.corpus["meteor"] == pytest.approx(0.4028869, abs=1e-6)
     assert scores.per_image["meteor"] == pytest.approx([0.4170673, 0.4146841, 0.4774323, 0.3399406], abs=1e-6)
     assert len(started) == 1 and started[0].returncode is not None  # the METEOR JVM has exited
+    # The interval is the per-image mean's, shifted onto the corpus value: it contains it.
+    low, high = caption_intervals(scores, n_resamples=200)["meteor"]
+    unshifted = bootstrap_interval(scores.per_image["meteor"], 200, seed=0)
+    assert low <= scores.corpus["meteor"] <= high
+    assert (low, high) == pytest.approx(tuple(v + 0.4028869 - 0.4122811 for v in unshifted), abs=1e-6)
 
 
 def test_caption_metrics_rejects_mismatched_inputs(no_java):

@@ -373,8 +373,9 @@ def caption_intervals(
     - ROUGE-L: the mean of per-image scores, which is exactly how its corpus value is made.
     - CIDEr-D: the mean of per-image scores with the document frequencies fixed from the
       full set (recomputing them on a resample with duplicated images would inflate them).
-    - METEOR: the mean of per-image scores. The jar's corpus value aggregates match
-      statistics instead, so it is close to but not exactly the centre of this interval.
+    - METEOR: the mean of per-image scores, shifted by the gap between the jar's corpus
+      value (which pools match statistics) and that mean, so that the interval is around
+      the reported value rather than next to it.
 
     Every metric uses the same resamples (one seed), so the intervals are paired.
     """
@@ -389,5 +390,9 @@ def caption_intervals(
             data = bleu_statistic(int(name[-1]) - 1)
         else:
             data = scores.per_image[name]
-        intervals[name] = bootstrap_interval(data, n_resamples, confidence, seed, n=scores.n)
+        low, high = bootstrap_interval(data, n_resamples, confidence, seed, n=scores.n)
+        if name == "meteor":
+            shift = scores.corpus[name] - float(np.mean(data))
+            low, high = low + shift, high + shift
+        intervals[name] = (low, high)
     return intervals

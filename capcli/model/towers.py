@@ -8,7 +8,6 @@ local path. A checkpoint therefore rebuilds with no network: its dicts say what 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +33,8 @@ OFFLINE_HELP = (
 
 
 def vision_spec_tiny() -> dict[str, Any]:
-    """The tiny preset's vision tower: a small ViT with CLIP's normalisation, trained from scratch.
-
-    Its stem is convolutional: trained from scratch on a few thousand images, a ViT
-    whose stem is one 8x8 patchify layer learns colours but not shapes in the CPU budget
-    (a shape probe stays near chance), while three stride-2 convolutions reaching the same
-    8x8 grid learn shapes quickly (Xiao et al. 2021, "Early convolutions help transformers
-    see better"). Everything after the stem is open_clip's ViT unchanged.
-    """
-    return {"arch": dict(TINY_VISION), "stem": "conv", "quick_gelu": False, "mean": CLIP_MEAN, "std": CLIP_STD,
-            "weights": "scratch"}
+    """The tiny preset's vision tower: a small ViT with CLIP's normalisation, trained from scratch."""
+    return {"arch": dict(TINY_VISION), "quick_gelu": False, "mean": CLIP_MEAN, "std": CLIP_STD, "weights": "scratch"}
 
 
 def vision_spec_open_clip(model_name: str, weights: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
@@ -96,29 +87,7 @@ def vision_spec_open_clip(model_name: str, weights: str | None) -> tuple[dict[st
 def build_vision(spec: dict[str, Any]) -> VisionTransformer:
     """A randomly initialised vision tower of the described shape; (B, 3, H, W) → (B, output_dim)."""
     act = QuickGELU if spec["quick_gelu"] else torch.nn.GELU
-    tower = VisionTransformer(**spec["arch"], act_layer=act)
-    if spec.get("stem", "patch") == "conv":
-        tower.conv1 = conv_stem(spec["arch"]["width"], spec["arch"]["patch_size"])
-    return tower
-
-
-def conv_stem(width: int, patch_size: int) -> torch.nn.Sequential:
-    """Stride-2 3x3 convolutions that reach the patch grid, in place of the patchify layer.
-
-    open_clip's ViT calls ``conv1`` once and reads its (B, width, grid, grid) output, so
-    the stem slots in with the rest of the tower untouched. Channels double towards
-    ``width``; GroupNorm (not BatchNorm) keeps a sample's features independent of its batch.
-    """
-    stages = int(math.log2(patch_size))
-    if 2**stages != patch_size or stages < 1:
-        raise ConfigError(f"a convolutional stem needs a power-of-two patch size, got {patch_size}")
-    channels = [3] + [max(width >> (stages - i), 16) for i in range(1, stages)] + [width]
-    layers: list[torch.nn.Module] = []
-    for i in range(stages):
-        layers.append(torch.nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1, bias=i == stages - 1))
-        if i < stages - 1:
-            layers += [torch.nn.GroupNorm(min(8, channels[i + 1] // 4), channels[i + 1]), torch.nn.GELU()]
-    return torch.nn.Sequential(*layers)
+    return VisionTransformer(**spec["arch"], act_layer=act)
 
 
 def decoder_spec_tiny(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
