@@ -108,6 +108,22 @@ def test_pretrain_help_lists_every_documented_option():
     assert PRETRAIN_OPTIONS <= shown, PRETRAIN_OPTIONS - shown
 
 
+ALIGN_OPTIONS = {"--checkpoint", "--preferences", "--freeze-vision", "--no-freeze-vision", "--beta", "--margin",
+                 "--output", "--epochs", "--max-steps", "--batch-size", "--lr", "--resume", "--config", "--device",
+                 "--precision", "--seed", "--quiet", "--json"}
+EVALUATE_OPTIONS = {"--checkpoint", "--split", "--beams", "--limit", "--baseline", "--save-captions", "--max-length",
+                    "--min-length", "--length-penalty", "--no-repeat-ngram", "--judge", "--config", "--device",
+                    "--precision", "--seed", "--quiet", "--json"}
+
+
+@pytest.mark.parametrize(("command", "documented"), [("align", ALIGN_OPTIONS), ("evaluate", EVALUATE_OPTIONS)])
+def test_align_and_evaluate_help_list_every_documented_option(command, documented):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    shown = set(re.findall(r"--[a-z][a-z-]*", result.stdout))
+    assert documented <= shown, documented - shown
+
+
 def test_pretrain_help_shows_defaults():
     result = runner.invoke(app, ["pretrain", "--help"])
     # --device, --precision, --seed, --data, --model, --output, --epochs, --batch-size, --lr and the three sizes
