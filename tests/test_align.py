@@ -233,3 +233,25 @@ def test_alignment_tax_warns_when_retrieval_falls(settings_factory, start_checkp
     assert result.retrieval_drop == pytest.approx(0.2)
     assert result.tax_warning and "alignment tax" in result.tax_warning
     assert "warning: alignment tax" in capsys.readouterr().err
+
+
+def test_align_on_a_jsonl_preference_file_with_a_missing_image(tmp_path, data_cache, start_checkpoint):
+    """User pairs: images beside the file, one missing (dropped and counted), val carved from train."""
+    from PIL import Image
+
+    lines = []
+    for i, colour in enumerate(["red", "blue", "green", "yellow"] * 6):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"{i}.png")
+        lines.append({"image": f"{i}.png", "chosen": f"a {colour} square", "rejected": "a purple star"})
+    lines.append({"image": "missing.png", "chosen": "a red square", "rejected": "a blue circle"})
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n", encoding="utf-8")
+    result = runner.invoke(app, ["align", "--checkpoint", str(start_checkpoint), "--preferences",
+                                 f"jsonl:{tmp_path / 'pairs.jsonl'}", "--output", str(tmp_path / "run"),
+                                 "--max-steps", "2", "--batch-size", "4", "--train-size", "32", "--val-size", "8",
+                                 "--quiet", "--json"],
+                           env={"CAPCLI_DATA__CACHE_DIR": str(data_cache), "CAPCLI_RUNTIME__DEVICE": "cpu",
+                                "CAPCLI_ALIGN__ENGINE__GRAD_ACCUM": "1"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and "1 dropped (1 missing image)" in summary["pairs"]
+    assert 0.0 <= summary["after"]["reward_accuracy"] <= 1.0
