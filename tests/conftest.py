@@ -6,8 +6,11 @@ folder before anything imports it, and the hub is told to stay offline.
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 _CACHE = Path(tempfile.mkdtemp(prefix="capcli-tests-"))
@@ -19,12 +22,23 @@ for key in [k for k in os.environ if k.startswith("CAPCLI_")]:  # a developer's 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from capcli.settings import Settings, load_settings, override  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SMALL_SIZES = {"data.train_size": 64, "data.val_size": 16, "data.test_size": 16}
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A 1×1 PNG whose header claims ``width × height``: a few bytes on disk, a bomb to decode."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC
+    return bytes(data)
 
 
 class SameCaptionEveryEpoch(torch.utils.data.Dataset):

@@ -12,13 +12,12 @@ import io
 import json
 import math
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import png_claiming_size
 from PIL import Image
 from torch.testing import assert_close
 from typer.testing import CliRunner
@@ -88,16 +87,6 @@ def write_images(folder: Path, names: list[str]) -> list[Path]:
     for seed, path in enumerate(paths):
         picture(seed).save(path)
     return paths
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A 1×1 PNG whose header claims ``width × height``: a few bytes on disk, a bomb to decode."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC
-    return bytes(data)
 
 
 def invoke(*args: str, **kwargs):

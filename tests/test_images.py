@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gc
 import io
-import struct
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import png_claiming_size
 from PIL import Image, ImageFile
 
 from capcli.data.images import (
@@ -373,20 +372,10 @@ def test_rows_are_rows() -> None:
     assert out[:, 15, :].T.tolist() == [[0, 0, 255]] * 16
 
 
-def _png_claiming_size(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims a huge size: cheap to write, a bomb to decode."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, format="PNG")
-    data = bytearray(buf.getvalue())
-    data[16:24] = struct.pack(">II", width, height)  # IHDR width, height
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # IHDR CRC
-    return bytes(data)
-
-
 @pytest.mark.parametrize("pixels", [100_000_000, 200_000_000])
 def test_default_cap_on_huge_header(tmp_path: Path, pixels: int) -> None:
     path = tmp_path / "big.png"
-    path.write_bytes(_png_claiming_size(pixels // 10_000, 10_000))
+    path.write_bytes(png_claiming_size(pixels // 10_000, 10_000))
     with pytest.raises(ImageLoadError) as info:
         load_image(path)
     assert str(info.value) == f"{path}: {pixels} pixels exceeds the cap of 89478485"
