@@ -78,12 +78,13 @@ def frozen_features(
 
 
 @torch.no_grad()
-def reference_logps(
+def pair_logps(
     model: Captioner, dataset: PreferenceDataset, collate: PreferenceCollator, score: Callable,
     device: torch.device, autocast: Callable[[], Any], batch_size: int = 64,
 ) -> torch.Tensor:
-    """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``, the reference.
+    """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``.
 
+    Align calls it once with the starting checkpoint: the cached reference log-probs.
     ``score(model, batch) -> (chosen_logps, rejected_logps)`` is the objective's own scoring,
     so the reference and the policy are measured identically.
     """

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from capcli import __version__
+from capcli.caches import pair_logps
 from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
@@ -46,7 +47,6 @@ from capcli.metrics import (
 from capcli.model import Captioner
 from capcli.objectives import score_pairs
 from capcli.precision import autocast_context, resolve_device, resolve_precision
-from capcli.sampler import SampleKey
 from capcli.settings import Settings
 
 RESULTS_FILE = Path("results/evaluation_metrics.json")
@@ -208,21 +208,13 @@ def _shuffled(captions: list[str], seed: int) -> list[str]:
     return [captions[shifted[i]] for i in range(len(captions))]
 
 
-@torch.no_grad()
 def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> np.ndarray:
     """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong)."""
     data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
-    out = []
-    for start in range(0, len(data), batch_size):
-        examples = [data[SampleKey(i, 0)] for i in range(start, min(len(data), start + batch_size))]
-        batch = collate([e for e in examples if e is not None]).to(device)
-        if len(batch) == 0:
-            continue
-        with autocast():
-            chosen, rejected = score_pairs(model, batch)
-        out.append((chosen > rejected).float().cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+    logps = pair_logps(model, data, collate, score_pairs, device, autocast, batch_size)
+    logps = logps[~logps.isnan().any(dim=1)]  # pairs whose image could not be read
+    return (logps[:, 0] > logps[:, 1]).float().numpy()
 
 
 def _save_captions(path: Path, rows, predictions, references, judged: dict[str, np.ndarray], scores,

@@ -46,14 +46,14 @@ class PretrainObjective:
         return out
 
 
-def score_pairs(model: Captioner, batch: PreferenceBatch, length_normalize: bool = False,
-                features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(model: Captioner, batch: PreferenceBatch,
+                length_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-probs of each pair's chosen and rejected caption: two (B,) tensors.
 
     Chosen and rejected go through the decoder in one forward pass: they are padded to
     one width, stacked, and conditioned on the same image features twice.
     """
-    logits, targets = _pair_logits(model, batch, features)
+    logits, targets = _pair_logits(model, batch, _features(model, batch))
     logps = sequence_logps(logits, targets, length_normalize)  # (2B,)
     return logps[: len(batch)], logps[len(batch) :]
 
@@ -62,8 +62,6 @@ def _pair_logits(model: Captioner, batch: PreferenceBatch, features: torch.Tenso
     width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     ids = torch.cat([_pad(batch.chosen_ids, width, model.pad_id), _pad(batch.rejected_ids, width, model.pad_id)])
     mask = torch.cat([_pad(batch.chosen_mask, width, 0), _pad(batch.rejected_mask, width, 0)])
-    if features is None:
-        features = _features(model, batch)
     if features is None:  # text-only pairs: the decoder alone
         logits = model.text_logits(ids, mask)
     else:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from capcli.caches import frozen_features, reference_logps
+from capcli.caches import frozen_features, pair_logps
 from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import (
     CaptionCollator,
@@ -51,7 +51,15 @@ class Phase:
     model: Captioner
     objective: Objective
     data: TrainData
-    extra: dict = field(default_factory=dict)  # what a phase needs after training (align: held-out data)
+
+
+@dataclass
+class AlignPhase(Phase):
+    """Align's phase, plus what it needs around training: where it started, and how to measure."""
+
+    start: Path
+    measure: Callable[[Captioner], dict[str, float]]  # the held-out numbers of a model (heldout.py)
+    pairs: str  # the one-line summary of the preference pairs
 
 
 def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
@@ -92,7 +100,7 @@ def pretrain(settings: Settings, overwrite: bool = False,
 DEFAULT_START = Path("runs/pretrain")
 
 
-def prepare_align(settings: Settings, overwrite: bool = False) -> Phase:
+def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
     """Phase 2's model (the starting checkpoint), objective, pairs and caches; writes ``config.yaml``.
 
     The starting checkpoint is also the reference model: its log-probs of every pair are
@@ -128,7 +136,7 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> Phase:
             split, features, index = frozen_features(model, split, settings.data.max_pixels, device, autocast, batch)
         data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index)
         if phase.reference == "checkpoint":
-            data.reference = reference_logps(model, data, collate, score, device, autocast, batch)
+            data.reference = pair_logps(model, data, collate, score, device, autocast, batch)
         return data
 
     val_captions = caption_splits.get("val")
@@ -138,7 +146,7 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> Phase:
         val_captions, model.image_size, settings.data.max_pixels, settings.data.seed)
     measure = partial(heldout_metrics, objective=objective, pairs=data.val, captions=captions, device=device,
                       autocast=autocast, batch_size=batch, max_tokens=settings.data.max_caption_tokens)
-    return Phase(model, objective, data, extra={"start": start, "measure": measure, "report": report})
+    return AlignPhase(model, objective, data, start=start, measure=measure, pairs=report.summary())
 
 
 @dataclass
@@ -159,14 +167,13 @@ def align(settings: Settings, overwrite: bool = False,
     """Phase 2: preference alignment from the pretrain checkpoint, with the before/after numbers."""
     run = prepare_align(settings, overwrite)
     phase = settings.align
-    measure = run.extra["measure"]
-    before = measure(run.model)
+    before = run.measure(run.model)
     result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
                  title="align", on_step=on_step)
     best = result.best_checkpoint or resolve_checkpoint(result.run_dir, "last")
     model = Captioner.from_pretrained(best, next(run.model.parameters()).device)
-    after = measure(model)
-    out = AlignResult(result, run.extra["start"], before, after, run.extra["report"].summary())
+    after = run.measure(model)
+    out = AlignResult(result, run.start, before, after, run.pairs)
     if "retrieval_r1" in before and "retrieval_r1" in after:
         out.retrieval_drop = before["retrieval_r1"] - after["retrieval_r1"]
         if out.retrieval_drop > phase.max_retrieval_drop:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from capcli.caches import frozen_features, reference_logps
+from capcli.caches import frozen_features, pair_logps
 from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import CaptionDataset, PreferenceBatch, PreferenceDataset
 from capcli.data.preferences import PAIRS_PER_IMAGE
@@ -228,7 +228,7 @@ def align_step_speed(settings: Settings, steps: int = 5, repeats: int = 3) -> di
         if len(cached) < steps * per_step:
             raise ConfigError(f"{len(cached)} training pairs cannot fill {steps} steps of {per_step} in one epoch")
         device = next(model.parameters()).device
-        reference = Captioner.from_pretrained(phase.extra["start"], device).eval().requires_grad_(False)
+        reference = Captioner.from_pretrained(phase.start, device).eval().requires_grad_(False)
         live = PreferenceDataset(cached.pairs, model.image_size, settings.data.max_pixels)
         runs = [
             partial(_seconds, partial(_build_caches, model, cached.pairs, phase.data.collate, settings)),
@@ -249,7 +249,7 @@ def _build_caches(model: Captioner, pairs, collate, settings: Settings) -> None:
     pairs, features, index = frozen_features(model, pairs, max_pixels, device, autocast, batch)
     data = PreferenceDataset(pairs, model.image_size, max_pixels, features, index)
     score = partial(score_pairs, length_normalize=settings.align.length_normalize)
-    reference_logps(model, data, collate, score, device, autocast, batch)
+    pair_logps(model, data, collate, score, device, autocast, batch)
 
 
 def _step_seconds(model: Captioner, objective: Objective, data: TrainData, settings: Settings, output: Path) -> float:

@@ -96,7 +96,7 @@ def test_cached_features_equal_a_fresh_forward_pass(settings_factory, start_chec
     assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
-def test_cached_reference_logps_equal_the_starting_model(settings_factory, start_checkpoint):
+def test_cached_pair_logps_equal_the_starting_model(settings_factory, start_checkpoint):
     phase = prepare_align(align_settings(settings_factory, start_checkpoint))
     data: PreferenceDataset = phase.data.val
     reference = Captioner.from_pretrained(start_checkpoint).eval()
