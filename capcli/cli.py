@@ -81,6 +81,12 @@ ValSize = Annotated[Optional[int], typer.Option(help="At most N validation image
 TestSize = Annotated[Optional[int], typer.Option(help="At most N test images.  \\[default: 1000; tiny: 300]", show_default=False)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")]
+Compile = Annotated[bool, typer.Option("--compile", help="torch.compile each transformer block: slower start, faster steps (docs/performance.md).")]
+GradCheckpoint = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more compute.")]
+
+
+def _speed(compile: bool, gradient_checkpointing: bool) -> dict[str, object]:
+    return {"runtime.compile": compile or None, "runtime.gradient_checkpointing": gradient_checkpointing or None}
 
 
 @app.command()
@@ -91,14 +97,16 @@ def pretrain(
     output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/pretrain]", show_default=False)] = None,
     epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None, lr: Lr = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
-    resume: Resume = False, overwrite: Overwrite = False,
+    resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
+    gradient_checkpointing: GradCheckpoint = False,
 ) -> None:
     """Phase 1: contrastive (InfoNCE) + captioning loss on image-caption pairs."""
     with exit_codes():
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), "data.source": data, "model.preset": model,
+            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing),
+            "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
             "pretrain.engine.output": output, "pretrain.engine.epochs": epochs,
             "pretrain.engine.max_steps": max_steps, "pretrain.engine.batch_size": batch_size,
@@ -112,12 +120,6 @@ def pretrain(
 
         result = phases.pretrain(settings, overwrite=overwrite)
         results.print_fit(results.fit_summary("pretrain", result), json)
-
-
-def _not_yet(command: str, issue: str) -> None:
-    print(f"error: `capcli {command}` is not built yet in capcli {__version__} ({issue}); "
-          f"see CHANGELOG.md", file=sys.stderr)
-    raise typer.Exit(1)
 
 
 @app.command()
@@ -135,14 +137,16 @@ def align(
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch.  \\[default: 32]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 1e-4]", show_default=False)] = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
-    resume: Resume = False, overwrite: Overwrite = False,
+    resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
+    gradient_checkpointing: GradCheckpoint = False,
 ) -> None:
     """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen."""
     with exit_codes():
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), "data.source": data, "align.checkpoint": checkpoint,
+            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing),
+            "data.source": data, "align.checkpoint": checkpoint,
             "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
             "align.margin": margin, "align.engine.output": output, "align.engine.epochs": epochs,
             "align.engine.max_steps": max_steps, "align.engine.batch_size": batch_size,
@@ -235,15 +239,44 @@ def evaluate(
         )
         log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))
         outcome = evaluation.evaluate(settings, options, log)
-        evaluation.write_results(outcome, output)
+        results.write_json(outcome, output)
         results.print_evaluation(outcome, json)
         log(f"results written to {output}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def benchmark() -> None:
-    """Measured training and captioning speed, memory and MFU. (Not built yet.)"""
-    _not_yet("benchmark", "planned: benchmark")
+@app.command()
+def benchmark(
+    config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
+    quiet: Quiet = False, json: Json = False, model: Model = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training micro-batch of both phases.  \\[default: the preset's: tiny 32]", show_default=False)] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Timed repeats of each figure after one warm-up; the median and min-max are reported.  \\[default: 3]", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per timed training run, the first untimed.  \\[default: 6]", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Time this checkpoint's architecture and weights.  \\[default: random weights of --model]", show_default=False)] = None,
+    sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, metrics.  \\[default: all]", show_default=False)] = "data,pretrain,align,caption,metrics",
+    out: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.", show_default=False)] = None,
+    compile: Compile = False,
+) -> None:
+    """Measured training, data, captioning and metric speed, peak memory and MFU, each against a baseline
+    timed in the same run (docs/performance.md)."""
+    with exit_codes():
+        from capcli.settings import load_settings
+
+        settings = load_settings(config, {
+            **_runtime(device, precision, seed, quiet), **_speed(compile, False), "model.preset": model,
+            "pretrain.engine.batch_size": batch_size, "align.engine.batch_size": batch_size,
+            "benchmark.repeats": repeats, "benchmark.steps": steps,
+        })
+        from capcli import results
+        from capcli.benchmark import run_benchmark
+        from capcli.checkpoint import resolve_checkpoint
+
+        chosen = tuple(part.strip() for part in sections.split(",") if part.strip())
+        report = run_benchmark(settings, resolve_checkpoint(checkpoint) if checkpoint else None, chosen,
+                               log=(lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr)))
+        document = report.as_dict()
+        if out is not None:
+            results.write_json(document, out)
+        results.print_benchmark(document, json)
 
 
 def main() -> None:

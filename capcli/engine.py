@@ -155,6 +155,10 @@ class _Training:
         self.autocast = autocast_context(self.device, dtype)
         self.scaler = grad_scaler(self.device, dtype)
         model.to(self.device).train()
+        if runtime.gradient_checkpointing:
+            _require(model, "set_gradient_checkpointing", "runtime.gradient_checkpointing")(True)
+        if runtime.compile:
+            _require(model, "compile_blocks", "runtime.compile")()
         self.optimizer = build_optimizer(model, optimizer, self.device)
 
         per_epoch = len(data.train) // (engine.batch_size * engine.grad_accum)
@@ -374,6 +378,13 @@ def _check_unreadable(state: dict[str, Any], max_fraction: float, at_least: int)
     if state["skipped"] and total >= at_least and state["skipped"] > max_fraction * total:
         raise DataError(f"{state['skipped']} of {total} training samples could not be read, more than "
                         f"max_bad_fraction {max_fraction}; the warnings above name the files")
+
+
+def _require(model: nn.Module, method: str, setting: str) -> Callable:
+    """The model's hook for a runtime option; a model without it cannot honour the setting."""
+    if not hasattr(model, method):
+        raise ConfigError(f"{setting}: {type(model).__name__} has no {method}()")
+    return getattr(model, method)
 
 
 def _take(batches: Iterator[Batch], n: int) -> list[Batch]:

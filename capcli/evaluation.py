@@ -150,15 +150,6 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     }
 
 
-def write_results(results: dict[str, Any], path: Path) -> Path:
-    """Write the results document atomically (a reader never sees half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 # --- the steps ----------------------------------------------------------------------------------------------------
 
 

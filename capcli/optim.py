@@ -21,9 +21,9 @@ def build_optimizer(model: nn.Module, settings: OptimizerSettings, device: torch
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=device.type == "cuda"
-    )
+    # The fused kernel updates every parameter in one pass; it exists for CUDA and the CPU.
+    fused = settings.fused and device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=settings.betas, eps=settings.eps, fused=fused or None)
 
 
 def cosine_with_warmup(total_steps: int, warmup: float, min_ratio: float) -> Callable[[int], float]:

@@ -20,6 +20,7 @@ from capcli.data.batches import (
     CaptionDataset,
     PreferenceCollator,
     PreferenceDataset,
+    caption_dataset,
 )
 from capcli.data.preferences import load_preferences
 from capcli.data.sources import load_splits
@@ -78,7 +79,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     def dataset(name: str) -> CaptionDataset | None:
         if name not in splits:
             return None
-        return CaptionDataset(splits[name], model.image_size, settings.data.max_pixels, settings.data.seed)
+        return caption_dataset(splits[name], model.image_size, settings.data)
 
     data = TrainData(
         train=dataset("train"), val=dataset("val"),
@@ -142,8 +143,7 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
     val_captions = caption_splits.get("val")
     data = TrainData(train=dataset("train"), val=dataset("val"), collate=collate,
                      num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction)
-    captions = None if val_captions is None else CaptionDataset(
-        val_captions, model.image_size, settings.data.max_pixels, settings.data.seed)
+    captions = None if val_captions is None else caption_dataset(val_captions, model.image_size, settings.data)
     measure = partial(heldout_metrics, objective=objective, pairs=data.val, captions=captions, device=device,
                       autocast=autocast, batch_size=batch, max_tokens=settings.data.max_caption_tokens)
     return AlignPhase(model, objective, data, start=start, measure=measure, pairs=report.summary())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -105,3 +106,37 @@ def print_evaluation(results: dict[str, Any], as_json: bool) -> None:
     stdout.print(f"judge: {results['judge']}; win rate against: {results['baseline']}")
     for name, reason in results["skipped_metrics"].items():
         stdout.print(f"skipped {name}: {reason}")
+
+
+def write_json(document: dict[str, Any], path: Path) -> Path:
+    """Write a results document atomically (a reader never sees half a file), creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def print_benchmark(document: dict[str, Any], as_json: bool) -> None:
+    """Each figure with the min-max of its repeats, ratios against their baselines marked, or JSON."""
+    if as_json:
+        print(json.dumps(document, indent=2))
+        return
+    context = document["context"]
+    table = Table(title=f"benchmark: {context['preset']} on {context['device']} ({context['device_name']}), "
+                        f"{context['precision']}, median of {context['repeats']}")
+    table.add_column("figure")
+    table.add_column("median", justify="right")
+    table.add_column("min - max", justify="right")
+    for key, value in document.items():
+        if key in ("range", "context"):
+            continue
+        low, high = document["range"][key]
+        style = "bold" if key.endswith("_speedup") or key in ("mfu", "align_mfu") else None
+        table.add_row(key, _figure(value), f"{_figure(low)} - {_figure(high)}", style=style)
+    stdout.print(table)
+
+
+def _figure(value: float) -> str:
+    """Three significant figures: a benchmark's repeats rarely agree beyond that."""
+    return f"{value:.3g}"

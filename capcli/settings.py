@@ -89,6 +89,10 @@ class DataSettings(Strict):
     """A run fails when more than this fraction of images cannot be read; fewer are skipped and counted."""
     max_pixels: int = Field(89_478_485, gt=0)
     """Images larger than this many pixels are refused before decoding (Pillow's own bomb limit)."""
+    pixel_cache: bool = True
+    """Keep each training image decoded and resized in `cache_dir/pixels`, so it is decoded once, not once per epoch."""
+    pixel_cache_max_gb: float = Field(16.0, ge=0)
+    """A split whose pixel cache would exceed this size is read without one."""
 
 
 class OptimizerSettings(Strict):
@@ -104,6 +108,8 @@ class OptimizerSettings(Strict):
     """Linear warmup, as a fraction of the phase's optimizer steps."""
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
     """The cosine schedule decays to lr × this ratio."""
+    fused: bool = True
+    """Use PyTorch's fused AdamW kernel on CUDA and CPU (one kernel for all parameters); false runs the plain loop."""
 
 
 class EngineSettings(Strict):
@@ -136,6 +142,10 @@ class RuntimeSettings(Strict):
     """Seed of model initialisation and data order."""
     quiet: bool = False
     """Silence progress output on stderr."""
+    compile: bool = False
+    """Compile each transformer block with `torch.compile` (minutes to compile, faster steps after; needs a C++ compiler on CPU)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less memory, about a third more compute."""
 
 
 class PretrainSettings(Strict):
@@ -180,12 +190,28 @@ class AlignSettings(Strict):
     """Warn of an alignment tax when val image→text R@1 falls by more than this (absolute) during align."""
 
 
+class BenchmarkSettings(Strict):
+    steps: int = Field(6, ge=2)
+    """Optimizer steps in each timed training run; the first one warms up and is not timed."""
+    repeats: int = Field(3, ge=1)
+    """Timed repeats of every figure, after one warm-up; the report gives their median and min-max."""
+    images: int = Field(64, ge=1)
+    """Test images captioned in each caption repeat (the naive baseline decodes the first batch)."""
+    caption_batch: int = Field(16, ge=1)
+    """Images decoded together, as `capcli caption --batch-size`."""
+    metric_captions: int = Field(200, ge=1)
+    """Captions scored in each metric-timing repeat."""
+    matmul_size: int | None = Field(None, ge=64)
+    """Side of the square matmul that measures the peak FLOP/s. Default: 2048 on CPU, 8192 on CUDA."""
+
+
 class Settings(Strict):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     runtime: RuntimeSettings = RuntimeSettings()
     pretrain: PretrainSettings = PretrainSettings()
     align: AlignSettings = AlignSettings()
+    benchmark: BenchmarkSettings = BenchmarkSettings()
 
 
 class _EnvReader(BaseSettings):
@@ -197,6 +223,7 @@ class _EnvReader(BaseSettings):
     runtime: dict[str, Any] = {}
     pretrain: dict[str, Any] = {}
     align: dict[str, Any] = {}
+    benchmark: dict[str, Any] = {}
 
 
 def config_path(name: str) -> Path:

@@ -8,7 +8,7 @@ out the search rules of ``generate`` as capcli calls it (transformers 5.x,
 fast call, so padding and batching must not change a caption either.
 
 Every comparison comes with a check that the setting it tests really changes the captions,
-so that a reference which ignored the setting could not pass. ``capcli.speed``'s naive
+so that a reference which ignored the setting could not pass. ``capcli benchmark``'s naive
 baseline, separate code again, must give the same captions: its speedup compares equal work.
 """
 
@@ -21,11 +21,11 @@ import pytest
 import torch
 from conftest import SameCaptionEveryEpoch
 
+from capcli.benchmark import Report, bench_caption, naive_generate
 from capcli.engine import fit
 from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
 from capcli.phases import prepare_pretrain
-from capcli.speed import decode_speed, naive_generate
 
 GREEDY = DecodeSettings()
 BEAM = DecodeSettings(beams=5)
@@ -212,16 +212,20 @@ def test_max_length_cuts_as_the_reference(trained, reference, beams):
 
 @pytest.mark.parametrize("decode", [GREEDY, LONG_BEAM], ids=["greedy", "beam"])
 def test_naive_baseline_gives_the_fast_paths_captions(trained, reference, decode):
-    """``capcli.speed``'s baseline, its own code with no cache, does the same search: its speedup is fair."""
+    """``capcli benchmark``'s baseline, its own code with no cache, does the same search: its speedup is fair."""
     model, pixels = trained
     expected = texts(model, reference(decode))
     assert naive_generate(model, pixels, decode) == generate_captions(model, pixels, decode) == expected
 
 
-def test_decode_speed_times_both_decoders_on_the_same_captions(trained):
+def test_benchmark_times_both_decoders_on_the_same_captions(trained):
     model, pixels = trained
-    result = decode_speed(model, pixels, beams=5, repeats=1)
-    assert result["caption_beam5_agreement"] == 1.0
-    fast, naive = result["caption_beam5_images_per_s"], result["caption_beam5_naive_images_per_s"]
-    assert result["caption_beam5_speedup"] == pytest.approx(fast / naive)
+    report = Report()
+    captions = bench_caption(report, model, pixels, batch=4, beams=5, repeats=1)
+    assert captions == generate_captions(model, pixels, DecodeSettings(beams=5))
+    figures = report.figures
+    assert figures["caption_beam5_agreement"] == 1.0
+    fast, naive = figures["caption_beam5_images_per_s"], figures["caption_beam5_naive_images_per_s"]
+    assert figures["caption_beam5_speedup"] == pytest.approx(fast / naive)
     assert fast > naive > 0  # the cache and the batch pay: about 5x on 8 images here
+    assert 0 < figures["caption_beam5_p50_ms"] <= figures["caption_beam5_p95_ms"]

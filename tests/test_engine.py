@@ -197,3 +197,45 @@ def test_automatic_precision_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+# --- speed options: each must train the same model as the plain step -----------------------------------------------
+
+
+def _three_steps(settings_factory, name: str, **overrides) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses and final weights of 3 steps of the same data from the same initial weights."""
+    settings = settings_factory(name, **{"pretrain.engine.max_steps": 3, "pretrain.engine.epochs": 1, **overrides})
+    phase = prepare_pretrain(settings)
+    losses: list[float] = []
+    fit_phase(settings, phase, on_step=lambda step, out: losses.append(out["loss"]))
+    return losses, {k: v.detach().clone() for k, v in phase.model.state_dict().items()}
+
+
+def _assert_same_training(a, b, rtol: float, atol: float) -> None:
+    (losses_a, state_a), (losses_b, state_b) = a, b
+    assert len(losses_a) == len(losses_b) == 3
+    assert_close(losses_b, losses_a, rtol=rtol, atol=atol)
+    assert state_a.keys() == state_b.keys()  # the checkpoint names do not change
+    for key in state_a:
+        assert_close(state_b[key], state_a[key], rtol=rtol, atol=atol, msg=key)
+
+
+def test_fused_adamw_trains_like_the_plain_loop(settings_factory):
+    plain = _three_steps(settings_factory, "plain", **{"pretrain.optimizer.fused": False})
+    fused = _three_steps(settings_factory, "fused", **{"pretrain.optimizer.fused": True})
+    _assert_same_training(plain, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_trains_like_keeping_activations(settings_factory):
+    kept = _three_steps(settings_factory, "kept")
+    recomputed = _three_steps(settings_factory, "recomputed", **{"runtime.gradient_checkpointing": True})
+    _assert_same_training(kept, recomputed, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(settings_factory):
+    """``--compile`` (torch.compile of each block, inductor on CPU): the same losses and weights, and
+    checkpoints with the eager names. Inductor fuses element-wise work, so agreement is to float rounding."""
+    eager = _three_steps(settings_factory, "eager")
+    compiled = _three_steps(settings_factory, "compiled", **{"runtime.compile": True})
+    _assert_same_training(eager, compiled, rtol=1e-4, atol=1e-5)

@@ -505,3 +505,41 @@ def test_openai_vision_weights_get_quick_gelu(vit_b32_file: dict, tmp_path: Path
     assert model.config.vision["quick_gelu"] is True
     assert isinstance(model.vision.transformer.resblocks[0].mlp.gelu, QuickGELU)
 
+
+
+# ---------------------------------------------------------------- speed options
+
+
+def test_gpt2_gelu_runs_as_the_fused_tanh_gelu_with_the_same_values(tiny: Captioner) -> None:
+    from transformers.activations import ACT2FN
+
+    mlp = tiny.decoder.transformer.h[0].mlp
+    assert tiny.decoder.config.activation_function == "gelu_pytorch_tanh"
+    x = torch.linspace(-6, 6, 1001)
+    assert torch.allclose(mlp.act(x), ACT2FN["gelu_new"](x), atol=1e-6)
+
+
+def test_gradient_checkpointing_switches_both_towers(tiny: Captioner) -> None:
+    tiny.set_gradient_checkpointing(True)
+    try:
+        assert tiny.vision.transformer.grad_checkpointing
+        assert tiny.decoder.transformer.gradient_checkpointing
+    finally:
+        tiny.set_gradient_checkpointing(False)
+    assert not tiny.vision.transformer.grad_checkpointing and not tiny.decoder.transformer.gradient_checkpointing
+
+
+def test_compile_blocks_keeps_the_parameter_names(captions: list[str]) -> None:
+    model = build_model(ModelSettings(), captions)
+    names = list(model.state_dict())
+    model.compile_blocks()
+    assert list(model.state_dict()) == names
+    assert all(block._compiled_call_impl is not None for block in model.decoder.transformer.h)
+
+
+def test_fused_adamw_is_used_where_the_device_has_it(tiny: Captioner) -> None:
+    from capcli.optim import build_optimizer
+    from capcli.settings import OptimizerSettings
+
+    assert build_optimizer(tiny, OptimizerSettings(), torch.device("cpu")).defaults["fused"] is True
+    assert not build_optimizer(tiny, OptimizerSettings(fused=False), torch.device("cpu")).defaults["fused"]

@@ -222,7 +222,7 @@ def config_error(**kwargs) -> str:
     [
         ("pretrain: {engine: {epoch: 3}}", ["unknown setting", "'pretrain.engine.epoch'", "did you mean 'epochs'",
                                             "allowed here:", "batch_size"]),
-        ("bogus: 1", ["unknown setting 'bogus'", "align, data, model, pretrain, runtime"]),
+        ("bogus: 1", ["unknown setting 'bogus'", "align, benchmark, data, model, pretrain, runtime"]),
         ('pretrain: {optimizer: {lr: "fast"}}', ["'pretrain.optimizer.lr'", "valid number", "'fast'"]),
         ("pretrain: {engine: {batch_size: 0}}", ["'pretrain.engine.batch_size'", "greater than or equal to 1",
                                                  "got 0"]),
@@ -269,7 +269,7 @@ def test_empty_config_file_means_no_settings(tmp_path):
 def test_unknown_env_group_is_an_error():
     message = config_error(environ={"CAPCLI_BOGUS": "1"})
     assert "CAPCLI_BOGUS" in message
-    assert "align, data, model, pretrain, runtime" in message
+    assert "align, benchmark, data, model, pretrain, runtime" in message
 
 
 def test_unknown_nested_env_key_is_an_error():

@@ -15,6 +15,9 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from capcli.data.images import ImageLoadError, load_image, resize_center_crop
+from capcli.data.pixel_cache import PixelCache, pixel_cache_for
+from capcli.data.sources import cache_root
+from capcli.settings import DataSettings
 
 
 @dataclass
@@ -50,23 +53,41 @@ class CaptionDataset(Dataset):
     resumed run sees exactly what the uninterrupted one saw.
     """
 
-    def __init__(self, split, image_size: int, max_pixels: int, seed: int = 0):
+    def __init__(self, split, image_size: int, max_pixels: int, seed: int = 0, cache: PixelCache | None = None):
         self.split, self.image_size, self.max_pixels, self.seed = split, image_size, max_pixels, seed
+        self.cache = cache  # decoded, resized pixels kept across epochs and runs (pixel_cache.py)
+        # With the cache, a step reads only the captions: encoded image bytes stay on disk.
+        self.captions = split.select_columns(["captions"]) if cache is not None else split
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key: tuple[int, int]) -> CaptionExample | None:
         index, epoch = key
-        row = self.split[index]
-        try:
-            pixels = resize_center_crop(load_image_field(row["image"], self.max_pixels), self.image_size)
-        except ImageLoadError as err:
-            print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
-            return None
-        captions = row["captions"]
+        pixels = None if self.cache is None else self.cache.get(index)
+        if pixels is None:
+            try:
+                pixels = resize_center_crop(load_image_field(self.split[index]["image"], self.max_pixels),
+                                            self.image_size)
+            except ImageLoadError as err:
+                print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
+                return None
+            if self.cache is not None:
+                self.cache.put(index, pixels)
+        captions = self.captions[index]["captions"]
         choice = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + index).randrange(len(captions))
         return CaptionExample(pixels, captions[choice])
+
+
+def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDataset:
+    """A split's CaptionDataset as the data settings ask: with its pixel cache when ``pixel_cache`` is on."""
+    cache = None
+    if data.pixel_cache:
+        cache = pixel_cache_for(split, cache_root(data), image_size, data.pixel_cache_max_gb)
+        if cache is None and getattr(split, "_fingerprint", None):
+            print(f"note: {len(split)} images at {image_size}px exceed data.pixel_cache_max_gb "
+                  f"{data.pixel_cache_max_gb}; they are decoded every epoch", file=sys.stderr)
+    return CaptionDataset(split, image_size, data.max_pixels, data.seed, cache)
 
 
 def load_image_field(value: dict | object, max_pixels: int):

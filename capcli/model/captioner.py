@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +174,32 @@ class Captioner(nn.Module):
         if getattr(self, "vision_frozen", False):
             self.vision.eval()  # a frozen tower stays in eval mode (no dropout, fixed norms)
         return self
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` each transformer block in place ("regional compilation").
+
+        The blocks of a tower share one compiled graph, so compiling takes seconds per
+        distinct block rather than minutes for the whole model, and the parameter names,
+        hence checkpoints, do not change.
+        """
+        for block in [*self.vision.transformer.resblocks, *self.decoder.transformer.h]:
+            if block._compiled_call_impl is None:  # once: a second call would only wrap it again
+                block.compile()
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each transformer block's activations in the backward pass (training only)."""
+        self.vision.set_grad_checkpointing(enabled)
+        decoder, reentrant = self.decoder, {"use_reentrant": False}  # non-reentrant: works when inputs need no grad
+        if hasattr(decoder, "activation_checkpointing_enable"):  # transformers 5 renamed gradient_* to activation_*
+            enable = partial(decoder.activation_checkpointing_enable, activation_checkpointing_kwargs=reentrant)
+            disable = decoder.activation_checkpointing_disable
+        else:
+            enable = partial(decoder.gradient_checkpointing_enable, gradient_checkpointing_kwargs=reentrant)
+            disable = decoder.gradient_checkpointing_disable
+        if enabled:
+            enable()
+        else:
+            disable()
 
     def caption_targets(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
         """The LM targets for ``caption_logits``: the caption tokens, ignored on padding."""

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
 from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.activations import ACT2FN
 
 from capcli.errors import ConfigError
 
@@ -109,9 +110,23 @@ def load_pretrained_decoder(source: str) -> GPT2LMHeadModel:
             f"cannot load decoder {where} '{source}' ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
             f"{OFFLINE_HELP} with --decoder DIR"
         ) from None
-    return model
+    return _fast_gelu(model)
 
 
 def build_decoder(spec: dict[str, Any]) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 of the described configuration."""
-    return GPT2LMHeadModel(GPT2Config.from_dict(spec["config"], attn_implementation="sdpa"))
+    return _fast_gelu(GPT2LMHeadModel(GPT2Config.from_dict(spec["config"], attn_implementation="sdpa")))
+
+
+def _fast_gelu(model: GPT2LMHeadModel) -> GPT2LMHeadModel:
+    """GPT-2's ``gelu_new`` computed by PyTorch's fused tanh-GELU: the same function, one kernel.
+
+    transformers writes ``gelu_new`` out as five element-wise operations; ``gelu_pytorch_tanh``
+    is its documented fast twin (equal to float rounding). On the tiny preset the swap saves
+    about a tenth of a CPU training step (docs/performance.md).
+    """
+    if model.config.activation_function == "gelu_new":
+        model.config.activation_function = "gelu_pytorch_tanh"
+        for block in model.transformer.h:
+            block.mlp.act = ACT2FN["gelu_pytorch_tanh"]
+    return model

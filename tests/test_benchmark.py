@@ -1,0 +1,151 @@
+"""``capcli benchmark``: every figure present with its baseline ratio, computed from what was timed.
+
+Speed itself is never asserted here (this machine is shared and noisy): the tests check that
+each figure is measured on the work it names, that ratios are ratios of the timed sides, and
+that the FLOPs behind MFU are the formula's for the batches the engine really ran.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from capcli.benchmark import (
+    SECTIONS,
+    Counted,
+    Report,
+    _percentile,
+    matmul_peak,
+    peak_memory,
+    timed_fit,
+)
+from capcli.cli import app
+from capcli.flops import pretrain_step_flops
+from capcli.phases import prepare_pretrain
+
+runner = CliRunner()
+
+SMALL = {
+    "CAPCLI_BENCHMARK__IMAGES": "8", "CAPCLI_BENCHMARK__CAPTION_BATCH": "4",
+    "CAPCLI_BENCHMARK__METRIC_CAPTIONS": "12", "CAPCLI_BENCHMARK__MATMUL_SIZE": "256",
+    "CAPCLI_ALIGN__ENGINE__GRAD_ACCUM": "1", "CAPCLI_RUNTIME__DEVICE": "cpu",
+}
+FIGURES = {
+    "data": ["data_samples_per_s", "data_uncached_samples_per_s", "data_cache_speedup"],
+    "pretrain": ["pretrain_samples_per_s", "pretrain_tokens_per_s", "pretrain_eager_samples_per_s",
+                 "pretrain_speedup", "peak_flops", "pretrain_model_flops_per_s", "mfu", "pretrain_peak_memory_mb"],
+    "align": ["align_samples_per_s", "align_tokens_per_s", "align_live_samples_per_s", "align_cache_speedup",
+              "align_mfu", "align_cache_build_s", "align_peak_memory_mb"],
+    "caption": [f"caption_beam{b}_{f}" for b in (1, 5) for f in
+                ("images_per_s", "naive_images_per_s", "speedup", "p50_ms", "p95_ms", "agreement",
+                 "peak_memory_mb")],
+    "metrics": ["metrics_s", "metrics_captions_per_s"],
+}
+
+
+@pytest.mark.slow
+def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
+    out = tmp_path / "bench" / "results.json"
+    result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "2", "--steps", "3",
+                                 "--batch-size", "8", "--out", str(out)], env=SMALL)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert json.loads(out.read_text()) == document
+    expected = [key for section in SECTIONS for key in FIGURES[section]]
+    assert [k for k in document if k not in ("range", "context")] == expected
+    for key in expected:
+        low, high = document["range"][key]
+        assert low <= document[key] <= high, key
+        assert document[key] > 0, key
+    assert document["caption_beam1_agreement"] == document["caption_beam5_agreement"] == 1.0
+    assert document["caption_beam5_p50_ms"] <= document["caption_beam5_p95_ms"]
+    context = document["context"]
+    assert context["device"] == "cpu" and context["preset"] == "tiny" and context["weights"] == "random"
+    assert context["pretrain_batch"] == 8 and context["align_batch"] == 8 and context["repeats"] == 2
+    assert context["matmul_size"] == 256 and context["metrics_captions"] == 12
+
+
+@pytest.mark.slow
+def test_one_repeat_gives_ratios_of_the_timed_sides(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "1", "--steps", "2",
+                                 "--batch-size", "8", "--sections", "pretrain,caption"], env=SMALL)
+    assert result.exit_code == 0, result.output
+    d = json.loads(result.stdout)
+    assert set(d) - {"range", "context"} == set(FIGURES["pretrain"] + FIGURES["caption"])
+    assert d["mfu"] == pytest.approx(d["pretrain_model_flops_per_s"] / d["peak_flops"])
+    assert d["pretrain_speedup"] == pytest.approx(d["pretrain_samples_per_s"] / d["pretrain_eager_samples_per_s"])
+    for beams in (1, 5):
+        fast, naive = d[f"caption_beam{beams}_images_per_s"], d[f"caption_beam{beams}_naive_images_per_s"]
+        assert d[f"caption_beam{beams}_speedup"] == pytest.approx(fast / naive)
+
+
+def test_an_unknown_section_is_a_usage_error_naming_the_allowed_ones() -> None:
+    result = runner.invoke(app, ["benchmark", "--sections", "pretrain,speed"], env=SMALL)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    assert "speed" in result.stderr and "allowed: data, pretrain, align, caption, metrics" in result.stderr
+
+
+def test_timed_steps_count_the_formula_flops_of_the_batches_the_engine_ran(settings_factory) -> None:
+    settings = settings_factory(**{"pretrain.engine.max_steps": 4, "pretrain.engine.batch_size": 8})
+    phase = prepare_pretrain(settings)
+    seen: list[tuple[int, int]] = []
+
+    def flops_of(batch) -> int:
+        seen.append((len(batch), batch.caption_ids.shape[1]))
+        return pretrain_step_flops(phase.model, len(batch), batch.caption_ids.shape[1])
+
+    counted = Counted(phase.objective, flops_of, lambda batch: int(batch.caption_mask.sum()))
+    steps = timed_fit(phase.model, counted, replace(phase.data, val=None), settings, "pretrain",
+                      settings.pretrain.engine.output)
+    assert len(seen) == 4  # validation would add calls; there is none, and each step is one micro-batch
+    assert steps.samples == 3 * 8  # steps 2 to 4
+    assert steps.flops == sum(pretrain_step_flops(phase.model, b, t) for b, t in seen[1:])
+    assert steps.tokens == sum(counted.tokens[1:]) and steps.seconds > 0
+
+
+def test_peak_memory_sees_a_large_allocation() -> None:
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the resettable peak RSS needs Linux")
+    with peak_memory(torch.device("cpu")) as idle:
+        pass
+    with peak_memory(torch.device("cpu")) as busy:
+        block = torch.ones(64 * 2**20)  # 256 MiB, touched
+        del block
+    assert busy["mb"] >= idle["mb"] + 200
+
+
+def test_percentiles_match_numpy() -> None:
+    values = sorted(np.random.default_rng(0).random(13).tolist())
+    for q in (0.0, 0.5, 0.95, 1.0):
+        assert _percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
+
+
+def test_matmul_peak_is_a_rate_of_the_named_size() -> None:
+    rate = matmul_peak(torch.device("cpu"), torch.float32, 128, repeats=2)
+    assert 1e6 < rate < 1e14  # FLOP/s: 2·128³ flops in a plausible time
+
+
+def test_report_keeps_median_and_range() -> None:
+    report = Report()
+    report.add("x", [3.0, 1.0, 2.0])
+    assert report.as_dict() == {"x": 2.0, "range": {"x": [1.0, 3.0]}, "context": {}}
+
+
+def test_the_table_shows_each_figure_with_its_range(capsys) -> None:
+    from capcli.results import print_benchmark
+
+    report = Report(context={"preset": "tiny", "device": "cpu", "device_name": "a CPU", "precision": "float32",
+                             "repeats": 3})
+    report.add("caption_beam5_speedup", [6.0, 5.5, 6.5])
+    report.add("mfu", [0.52, 0.5, 0.55])
+    print_benchmark(report.as_dict(), as_json=False)
+    out = capsys.readouterr().out
+    assert "caption_beam5_speedup" in out and "5.5 - 6.5" in out
+    assert "mfu" in out and "0.5 - 0.55" in out
