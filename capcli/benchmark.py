@@ -545,6 +545,8 @@ def benchmark_settings(settings: Settings) -> Settings:
     return override(settings, {
         "data.train_size": images, "data.val_size": 8, "data.test_size": max(b.images, b.metric_captions),
         "pretrain.engine.max_steps": b.steps, "align.engine.max_steps": b.steps,
+        # A full-size checkpoint with its optimizer state is gigabytes; a benchmark keeps no weights.
+        "pretrain.engine.save_checkpoints": False, "align.engine.save_checkpoints": False,
         "pretrain.engine.resume": False, "align.engine.resume": False, "runtime.quiet": True,
     })
 

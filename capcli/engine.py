@@ -313,6 +313,9 @@ class _Training:
         return metrics
 
     def _interrupted(self, saved: bool = False) -> None:
+        if not self.engine.save_checkpoints:
+            raise TrainingInterrupted(f"interrupted at step {self.state['step']} (engine.save_checkpoints is off: "
+                                      f"nothing was saved)")
         if not saved:
             self._save("last")
         self.display.print(f"interrupted: resumable checkpoint written to {self.run_dir / 'checkpoints' / 'last'}")
@@ -321,7 +324,9 @@ class _Training:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, name: str) -> Path:
+    def _save(self, name: str) -> Path | None:
+        if not self.engine.save_checkpoints:
+            return None
         state = {**self.state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": _rng_state()}
         return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, state)

@@ -131,6 +131,8 @@ class EngineSettings(Strict):
     """Run directory: config.yaml, metrics.jsonl and checkpoints/{best,last}."""
     resume: bool = False
     """Continue from the run directory's last checkpoint."""
+    save_checkpoints: bool = True
+    """Write `checkpoints/best` and `last`. Off only for runs that keep nothing (`capcli benchmark`)."""
 
 
 class RuntimeSettings(Strict):

@@ -6,14 +6,17 @@ folder before anything imports it, and the hub is told to stay offline.
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
+import shutil
 import struct
 import tempfile
 import zlib
 from pathlib import Path
 
 _CACHE = Path(tempfile.mkdtemp(prefix="capcli-tests-"))
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)  # each session renders its data afresh
 os.environ.setdefault("HF_DATASETS_CACHE", str(_CACHE / "hf-datasets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

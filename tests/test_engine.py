@@ -239,3 +239,13 @@ def test_compiled_blocks_train_like_eager(settings_factory):
     eager = _three_steps(settings_factory, "eager")
     compiled = _three_steps(settings_factory, "compiled", **{"runtime.compile": True})
     _assert_same_training(eager, compiled, rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_without_checkpoints_writes_none_and_says_so_on_ctrl_c(settings_factory):
+    settings = settings_factory(**{"pretrain.engine.save_checkpoints": False, "pretrain.engine.max_steps": 3})
+    result = pretrain(settings)
+    assert result.steps == 3 and result.best_checkpoint is None
+    assert not (settings.pretrain.engine.output / "checkpoints").exists()
+    with pytest.raises(TrainingInterrupted, match="nothing was saved"):
+        pretrain(override(settings, {"pretrain.engine.output": settings.pretrain.engine.output.parent / "again"}),
+                 on_step=interrupt_at(2))

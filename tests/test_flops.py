@@ -87,3 +87,19 @@ def test_align_formula_equals_the_flop_counter(model: Captioner) -> None:
 
 def _tokens(model: Captioner, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return tokenize_captions(CaptionCollator(model.tokenizer, 48), captions)
+
+
+@pytest.mark.slow
+def test_the_formula_holds_for_the_full_size_clip_gpt2(tmp_path) -> None:
+    """ViT-B/32 and GPT-2 124M with random weights, loaded through the local-directory path."""
+    from test_model import _gpt2_tokenizer_without_pad
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _gpt2_tokenizer_without_pad(CAPTIONS * 20)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(str(tmp_path))
+    tokenizer.save_pretrained(str(tmp_path))
+    model = build_model(ModelSettings(preset="clip-gpt2", vision_weights="none", decoder=str(tmp_path))).train()
+    ids, mask = _tokens(model, CAPTIONS[:2])
+    pixels = torch.randint(0, 256, (2, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    expected = counted(lambda: PretrainObjective()(model, CaptionBatch(pixels, ids, mask, CAPTIONS[:2]), 0.0))
+    assert pretrain_step_flops(model, 2, ids.shape[1]) == expected
