@@ -83,10 +83,19 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --ou
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile each transformer block: slower start, faster steps (docs/performance.md).")]
 GradCheckpoint = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more compute.")]
+LocalLoss = Annotated[bool, typer.Option("--local-loss", help="Under torchrun: each rank's contrastive loss covers its own pairs against all ranks' (less memory). Default: the global batch, exactly as one process.")]
 
 
-def _speed(compile: bool, gradient_checkpointing: bool) -> dict[str, object]:
-    return {"runtime.compile": compile or None, "runtime.gradient_checkpointing": gradient_checkpointing or None}
+def _speed(compile: bool, gradient_checkpointing: bool, local_loss: bool = False) -> dict[str, object]:
+    return {"runtime.compile": compile or None, "runtime.gradient_checkpointing": gradient_checkpointing or None,
+            "runtime.local_loss": local_loss or None}
+
+
+def _main_process() -> bool:
+    """Under torchrun, rank 0 alone prints the result; the other ranks print nothing on stdout."""
+    from capcli.distributed import launched
+
+    return launched().main
 
 
 @app.command()
@@ -98,14 +107,14 @@ def pretrain(
     epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None, lr: Lr = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
-    gradient_checkpointing: GradCheckpoint = False,
+    gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
 ) -> None:
     """Phase 1: contrastive (InfoNCE) + captioning loss on image-caption pairs."""
     with exit_codes():
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing),
+            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
             "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
             "pretrain.engine.output": output, "pretrain.engine.epochs": epochs,
@@ -119,7 +128,8 @@ def pretrain(
         )
 
         result = phases.pretrain(settings, overwrite=overwrite)
-        results.print_fit(results.fit_summary("pretrain", result), json)
+        if _main_process():
+            results.print_fit(results.fit_summary("pretrain", result), json)
 
 
 @app.command()
@@ -138,14 +148,14 @@ def align(
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 1e-4]", show_default=False)] = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
-    gradient_checkpointing: GradCheckpoint = False,
+    gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
 ) -> None:
     """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen."""
     with exit_codes():
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing),
+            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
             "data.source": data, "align.checkpoint": checkpoint,
             "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
             "align.margin": margin, "align.engine.output": output, "align.engine.epochs": epochs,
@@ -156,7 +166,8 @@ def align(
         from capcli import phases, results
 
         result = phases.align(settings, overwrite=overwrite)
-        results.print_align(results.align_summary(result), json)
+        if _main_process():
+            results.print_align(results.align_summary(result), json)
 
 
 Images = Annotated[Optional[list[str]], typer.Argument(metavar="IMAGES", help="Image files, folders (searched recursively, sorted), globs (quoted ones are expanded too), or - to read paths from stdin, one per line.", show_default=False)]

@@ -18,14 +18,17 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from capcli import distributed
 from capcli.checkpoint import load_state, resolve_checkpoint, save_checkpoint
 from capcli.errors import CapcliError, ConfigError, DataError, TrainingInterrupted
 from capcli.optim import build_optimizer, build_scheduler
@@ -126,12 +129,21 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def validate(model: nn.Module, objective: Objective, loader: DataLoader, device: torch.device,
              autocast: Callable[[], Any], progress: float) -> dict[str, float]:
-    """Sample-weighted means of every value the objective returns, plus ``loss``, their sum."""
+    """Sample-weighted means of every value the objective returns, plus ``loss``, their sum.
+
+    Under data parallelism each rank validates its shard and the sums are reduced over the
+    ranks, so every rank gets the means over the whole split (and takes the same early-stopping
+    decision).
+    """
     model.eval()
     sums: dict[str, float] = {}
     count = 0
+    world = distributed.current()
     for batch in loader:
-        if len(batch) == 0:
+        empty = len(batch) == 0  # every image of it unreadable
+        if world.distributed:  # all ranks skip it together, or the others would wait in its gathers
+            empty = distributed.all_sum([float(empty)], device)[0] > 0
+        if empty:
             continue
         batch = batch.to(device)
         with autocast():
@@ -140,6 +152,10 @@ def validate(model: nn.Module, objective: Objective, loader: DataLoader, device:
             sums[key] = sums.get(key, 0.0) + float(value) * len(batch)
         count += len(batch)
     model.train()
+    if world.distributed:
+        keys = sorted({k for ks in distributed.all_objects(list(sums)) for k in ks})  # a rank may have no batch
+        *totals, count = distributed.all_sum([sums.get(k, 0.0) for k in keys] + [count], device)
+        sums = dict(zip(keys, totals, strict=True))
     return {k: v / count for k, v in sums.items()} if count else {}
 
 
@@ -150,7 +166,7 @@ class _Training:
         self.model, self.objective, self.data = model, objective, data
         self.engine, self.runtime, self.title, self.on_step = engine, runtime, title, on_step
         self.run_dir = Path(engine.output)
-        self.device = resolve_device(runtime.device)
+        self.world, self.device = distributed.setup(resolve_device(runtime.device))
         dtype = resolve_precision(runtime.precision, self.device)
         self.autocast = autocast_context(self.device, dtype)
         self.scaler = grad_scaler(self.device, dtype)
@@ -159,12 +175,21 @@ class _Training:
             _require(model, "set_gradient_checkpointing", "runtime.gradient_checkpointing")(True)
         if runtime.compile:
             _require(model, "compile_blocks", "runtime.compile")()
+        # What a step calls: the objective as the forward of a module, so that DDP, which hooks
+        # forward and backward, can wrap it; checkpoints save the bare model inside.
+        self.runner: nn.Module = _ObjectiveRunner(model)
+        if self.world.distributed:
+            self.runner = DistributedDataParallel(
+                self.runner, device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)  # text-only align pairs leave the image head unused
         self.optimizer = build_optimizer(model, optimizer, self.device)
 
-        per_epoch = len(data.train) // (engine.batch_size * engine.grad_accum)
+        global_step = engine.batch_size * engine.grad_accum * self.world.size
+        per_epoch = len(data.train) // global_step
         if per_epoch == 0:
             raise DataError(f"{len(data.train)} training samples cannot fill one optimizer step of "
-                            f"batch_size {engine.batch_size} × grad_accum {engine.grad_accum}")
+                            f"batch_size {engine.batch_size} × grad_accum {engine.grad_accum}"
+                            + (f" × {self.world.size} processes" if self.world.distributed else ""))
         self.total_steps = min(per_epoch * engine.epochs, engine.max_steps or math.inf)
         self.scheduler = build_scheduler(self.optimizer, optimizer, self.total_steps)
 
@@ -175,10 +200,16 @@ class _Training:
             self._restore()
         else:
             random.seed(runtime.seed)
-        self.log = RunLog(self.run_dir, resume_step=self.state["step"] if engine.resume else None)
+        # Rank 0 alone writes the log, the checkpoints and the progress; the others train quietly.
+        self.log = (RunLog(self.run_dir, resume_step=self.state["step"] if engine.resume else None)
+                    if self.world.main else _NoLog())
         self.val_loader = None
         if data.val is not None and len(data.val) > 0:
-            self.val_loader = DataLoader(data.val, batch_sampler=in_order(len(data.val), engine.batch_size),
+            try:
+                shard = in_order(len(data.val), engine.batch_size, self.world.rank, self.world.size)
+            except ValueError as err:
+                raise DataError(f"validation split: {err}; use a larger split or fewer processes") from None
+            self.val_loader = DataLoader(data.val, batch_sampler=shard,
                                          collate_fn=data.collate, num_workers=data.num_workers,
                                          pin_memory=self.device.type == "cuda")
         self.result = FitResult(run_dir=self.run_dir)
@@ -189,8 +220,8 @@ class _Training:
     def run(self) -> FitResult:
         started = time.monotonic()
         state, engine = self.state, self.engine
-        with self.stop, ProgressDisplay(self.title, self.total_steps, quiet=self.runtime.quiet,
-                                        start=state["step"]) as self.display:
+        quiet = self.runtime.quiet or not self.world.main
+        with self.stop, ProgressDisplay(self.title, self.total_steps, quiet=quiet, start=state["step"]) as self.display:
             if self.val_loader is not None and state["step"] == 0 and not state["first_val"]:
                 state["first_val"] = self._validate()
                 self.display.print(f"{self.title} before training: val loss {state['first_val']['loss']:.4f}")
@@ -201,6 +232,7 @@ class _Training:
         best = self.run_dir / "checkpoints" / "best"
         if self.val_loader is None:  # nothing to choose by: the last weights are the best we know
             self._save("best")
+        distributed.barrier()  # rank 0 has written its checkpoints before any rank reads them
         r = self.result
         r.steps, r.epochs, r.samples, r.skipped = state["step"], state["epoch"], state["samples"], state["skipped"]
         r.seconds, r.first_val, r.best_val_loss = time.monotonic() - started, state["first_val"], state["best_val_loss"]
@@ -210,22 +242,29 @@ class _Training:
     def _train_epoch(self) -> None:
         state, engine = self.state, self.engine
         self.sampler = StepBatchSampler(len(self.data.train), engine.batch_size, engine.grad_accum,
-                                        self.runtime.seed, state["epoch"], state["batch_in_epoch"])
+                                        self.runtime.seed, state["epoch"], state["batch_in_epoch"],
+                                        self.world.rank, self.world.size)
         batches = iter(DataLoader(self.data.train, batch_sampler=self.sampler, collate_fn=self.data.collate,
                                   num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda"))
         window: dict[str, float] = {}
         window_steps, window_samples, window_start = 0, 0, time.monotonic()
-        while state["step"] < self.total_steps and not self.stop.requested:
+        # A Ctrl-C is acted on after a step, once every rank agrees (_stop_agreed).
+        while state["step"] < self.total_steps:
             micro = _take(batches, engine.grad_accum)
             if not micro:
                 break
             state["batch_in_epoch"] += len(micro)
-            state["skipped"] += sum(b.skipped for b in micro)
+            readable = [b for b in micro if len(b) > 0]
+            # One process drops a micro-batch whose images were all unreadable. Under DDP every
+            # rank must make the same collective calls, so a step in which any rank lost a whole
+            # micro-batch is skipped by all of them.
+            lost = not readable if not self.world.distributed else len(readable) < len(micro)
+            lost_ranks, skipped = distributed.all_sum([float(lost), sum(b.skipped for b in micro)], self.device)
+            state["skipped"] += int(skipped)
             _check_unreadable(state, self.data.max_bad_fraction, at_least=100)
-            losses = self._optimizer_step([b for b in micro if len(b) > 0])
-            if losses is None:  # every sample of this step was unreadable
+            if lost_ranks:
                 continue
-            n = sum(len(b) for b in micro)
+            losses, n = self._optimizer_step(readable)
             state["step"] += 1
             state["samples"] += n
             for key, value in losses.items():
@@ -241,31 +280,40 @@ class _Training:
                 window, window_steps, window_samples, window_start = {}, 0, 0, time.monotonic()
             if self.on_step is not None:
                 self.on_step(state["step"], losses)
-            if self.stop.requested:
+            if self._stop_agreed():
                 self._interrupted()
         _check_unreadable(state, self.data.max_bad_fraction, at_least=1)
 
-    def _optimizer_step(self, micro: list[Batch]) -> dict[str, float] | None:
+    def _optimizer_step(self, micro: list[Batch]) -> tuple[dict[str, float], int]:
         """Accumulate gradients over the micro-batches of one step and apply them.
 
         Each micro-batch's loss is weighted by its share of the step's samples, so a step of
         ``k`` micro-batches of ``b`` gives the gradient of one batch of ``k·b`` for any loss
-        that is a per-sample mean.
+        that is a per-sample mean. Under DDP, gradients are all-reduced (averaged) once, in
+        the last micro-batch's backward (``no_sync`` before it), and the logged values are
+        averaged over the ranks.
+
+        Returns:
+            The step's losses and metrics, and its number of samples over all ranks.
         """
         total = sum(len(b) for b in micro)
-        if total == 0:
-            return None
         progress = self.state["step"] / self.total_steps
         sums: dict[str, float] = {}
-        for batch in micro:
+        for i, batch in enumerate(micro):
             batch = batch.to(self.device)
             weight = len(batch) / total
-            with self.autocast():
-                losses = self.objective(self.model, batch, progress)
-                loss = total_loss(losses)
-            self.scaler.scale(loss * weight).backward()
+            last = i == len(micro) - 1
+            sync = nullcontext() if last or not self.world.distributed else self.runner.no_sync()
+            with sync:
+                with self.autocast():
+                    losses = self.runner(self.objective, batch, progress)
+                    loss = total_loss(losses)
+                self.scaler.scale(loss * weight).backward()
             for key, value in {"loss": loss, **losses}.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) * weight  # note: CPU-GPU sync point
+        if self.world.distributed:
+            *values, total = distributed.all_sum([*sums.values(), total], self.device)
+            sums = {key: value / self.world.size for key, value in zip(sums, values, strict=True)}
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         clip = self.engine.clip_grad or math.inf  # with inf this only measures the norm
@@ -280,7 +328,7 @@ class _Training:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return sums
+        return sums, int(total)
 
     def _end_of_epoch(self) -> None:
         state = self.state
@@ -301,7 +349,7 @@ class _Training:
                     self.result.stopped_early = True
                     self.display.print(f"early stop: no val improvement in {self.engine.patience} validations")
         self._save("last")
-        if self.stop.requested:
+        if self._stop_agreed():
             self._interrupted(saved=True)
 
     def _validate(self) -> dict[str, float]:
@@ -325,11 +373,26 @@ class _Training:
     # ------------------------------------------------------------------ checkpoints
 
     def _save(self, name: str) -> Path | None:
+        """Write a checkpoint (rank 0), with every rank's RNG state so that each resumes its own stream.
+
+        Called on every rank: gathering the RNG states is a collective. The model, optimizer
+        and counters are the same on every rank, and the model is the bare one, not DDP's
+        wrapper, so the checkpoint loads anywhere.
+        """
         if not self.engine.save_checkpoints:
             return None
+        rng = distributed.all_objects(_rng_state())
+        if not self.world.main:
+            return None
         state = {**self.state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": _rng_state()}
+                 "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0]}
         return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, state)
+
+    def _stop_agreed(self) -> bool:
+        """Ctrl-C on any rank stops every rank after the same step (torchrun forwards the signal)."""
+        if not self.world.distributed:
+            return self.stop.requested
+        return distributed.all_sum([float(self.stop.requested)], self.device)[0] > 0
 
     def _restore(self) -> None:
         """Load ``last/`` into the live objects and take over its counters."""
@@ -346,11 +409,31 @@ class _Training:
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.scaler.load_state_dict(saved.pop("scaler"))
         rng = saved.pop("rng")
+        if isinstance(rng, list):  # one state per rank of the run that saved it
+            rng = rng[self.world.rank] if len(rng) == self.world.size else rng[0]
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.state.update(saved)
+
+
+class _ObjectiveRunner(nn.Module):
+    """The model, with ``objective(model, batch, progress)`` as its forward (what DDP wraps)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, objective: Objective, batch: Any, progress: float) -> dict[str, torch.Tensor]:
+        return objective(self.model, batch, progress)
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: they train, rank 0 writes."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
 
 
 class _StopOnInterrupt:

@@ -35,6 +35,21 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
 
 
+def local_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, image_all: torch.Tensor,
+                           text_all: torch.Tensor, offset: int, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE of one rank's rows against every rank's columns (open_clip's ``local_loss``).
+
+    Row i of ``image_emb``/``text_emb`` is row ``offset + i`` of the gathered ``image_all``/
+    ``text_all``. The logits are (B, world·B) instead of (world·B, world·B): the same negatives
+    for this rank's pairs, in a world-times smaller matrix. With one rank it equals
+    :func:`contrastive_loss`.
+    """
+    targets = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
+    per_image = logit_scale * image_emb @ text_all.t()  # (B, world·B)
+    per_text = logit_scale * text_emb @ image_all.t()
+    return (F.cross_entropy(per_image, targets) + F.cross_entropy(per_text, targets)) / 2
+
+
 def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Token cross-entropy of a captioning language model, averaged per caption, then over the batch.
 

@@ -11,15 +11,42 @@ from dataclasses import dataclass
 
 import torch
 
+from capcli import distributed
 from capcli.data.batches import CaptionBatch, PreferenceBatch
 from capcli.losses import (
     alpha_schedule,
     caption_loss,
     contrastive_loss,
+    local_contrastive_loss,
     preference_loss,
     sequence_logps,
 )
 from capcli.model import Captioner
+
+
+def contrastive(model: Captioner, image: torch.Tensor, text: torch.Tensor, local_loss: bool = False,
+                accuracy: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """InfoNCE over the global batch, and the image→text retrieval accuracy of this rank's rows.
+
+    Under data parallelism the embeddings of every rank are gathered with their gradients, so
+    the negatives are the whole global batch, as one process with the whole batch would have.
+    ``local_loss`` keeps this rank's rows against all columns (less memory); the full loss
+    (default) is the same on every rank and exactly the single-process loss. ``accuracy``
+    False skips the retrieval accuracy (returned as None).
+    """
+    (image_all, offset), (text_all, _) = distributed.gather_with_grad(image), distributed.gather_with_grad(text)
+    scale = model.logit_scale()
+    if local_loss:
+        loss = local_contrastive_loss(image, text, image_all, text_all, offset, scale)
+        rows, targets = image, torch.arange(len(image), device=image.device) + offset
+    else:
+        loss = contrastive_loss(image_all, text_all, scale)
+        rows, targets = image_all, torch.arange(len(image_all), device=image.device)
+    if not accuracy:
+        return loss, None
+    with torch.no_grad():  # in-batch image→text retrieval accuracy, a readable sign of alignment
+        hits = (rows @ text_all.t()).argmax(dim=1) == targets
+    return loss, hits.float().mean()
 
 
 @dataclass
@@ -28,6 +55,7 @@ class PretrainObjective:
 
     contrastive_weight: float = 1.0
     caption_weight: float = 1.0
+    local_loss: bool = False  # under DDP: see ``contrastive``
 
     def __call__(self, model: Captioner, batch: CaptionBatch, progress: float) -> dict[str, torch.Tensor]:
         features = model.image_features(batch.pixels)  # (B, Dv)
@@ -39,10 +67,8 @@ class PretrainObjective:
         if self.contrastive_weight:
             image = model.embed_image(features)  # (B, E)
             text = model.embed_text(batch.caption_ids, batch.caption_mask)  # (B, E)
-            out["contrastive_loss"] = self.contrastive_weight * contrastive_loss(image, text, model.logit_scale())
-            with torch.no_grad():  # in-batch image→text retrieval accuracy, a readable sign of alignment
-                hits = (image @ text.t()).argmax(dim=1) == torch.arange(len(image), device=image.device)
-                out["retrieval_acc"] = hits.float().mean()
+            loss, out["retrieval_acc"] = contrastive(model, image, text, self.local_loss)
+            out["contrastive_loss"] = self.contrastive_weight * loss
         return out
 
 
@@ -97,6 +123,7 @@ class AlignObjective:
     alpha_final: float = 0.3
     length_normalize: bool = False
     lm_weight: float = 0.0
+    local_loss: bool = False  # under DDP: see ``contrastive``
     monitor: str = "loss_unweighted"
 
     def __call__(self, model: Captioner, batch: PreferenceBatch, progress: float) -> dict[str, torch.Tensor]:
@@ -115,9 +142,9 @@ class AlignObjective:
         if features is not None:  # text-only pairs have no image to contrast with
             image = model.embed_image(features)
             text = model.embed_text(batch.chosen_ids, batch.chosen_mask)
-            contrastive = contrastive_loss(image, text, model.logit_scale())
-            out["contrastive_loss"] = alpha * contrastive
-            unweighted = unweighted + contrastive.detach()
+            con, _ = contrastive(model, image, text, self.local_loss, accuracy=False)
+            out["contrastive_loss"] = alpha * con
+            unweighted = unweighted + con.detach()
         if self.lm_weight:
             out["caption_loss"] = self.lm_weight * caption_loss(logits[:n], targets[:n])
         with torch.no_grad():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from capcli import distributed
 from capcli.caches import frozen_features, pair_logps
 from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import (
@@ -63,18 +64,26 @@ class AlignPhase(Phase):
     pairs: str  # the one-line summary of the preference pairs
 
 
+def _write_config(run_dir: Path, settings: Settings) -> None:
+    """The run's resolved settings, ``config.yaml`` (rank 0 writes it)."""
+    if distributed.current().main:
+        (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")
+
+
 def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     """Phase 1's model, objective and data; writes the run's ``config.yaml``."""
     phase = settings.pretrain
     run_dir = prepare_run_dir(phase.engine, overwrite)
-    splits = load_splits(settings.data)
+    distributed.setup(resolve_device(settings.runtime.device))  # under torchrun: join now, so that...
+    with distributed.main_first():  # ...rank 0 alone materialises the data, and the others read it
+        splits = load_splits(settings.data)
     torch.manual_seed(settings.runtime.seed)
     if phase.engine.resume:
         # Architecture and tokenizer only: the engine's resume loads the weights with the rest of the state.
         model = Captioner.from_pretrained(resolve_checkpoint(run_dir, "last"), weights=False)
     else:
         model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps))
-    (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")
+    _write_config(run_dir, settings)
 
     def dataset(name: str) -> CaptionDataset | None:
         if name not in splits:
@@ -86,7 +95,8 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         collate=CaptionCollator(model.tokenizer, settings.data.max_caption_tokens),
         num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction,
     )
-    return Phase(model, PretrainObjective(phase.contrastive_weight, phase.caption_weight), data)
+    objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight, settings.runtime.local_loss)
+    return Phase(model, objective, data)
 
 
 def pretrain(settings: Settings, overwrite: bool = False,
@@ -112,18 +122,20 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
     phase = settings.align
     run_dir = prepare_run_dir(phase.engine, overwrite)
     start = resolve_checkpoint(phase.checkpoint or DEFAULT_START, "best")
-    device = resolve_device(settings.runtime.device)
+    world, device = distributed.setup(resolve_device(settings.runtime.device))
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
     model = Captioner.from_pretrained(start, device)
-    caption_splits = load_splits(settings.data)
-    pairs, report = load_preferences(phase.preferences, settings.data, caption_splits)
-    print(report.summary(), file=sys.stderr)
-    (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")
+    with distributed.main_first():
+        caption_splits = load_splits(settings.data)
+        pairs, report = load_preferences(phase.preferences, settings.data, caption_splits)
+    if world.main:
+        print(report.summary(), file=sys.stderr)
+    _write_config(run_dir, settings)
     if phase.freeze_vision:
         model.freeze_vision()
 
     objective = AlignObjective(phase.beta, phase.margin, phase.alpha_init, phase.alpha_final,
-                               phase.length_normalize, phase.lm_weight)
+                               phase.length_normalize, phase.lm_weight, settings.runtime.local_loss)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
     score = partial(score_pairs, length_normalize=phase.length_normalize)
     batch = phase.engine.batch_size
@@ -180,5 +192,6 @@ def align(settings: Settings, overwrite: bool = False,
             out.tax_warning = (f"alignment tax: val retrieval R@1 fell from {before['retrieval_r1']:.3f} to "
                                f"{after['retrieval_r1']:.3f} (more than align.max_retrieval_drop = "
                                f"{phase.max_retrieval_drop}); consider a higher alpha or a lower --lr")
-            print(f"warning: {out.tax_warning}", file=sys.stderr)
+            if distributed.current().main:
+                print(f"warning: {out.tax_warning}", file=sys.stderr)
     return out

@@ -25,14 +25,22 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
     """One epoch's micro-batches, in a seeded order, skipping those already consumed.
 
     Only whole optimizer steps are yielded: the tail that cannot fill ``batch_size × accum``
-    is dropped, so every step sees the same number of samples.
+    (× ``world`` processes) is dropped, so every step sees the same number of samples.
+
+    Under data parallelism every rank draws the same permutation and takes its own slice of
+    each global micro-batch: rank r gets rows ``[r·B, (r+1)·B)`` of global micro-batch b of
+    ``world·B`` rows. So ``world`` ranks of batch B visit exactly the samples, step by step,
+    that one process of batch ``world·B`` visits. This is ``DistributedSampler`` with
+    ``set_epoch``, plus two things it lacks: whole steps (it pads with repeated samples, which
+    a contrastive batch must not have) and skipping the batches a resumed run has consumed.
     """
 
-    def __init__(self, n: int, batch_size: int, accum: int, seed: int, epoch: int, skip_batches: int = 0):
-        self.batch_size, self.epoch = batch_size, epoch
+    def __init__(self, n: int, batch_size: int, accum: int, seed: int, epoch: int, skip_batches: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.batch_size, self.epoch, self.rank, self.world = batch_size, epoch, rank, world
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self.order = torch.randperm(n, generator=generator).tolist()
-        self.num_batches = (n // (batch_size * accum)) * accum
+        self.num_batches = (n // (batch_size * accum * world)) * accum
         self.skip = skip_batches
 
     def __len__(self) -> int:
@@ -40,10 +48,36 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         for b in range(self.skip, self.num_batches):
-            rows = self.order[b * self.batch_size : (b + 1) * self.batch_size]
+            start = (b * self.world + self.rank) * self.batch_size
+            rows = self.order[start : start + self.batch_size]
             yield [SampleKey(i, self.epoch) for i in rows]
 
 
-def in_order(n: int, batch_size: int) -> list[list[SampleKey]]:
-    """Every row once, in order, for evaluation (the last batch may be short)."""
-    return [[SampleKey(i, 0) for i in range(s, min(n, s + batch_size))] for s in range(0, n, batch_size)]
+def in_order(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[SampleKey]]:
+    """Every row once, in order, for evaluation (the last batch may be short).
+
+    With ``world`` processes the rows are cut into global batches of ``world × batch_size``,
+    and rank r takes the r-th slice of each: the global batches are one process's batches of
+    ``world × batch_size``. Every rank must get the same number of batches, none empty (a
+    rank that skipped a batch would leave the others waiting in its collectives), so the last
+    partial global batch is split evenly, or, when it has fewer rows than ranks, joined to
+    the one before.
+
+    Raises:
+        ValueError: fewer rows than ranks.
+    """
+    if world == 1:
+        return [[SampleKey(i, 0) for i in range(s, min(n, s + batch_size))] for s in range(0, n, batch_size)]
+    if n < world:
+        raise ValueError(f"{n} rows cannot give each of {world} processes a batch")
+    step = batch_size * world
+    starts = list(range(0, n, step))
+    if n - starts[-1] < world and len(starts) > 1:
+        starts.pop()  # too few rows left for every rank: the previous global batch takes them
+    out = []
+    for g, start in enumerate(starts):
+        end = starts[g + 1] if g + 1 < len(starts) else n
+        size = end - start
+        lo, hi = start + size * rank // world, start + size * (rank + 1) // world
+        out.append([SampleKey(i, 0) for i in range(lo, hi)])
+    return out

@@ -146,6 +146,8 @@ class RuntimeSettings(Strict):
     """Silence progress output on stderr."""
     compile: bool = False
     """Compile each transformer block with `torch.compile` (minutes to compile, faster steps after; needs a C++ compiler on CPU)."""
+    local_loss: bool = False
+    """Under torchrun: each rank's contrastive loss covers its own pairs against all ranks' (less memory); default: the whole global batch, as one process would."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: less memory, about a third more compute."""
 

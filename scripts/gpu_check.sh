@@ -9,6 +9,7 @@
 #   bench-bf16.json, bench-fp16.json   capcli benchmark --model clip-gpt2 --device cuda at each precision
 #   bench-tiny-bf16.json               the tiny preset on the same card
 #   train-{bf16,fp16}.json             50 pretrain steps of clip-gpt2: the bf16 path and the GradScaler path
+#   plain/, ddp1/                      the tiny preset without torchrun, and under torchrun on 1 GPU (NCCL)
 #   summary.txt                        the figures that docs/performance.md quotes, and PASS/FAIL lines
 set -euo pipefail
 out="${1:-gpu-check}"
@@ -54,6 +55,12 @@ for precision in bf16 fp16; do
     --output "$out/run-$precision" --overwrite --quiet --json > "$out/train-$precision.json"
 done
 
+# The DDP path on one GPU (torchrun, NCCL, world size 1) against a plain run: the same losses.
+(unset CAPCLI_MODEL__VISION_WEIGHTS CAPCLI_MODEL__DECODER
+ tiny=(--device cuda --precision fp32 --epochs 1 --max-steps 20 --train-size 1280 --val-size 64 --test-size 64 --quiet)
+ capcli pretrain "${tiny[@]}" --output "$out/plain" --overwrite > /dev/null
+ torchrun --standalone --nproc-per-node 1 -m capcli pretrain "${tiny[@]}" --output "$out/ddp1" --overwrite > /dev/null)
+
 python - "$out" <<'EOF' | tee "$out/summary.txt"
 import json, sys
 from pathlib import Path
@@ -69,4 +76,11 @@ for precision in ("bf16", "fp16"):
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     first, last = losses[0], losses[-1]
     print(f"{precision} training: loss {first:.3f} -> {last:.3f}", "PASS" if last < first else "FAIL")
+runs = {}
+for name in ("plain", "ddp1"):
+    rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+    runs[name] = [r["loss"] for r in rows if r["split"] == "train"]
+gap = max(abs(a - b) / max(abs(a), 1e-8) for a, b in zip(runs["plain"], runs["ddp1"]))
+print(f"DDP (NCCL, 1 rank) vs plain: {len(runs['ddp1'])} logged losses, largest relative gap {gap:.2e}",
+      "PASS" if len(runs["plain"]) == len(runs["ddp1"]) and gap < 1e-4 else "FAIL")
 EOF
