@@ -68,7 +68,14 @@ Precision = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp1
 Seed = Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order.  \\[default: 0]", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress output on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
-Data = Annotated[Optional[str], typer.Option(help="Data source: synthetic | imagefolder:PATH  \\[default: synthetic]", show_default=False)]
+Data = Annotated[Optional[str], typer.Option(help="Data source: synthetic | imagefolder:PATH | hf:NAME[:CONFIG] | disk:PATH | wds:PATTERN  \\[default: synthetic]", show_default=False)]
+ImageColumn = Annotated[Optional[str], typer.Option(help="Column of the source holding the image.  \\[default: image; wds: jpg/png]", show_default=False)]
+CaptionColumn = Annotated[Optional[str], typer.Option(help="Column holding the caption or a list of captions.  \\[default: captions, caption or text; wds: txt or json's caption]", show_default=False)]
+SourceSplit = Annotated[Optional[str], typer.Option("--split", help="The source's split to train on (hf:, disk:).  \\[default: train]", show_default=False)]
+
+
+def _columns(image_column: str | None, caption_column: str | None, split: str | None) -> dict[str, object]:
+    return {"data.image_column": image_column, "data.caption_column": caption_column, "data.train_split": split}
 Model = Annotated[Optional[str], typer.Option(help="Model preset: tiny | clip-gpt2  \\[default: tiny]", show_default=False)]
 VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip tag, local file, or none  \\[default: openai]", show_default=False)]
 Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  \\[default: gpt2]", show_default=False)]
@@ -108,6 +115,7 @@ def pretrain(
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
+    image_column: ImageColumn = None, caption_column: CaptionColumn = None, split: SourceSplit = None,
 ) -> None:
     """Phase 1: contrastive (InfoNCE) + captioning loss on image-caption pairs."""
     with exit_codes():
@@ -115,7 +123,7 @@ def pretrain(
 
         settings = load_settings(config, {
             **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
-            "data.source": data, "model.preset": model,
+            **_columns(image_column, caption_column, split), "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
             "pretrain.engine.output": output, "pretrain.engine.epochs": epochs,
             "pretrain.engine.max_steps": max_steps, "pretrain.engine.batch_size": batch_size,
@@ -149,6 +157,7 @@ def align(
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
+    image_column: ImageColumn = None, caption_column: CaptionColumn = None, split: SourceSplit = None,
 ) -> None:
     """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen."""
     with exit_codes():
@@ -156,7 +165,7 @@ def align(
 
         settings = load_settings(config, {
             **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
-            "data.source": data, "align.checkpoint": checkpoint,
+            **_columns(image_column, caption_column, split), "data.source": data, "align.checkpoint": checkpoint,
             "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
             "align.margin": margin, "align.engine.output": output, "align.engine.epochs": epochs,
             "align.engine.max_steps": max_steps, "align.engine.batch_size": batch_size,

@@ -14,6 +14,8 @@ CPU). Without them everything here is a no-op and capcli runs as one process.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -78,7 +80,14 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
+        _patient_group()  # now, while every rank is here: creating a group is itself a collective
+        atexit.register(_shutdown)
     return world, device
+
+
+def _shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> World:
@@ -138,10 +147,19 @@ def barrier() -> None:
 
 @contextmanager
 def main_first() -> Iterator[None]:
-    """Rank 0 runs the block first (materialising data, say), then the others, which find it done."""
+    """Rank 0 runs the block first (materialising or downloading data, say), then the others find it done.
+
+    The wait has no 10-minute limit: preparing a large dataset the first time takes longer.
+    """
     world = current()
     if world.distributed and not world.main:
-        dist.barrier()
+        dist.barrier(group=_patient_group())
     yield
     if world.distributed and world.main:
-        dist.barrier()
+        dist.barrier(group=_patient_group())
+
+
+@functools.cache
+def _patient_group() -> dist.ProcessGroup:
+    """A gloo group over all ranks whose collectives may wait a day (created once, on every rank alike)."""
+    return dist.new_group(backend="gloo", timeout=timedelta(days=1))

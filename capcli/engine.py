@@ -200,6 +200,8 @@ class _Training:
             self._restore()
         else:
             random.seed(runtime.seed)
+            if self.world.rank > 0:  # each rank its own dropout masks, as one process's rows would have
+                torch.manual_seed(runtime.seed * 1_000_003 + self.world.rank)
         # Rank 0 alone writes the log, the checkpoints and the progress; the others train quietly.
         self.log = (RunLog(self.run_dir, resume_step=self.state["step"] if engine.resume else None)
                     if self.world.main else _NoLog())
@@ -385,7 +387,8 @@ class _Training:
         if not self.world.main:
             return None
         state = {**self.state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0]}
+                 "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0],
+                 "world_size": self.world.size}
         return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, state)
 
     def _stop_agreed(self) -> bool:
@@ -405,6 +408,13 @@ class _Training:
         except ValueError as err:
             raise ConfigError(f"--resume: {err}; start a new --output or match the model settings") from None
         saved = load_state(directory)
+        # The position in the epoch counts each rank's micro-batches, and the schedule's length
+        # the global steps: both mean something else with another number of processes.
+        saved_world = saved.pop("world_size", 1)
+        if saved_world != self.world.size:
+            raise ConfigError(f"--resume: {directory} was written by {saved_world} process(es) and this run has "
+                              f"{self.world.size}; resume with --nproc-per-node × --nnodes = {saved_world}, or "
+                              f"start a new run from its weights")
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.scaler.load_state_dict(saved.pop("scaler"))
@@ -437,17 +447,20 @@ class _NoLog:
 
 
 class _StopOnInterrupt:
-    """The first Ctrl-C asks the loop to stop at the next safe point; a second one stops at once."""
+    """The first Ctrl-C (or SIGTERM: SLURM's scancel, a preemption, torchrun stopping its workers)
+    asks the loop to stop at the next safe point; a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopOnInterrupt:
         try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self._previous = None
+            self._previous = {}
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -456,8 +469,8 @@ class _StopOnInterrupt:
         self.requested = True
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def _check_unreadable(state: dict[str, Any], max_fraction: float, at_least: int) -> None:

@@ -64,7 +64,7 @@ class ModelSettings(Strict):
 
 class DataSettings(Strict):
     source: str = "synthetic"
-    """Where the image-caption pairs come from: `synthetic` or `imagefolder:PATH`."""
+    """Where the image-caption pairs come from: `synthetic`, `imagefolder:PATH`, `hf:NAME[:CONFIG]`, `disk:PATH` or `wds:PATTERN`."""
     train_size: int = Field(10000, ge=1)
     """At most this many training images."""
     val_size: int = Field(1000, ge=1)
@@ -81,6 +81,8 @@ class DataSettings(Strict):
     """Column holding the image in user data. Default: `image`."""
     caption_column: str | None = None
     """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text`."""
+    train_split: str | None = None
+    """The source's split to train on (`hf:`, `disk:`). Default: `train`."""
     max_caption_tokens: int = Field(48, ge=4)
     """Captions are cut to this many tokens (before the end-of-text token)."""
     num_workers: int = Field(0, ge=0)

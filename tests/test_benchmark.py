@@ -149,3 +149,10 @@ def test_the_table_shows_each_figure_with_its_range(capsys) -> None:
     out = capsys.readouterr().out
     assert "caption_beam5_speedup" in out and "5.5 - 6.5" in out
     assert "mfu" in out and "0.5 - 0.55" in out
+
+
+def test_a_model_the_flop_formula_does_not_cover_is_refused_before_any_timing(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["benchmark", "--sections", "pretrain"],
+                           env={**SMALL, "CAPCLI_MODEL__PREFIX_MAPPER": "transformer"})
+    assert result.exit_code == 2
+    assert "mlp prefix mapper only" in result.stderr and result.stdout == ""

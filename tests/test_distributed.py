@@ -177,13 +177,50 @@ def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_losses(pretrained, e
     deadline = time.monotonic() + TIMEOUT
     while not state.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    os.killpg(job.pid, signal.SIGKILL)  # every process of the job, at once, with no chance to save
+    # torchrun starts each worker in a session of its own: kill them all, at once, with no chance to save.
+    family = descendants(job.pid)
+    for pid in [job.pid, *family]:
+        os.kill(pid, signal.SIGKILL)
     job.wait()
+    time.sleep(0.5)
+    assert not [pid for pid in family if Path(f"/proc/{pid}").exists() and _state(pid) != "Z"]
     saved = load_state(run / "checkpoints" / "last")["step"]
     assert saved == 4, "the kill should land in epoch 2, after epoch 1's checkpoint"
     capcli([*args, "--resume"], env, nproc=2)
     assert [s for s, _ in losses(run)] == [s for s, _ in losses(uninterrupted)] == list(range(1, 13))
     assert_close([v for _, v in losses(run)], [v for _, v in losses(uninterrupted)], rtol=1e-6, atol=1e-7)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out.extend(children)
+        todo.extend(children)
+    return out
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+@pytest.mark.slow
+def test_resuming_with_another_number_of_processes_is_refused(pretrained, env) -> None:
+    result = capcli(["pretrain", *COMMON, "--epochs", "2", "--batch-size", "4", "--resume", "--output",
+                     str(pretrained["one"])], env, nproc=2, check=False)
+    assert result.returncode != 0
+    assert "written by 1 process(es) and this run has 2" in result.stderr
 
 
 @pytest.mark.slow

@@ -38,12 +38,12 @@ def fit_phase(settings, phase, **kwargs):
     return fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime, **kwargs)
 
 
-def interrupt_at(step_to_stop: int):
-    """An on_step callback that presses Ctrl-C once the given step is done."""
+def interrupt_at(step_to_stop: int, sig: int = signal.SIGINT):
+    """An on_step callback that presses Ctrl-C (or sends ``sig``) once the given step is done."""
 
     def on_step(step: int, losses: dict) -> None:
         if step == step_to_stop:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     return on_step
 
@@ -105,14 +105,16 @@ def test_accumulation_equals_a_larger_batch(settings_factory):
         assert_close(small_state[key], big_state[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
-@pytest.mark.parametrize("stop_at", [8, 5], ids=["after-epoch-1", "mid-epoch"])
-def test_resumed_run_repeats_the_uninterrupted_losses(settings_factory, stop_at):
-    """64 samples / batch 8 = 8 steps an epoch; stop after epoch 1 or in the middle of it, then resume."""
+@pytest.mark.parametrize(("stop_at", "sig"), [(8, signal.SIGINT), (5, signal.SIGINT), (5, signal.SIGTERM)],
+                         ids=["after-epoch-1", "mid-epoch", "sigterm-mid-epoch"])
+def test_resumed_run_repeats_the_uninterrupted_losses(settings_factory, stop_at, sig):
+    """64 samples / batch 8 = 8 steps an epoch; stop after epoch 1 or in the middle of it, then resume.
+    SIGTERM (a scheduler's preemption, torchrun stopping its workers) stops as Ctrl-C does."""
     whole = settings_factory("whole")
     pretrain(whole)
     parted = settings_factory("parted")
     with pytest.raises(TrainingInterrupted):
-        pretrain(parted, on_step=interrupt_at(stop_at))
+        pretrain(parted, on_step=interrupt_at(stop_at, sig))
     assert load_state(parted.pretrain.engine.output / "checkpoints" / "last")["step"] == stop_at
     resumed = override(parted, {"pretrain.engine.resume": True})
     result = pretrain(resumed)

@@ -543,3 +543,34 @@ def test_fused_adamw_is_used_where_the_device_has_it(tiny: Captioner) -> None:
 
     assert build_optimizer(tiny, OptimizerSettings(), torch.device("cpu")).defaults["fused"] is True
     assert not build_optimizer(tiny, OptimizerSettings(fused=False), torch.device("cpu")).defaults["fused"]
+
+
+@pytest.mark.slow
+def test_clip_gpt2_from_a_local_vision_file_and_decoder_trains_a_step_and_captions(
+    gpt2_dir: dict, vit_b32_file: dict, tmp_path: Path, data_cache: Path, offline_empty_hub: Path
+) -> None:
+    """The full-size preset end to end on CPU, through the CLI: the weights come from a local
+    open_clip file and a save_pretrained directory, loaded by the path that names would use."""
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    env = {"CAPCLI_DATA__CACHE_DIR": str(data_cache), "CAPCLI_PRETRAIN__ENGINE__GRAD_ACCUM": "1"}
+    result = runner.invoke(app, ["pretrain", "--model", "clip-gpt2", "--vision-weights", str(vit_b32_file["path"]),
+                                 "--decoder", str(gpt2_dir["path"]), "--max-steps", "1", "--batch-size", "2",
+                                 "--train-size", "4", "--val-size", "2", "--test-size", "2", "--device", "cpu",
+                                 "--output", str(run), "--quiet", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 1 and math.isfinite(summary["train"]["loss"])
+    saved = json.loads((run / "checkpoints" / "best" / CONFIG_FILE).read_text())
+    assert saved["vision"]["weights"] == f"open_clip:ViT-B-32:{vit_b32_file['path']}"
+    assert saved["decoder"]["weights"] == f"transformers:{gpt2_dir['path']}"
+    image = next((data_cache).rglob("test/*.png"))
+    captioned = runner.invoke(app, ["caption", str(image), "--checkpoint", str(run), "--beams", "2",
+                                    "--max-length", "5", "--format", "jsonl"])
+    assert captioned.exit_code == 0, captioned.output
+    line = json.loads(captioned.stdout)
+    assert line["path"] == str(image) and isinstance(line["caption"], str) and line["tokens"] >= 1

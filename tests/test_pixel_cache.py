@@ -95,9 +95,9 @@ def test_a_pickled_cache_reopens_the_same_files_instead_of_copying_them(folder_s
 
 def test_each_resolution_and_split_has_its_own_file(folder_split, tmp_path: Path) -> None:
     split, _ = folder_split
-    small = pixel_cache_for(split, tmp_path, 16, max_gb=1)
-    large = pixel_cache_for(split, tmp_path, 32, max_gb=1)
-    other = pixel_cache_for(split.select(range(3)), tmp_path, 16, max_gb=1)
+    small, _ = pixel_cache_for(split, tmp_path, 16, max_gb=1)
+    large, _ = pixel_cache_for(split, tmp_path, 32, max_gb=1)
+    other, _ = pixel_cache_for(split.select(range(3)), tmp_path, 16, max_gb=1)
     assert len({small.path, large.path, other.path}) == 3
     assert large.nbytes == 4 * small.nbytes == 4 * len(split) * 3 * 16 * 16
 
@@ -123,3 +123,22 @@ def test_a_cache_file_is_grown_never_truncated(tmp_path: Path) -> None:
     again = PixelCache(tmp_path / "p.u8", rows=2, size=4)  # a second process opening it
     assert torch.equal(again.get(1), torch.full((3, 4, 4), 9, dtype=torch.uint8))
     assert again.get(0) is None
+
+
+def test_a_cache_that_cannot_be_made_is_declined_with_the_reason(folder_split, tmp_path: Path, capsys) -> None:
+    split, _ = folder_split
+    blocker = tmp_path / "cache"
+    blocker.write_text("a file where the cache folder should be")
+    dataset = caption_dataset(split, 16, DataSettings(cache_dir=blocker))
+    assert dataset.cache is None
+    assert "cannot make the pixel cache" in capsys.readouterr().err
+    assert dataset[(0, 0)].pixels.shape == (3, 16, 16)
+
+
+def test_the_cache_is_off_across_nodes(folder_split, tmp_path: Path, monkeypatch) -> None:
+    split, _ = folder_split
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # two nodes of 8
+    assert cached_dataset(split, tmp_path).cache is None
+    monkeypatch.setenv("WORLD_SIZE", "8")  # one node
+    assert cached_dataset(split, tmp_path).cache is not None

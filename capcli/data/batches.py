@@ -6,6 +6,7 @@ host-to-device copy four times smaller than float32.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from dataclasses import dataclass, replace
@@ -80,13 +81,17 @@ class CaptionDataset(Dataset):
 
 
 def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDataset:
-    """A split's CaptionDataset as the data settings ask: with its pixel cache when ``pixel_cache`` is on."""
-    cache = None
-    if data.pixel_cache:
-        cache = pixel_cache_for(split, cache_root(data), image_size, data.pixel_cache_max_gb)
-        if cache is None and getattr(split, "_fingerprint", None):
-            print(f"note: {len(split)} images at {image_size}px exceed data.pixel_cache_max_gb "
-                  f"{data.pixel_cache_max_gb}; they are decoded every epoch", file=sys.stderr)
+    """A split's CaptionDataset as the data settings ask: with its pixel cache when ``pixel_cache`` is on.
+
+    Across nodes (torchrun with fewer processes per node than in all) the cache is off: its
+    memory-mapped file would sit on a network filesystem, where writes from different hosts
+    are not coherent.
+    """
+    cache, why = None, ""
+    if data.pixel_cache and os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1"):
+        cache, why = pixel_cache_for(split, cache_root(data), image_size, data.pixel_cache_max_gb)
+    if why:
+        print(f"note: {why}; the images are decoded every epoch", file=sys.stderr)
     return CaptionDataset(split, image_size, data.max_pixels, data.seed, cache)
 
 

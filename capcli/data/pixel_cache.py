@@ -77,29 +77,42 @@ def _map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A shared, writable map of a uint8 file, created (zero-filled) at the right size if needed.
 
     The file is grown in place and never truncated, so processes that open it at the same
-    time cannot wipe each other's rows.
+    time cannot wipe each other's rows. Its blocks are reserved when it is created: a disk
+    that fills up then fails here, with an error, instead of killing a process with SIGBUS
+    when it first writes into a hole of the mapping.
     """
     size = int(np.prod(shape))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:  # macOS and Windows: a sparse file
+                os.ftruncate(fd, size)
     finally:
         os.close(fd)
     return np.memmap(path, dtype=np.uint8, mode="r+", shape=shape)
 
 
-def pixel_cache_for(split, cache_dir: Path, size: int, max_gb: float) -> PixelCache | None:
-    """The cache of a ``datasets`` split at one resolution, or None when there is none to have.
+FORMAT = "v1"  # bump when the pixels a row holds change (resizing, cropping): old files are then not read
+
+
+def pixel_cache_for(split, cache_dir: Path, size: int, max_gb: float) -> tuple[PixelCache | None, str]:
+    """The cache of a ``datasets`` split at one resolution, or None and why there is none.
 
     None when the split has no fingerprint to name its file by (it is not a ``datasets``
-    split), or when its cache would exceed ``max_gb``.
+    split), when its cache would exceed ``max_gb``, or when its file cannot be made (a full
+    disk); the files are created here, in the calling process, so that failure is seen once.
     """
     fingerprint = getattr(split, "_fingerprint", None)
     if not fingerprint:
-        return None
-    cache = PixelCache(Path(cache_dir) / "pixels" / f"{fingerprint}-{size}px.u8", len(split), size)
+        return None, ""
+    cache = PixelCache(Path(cache_dir) / "pixels" / f"{FORMAT}-{fingerprint}-{size}px.u8", len(split), size)
     if cache.nbytes > max_gb * BYTES_PER_GB:
-        return None
-    return cache
+        return None, f"{len(split)} images at {size}px exceed data.pixel_cache_max_gb {max_gb}"
+    try:
+        cache.filled()  # maps, and so creates, both files
+    except OSError as err:
+        return None, f"cannot make the pixel cache in {cache.path.parent} ({err.strerror or err})"
+    return cache, ""

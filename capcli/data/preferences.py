@@ -55,7 +55,7 @@ import datasets
 
 from capcli.data.corrupt import CORRUPTIONS, scene_negatives, text_negatives
 from capcli.data.scene_text import parse
-from capcli.data.sources import Splits
+from capcli.data.sources import Splits, first_line
 from capcli.data.synthetic import Scene
 from capcli.errors import ConfigError, DataError
 from capcli.settings import DataSettings
@@ -295,16 +295,12 @@ def _ultrafeedback(arg: str, data: DataSettings, caption_splits: Splits, report:
     return _given(raw, data, report, convert, what)
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).splitlines() or [""])[0][:160]
-
-
 def _load_hub(name: str, config: str | None) -> Splits:
     try:
         loaded = datasets.load_dataset(name, config)
     except Exception as err:  # noqa: BLE001 - the hub, the cache and the builders raise many types
         raise ConfigError(
-            f"cannot load preference dataset '{name}' ({type(err).__name__}: {_first_line(err)}); {HUB_HELP}"
+            f"cannot load preference dataset '{name}' ({type(err).__name__}: {first_line(err)}); {HUB_HELP}"
         ) from None
     return dict(loaded)
 
@@ -314,7 +310,7 @@ def _load_disk(path: str, kind: str) -> Splits:
         loaded = datasets.load_from_disk(str(Path(path).expanduser()))
     except Exception as err:  # noqa: BLE001 - FileNotFoundError if missing, others if foreign
         raise ConfigError(
-            f"{kind}: '{path}' is not a dataset saved with save_to_disk ({type(err).__name__}: {_first_line(err)})"
+            f"{kind}: '{path}' is not a dataset saved with save_to_disk ({type(err).__name__}: {first_line(err)})"
         ) from None
     return {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
 

@@ -8,7 +8,9 @@ synthetic). New sources register themselves in ``SOURCES``.
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,6 +93,93 @@ def _imagefolder(arg: str, settings: DataSettings) -> Splits:
         for name, path in named.items()
     }
     return _ensure_eval_splits(splits, settings)
+
+
+HUB_HELP = ("go online once so it is cached, set HF_HOME to a cache that holds it, "
+            "or pass a local path (hf:DIR, or disk:PATH for a save_to_disk copy)")
+
+
+@source("hf")
+def _hf(arg: str, settings: DataSettings) -> Splits:
+    """``datasets.load_dataset(NAME, CONFIG)``: a hub name (or its cache), or a local dataset folder."""
+    name, _, config = arg.partition(":")
+    if not name:
+        raise ConfigError("hf: needs a dataset name or folder (hf:NAME[:CONFIG])")
+    try:
+        loaded = datasets.load_dataset(name, config or None)
+    except Exception as err:  # noqa: BLE001 - the hub, the cache and the builders raise many types
+        raise ConfigError(f"cannot load dataset '{arg}' ({type(err).__name__}: {first_line(err)}); {HUB_HELP}") from None
+    return _named(dict(loaded), settings, f"hf:{arg}")
+
+
+@source("disk")
+def _disk(arg: str, settings: DataSettings) -> Splits:
+    """``datasets.load_from_disk(PATH)``: a Dataset or DatasetDict written by ``save_to_disk``."""
+    try:
+        loaded = datasets.load_from_disk(str(Path(arg).expanduser()))
+    except Exception as err:  # noqa: BLE001 - FileNotFoundError if missing, others if foreign
+        raise ConfigError(f"disk: '{arg}' is not a dataset saved with save_to_disk "
+                          f"({type(err).__name__}: {first_line(err)})") from None
+    splits = {"train": loaded} if isinstance(loaded, datasets.Dataset) else dict(loaded)
+    return _named(splits, settings, f"disk:{arg}")
+
+
+_WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+_WDS_CAPTION_KEYS = ("txt", "caption", "json")
+
+
+@source("wds")
+def _wds(arg: str, settings: DataSettings) -> Splits:
+    """WebDataset tar shards: ``wds:shards/{000..099}.tar`` or a glob; ``jpg``/``png`` images with
+    ``txt`` or ``json`` (its ``caption`` field) captions, read by datasets' ``webdataset`` builder."""
+    files = sorted({f for pattern in expand_braces(arg) for f in glob.glob(str(Path(pattern).expanduser()))})
+    if not files:
+        raise ConfigError(f"wds: no tar shard matches '{arg}' (use wds:PATTERN, e.g. wds:shards/{{000..099}}.tar)")
+    try:
+        split = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
+    except Exception as err:  # noqa: BLE001 - a foreign or broken tar raises many types
+        raise ConfigError(f"wds: cannot read the shards of '{arg}' ({type(err).__name__}: {first_line(err)})") from None
+    image = settings.image_column or next((k for k in _WDS_IMAGE_KEYS if k in split.column_names), None)
+    caption = settings.caption_column or next((k for k in _WDS_CAPTION_KEYS if k in split.column_names), None)
+    if caption == "json" and settings.caption_column is None:
+        split = split.map(lambda row: {"caption": (row["json"] or {}).get("caption")}, remove_columns=["json"])
+        caption = "caption"
+    settings = settings.model_copy(update={"image_column": image, "caption_column": caption})
+    return _named({"train": split}, settings, f"wds:{arg}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard notation: ``a{000..002}b`` → ``a000b a001b a002b`` (zero padding kept)."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    width = len(first) if first.startswith("0") else 0
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [p for i in range(int(first), int(last) + 1) for p in expand_braces(f"{head}{i:0{width}d}{tail}")]
+
+
+def _named(raw: Splits, settings: DataSettings, where: str) -> Splits:
+    """Standardise a loaded dataset's splits and name them capcli's way (validation → val)."""
+    if settings.train_split is not None:
+        if settings.train_split not in raw:
+            raise ConfigError(f"{where} has no split '{settings.train_split}' (found: {', '.join(raw)}); "
+                              f"set data.train_split (--split)")
+        raw = {"train": raw[settings.train_split],
+               **{k: v for k, v in raw.items() if k not in ("train", settings.train_split)}}
+    splits: Splits = {}
+    for name, split in raw.items():
+        ours = _SPLIT_ALIASES.get(name, name)
+        if ours in SPLITS:
+            splits[ours] = _standardise(split, settings, where)
+    if "train" not in splits:
+        raise ConfigError(f"{where} has no train split (found: {', '.join(raw) or 'none'})")
+    return _ensure_eval_splits(splits, settings)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message, cut to 160 characters: enough to say what failed."""
+    return (str(err).splitlines() or [""])[0][:160]
 
 
 def _has_metadata(folder: Path) -> bool:

@@ -1,0 +1,150 @@
+"""The ``hf:``, ``disk:`` and ``wds:`` data sources, on local stand-ins built here.
+
+``hf:`` goes through ``datasets.load_dataset`` on a local folder of parquet files (what a hub
+dataset is once cached); ``disk:`` through ``load_from_disk``; ``wds:`` through datasets'
+``webdataset`` builder on tar shards written with ``tarfile``. Each then trains one step.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from capcli.data.sources import expand_braces, load_splits
+from capcli.errors import ConfigError
+from capcli.settings import DataSettings
+
+runner = CliRunner()
+CAPTIONS = ["a red circle", "two blue squares", "a green star above a cross", "one yellow triangle",
+            "a big purple circle", "three small crosses"]
+
+
+def png_bytes(seed: int, size: int = 20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_dataset(n: int, start: int = 0, caption_column: str = "caption") -> datasets.Dataset:
+    rows = {"image": [{"bytes": png_bytes(start + i), "path": None} for i in range(n)],
+            caption_column: [CAPTIONS[(start + i) % len(CAPTIONS)] for i in range(n)]}
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+@pytest.fixture
+def hf_folder(tmp_path: Path) -> Path:
+    """A local dataset repository: parquet files named by split, images embedded as bytes."""
+    root = tmp_path / "hf-data"
+    (root / "data").mkdir(parents=True)
+    image_dataset(24).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    image_dataset(6, start=100).to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
+    return root
+
+
+@pytest.fixture
+def disk_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "saved"
+    datasets.DatasetDict({"train": image_dataset(24, caption_column="text")}).save_to_disk(str(root))
+    return root
+
+
+def write_shards(root: Path, caption_key: str) -> Path:
+    """Two tar shards of 12 samples each: ``png`` images with ``txt`` captions, or ``json`` ones
+    holding a ``caption`` field (as pixparse/cc3m-wds has)."""
+    root.mkdir(parents=True)
+    for shard in range(2):
+        with tarfile.open(root / f"part-{shard:03d}.tar", "w") as tar:
+            for i in range(12):
+                key = f"{shard:03d}{i:04d}"
+                caption = CAPTIONS[(shard * 12 + i) % len(CAPTIONS)]
+                text = json.dumps({"caption": caption, "width": 20}) if caption_key == "json" else caption
+                for name, data in ((f"{key}.png", png_bytes(shard * 100 + i)), (f"{key}.{caption_key}", text.encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return root
+
+
+@pytest.fixture
+def wds_shards(tmp_path: Path) -> Path:
+    return write_shards(tmp_path / "shards", "txt")
+
+
+def test_hf_reads_a_local_dataset_repository_with_its_validation_split(hf_folder: Path) -> None:
+    splits = load_splits(DataSettings(source=f"hf:{hf_folder}", val_size=100, test_size=3))
+    # test is carved from train, at most a tenth of it
+    assert len(splits["train"]) == 22 and len(splits["val"]) == 6 and len(splits["test"]) == 2
+    row = splits["train"][0]
+    assert set(splits["train"].column_names) == {"image", "captions"}
+    assert row["image"]["bytes"][:4] == b"\x89PNG" and row["captions"] in ([c] for c in CAPTIONS)
+
+
+def test_hf_split_option_picks_the_training_split(hf_folder: Path) -> None:
+    splits = load_splits(DataSettings(source=f"hf:{hf_folder}", train_split="validation", test_size=0))
+    assert len(splits["train"]) + len(splits.get("val", [])) == 6
+    with pytest.raises(ConfigError, match="no split 'dev'"):
+        load_splits(DataSettings(source=f"hf:{hf_folder}", train_split="dev"))
+
+
+def test_hf_name_that_is_not_cached_offline_is_a_config_error_naming_the_remedies() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_splits(DataSettings(source="hf:nobody-here/no-such-captions"))
+    message = str(err.value)
+    assert "nobody-here/no-such-captions" in message and "HF_HOME" in message and "local path" in message
+
+
+def test_disk_reads_save_to_disk_and_carves_val_and_test(disk_folder: Path) -> None:
+    splits = load_splits(DataSettings(source=f"disk:{disk_folder}", val_size=2, test_size=2))
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [20, 2, 2]
+    assert splits["train"][0]["captions"][0] in CAPTIONS  # the "text" column, found by default
+
+
+def test_disk_that_is_not_a_saved_dataset_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a dataset saved with save_to_disk"):
+        load_splits(DataSettings(source=f"disk:{tmp_path}"))
+
+
+@pytest.mark.parametrize("caption_key", ["txt", "json"])
+def test_wds_reads_shards_by_brace_pattern_with_txt_or_json_captions(tmp_path: Path, caption_key: str) -> None:
+    root = write_shards(tmp_path / "shards", caption_key)
+    splits = load_splits(DataSettings(source=f"wds:{root}/part-{{000..001}}.tar", val_size=2, test_size=0))
+    assert len(splits["train"]) + len(splits["val"]) == 24  # both shards
+    captions = {c for split in splits.values() for caps in split["captions"] for c in caps}
+    assert captions == set(CAPTIONS)
+    assert splits["train"][0]["image"]["bytes"][:4] == b"\x89PNG"
+
+
+def test_wds_pattern_that_matches_nothing_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no tar shard matches"):
+        load_splits(DataSettings(source=f"wds:{tmp_path}/none-{{0..3}}.tar"))
+
+
+def test_brace_expansion_keeps_zero_padding_and_nests() -> None:
+    assert expand_braces("s/{008..010}.tar") == ["s/008.tar", "s/009.tar", "s/010.tar"]
+    assert expand_braces("a{1..2}b{0..1}") == ["a1b0", "a1b1", "a2b0", "a2b1"]
+    assert expand_braces("plain.tar") == ["plain.tar"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["hf", "disk", "wds"])
+def test_each_source_trains_a_step(kind: str, hf_folder: Path, disk_folder: Path, wds_shards: Path,
+                                   tmp_path: Path, data_cache: Path) -> None:
+    spec = {"hf": f"hf:{hf_folder}", "disk": f"disk:{disk_folder}", "wds": f"wds:{wds_shards}/part-{{000..001}}.tar"}
+    output = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", "--data", spec[kind], "--max-steps", "2", "--batch-size", "4",
+                                 "--val-size", "4", "--test-size", "0", "--output", str(output), "--quiet",
+                                 "--json", "--device", "cpu"],
+                           env={"CAPCLI_DATA__CACHE_DIR": str(data_cache), "CAPCLI_PRETRAIN__ENGINE__GRAD_ACCUM": "1"})
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["samples"] == 8 and summary["skipped_images"] == 0
+    assert (output / "checkpoints" / "best" / "model.safetensors").is_file()
