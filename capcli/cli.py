@@ -72,6 +72,7 @@ Data = Annotated[Optional[str], typer.Option(help="Data source: synthetic | imag
 ImageColumn = Annotated[Optional[str], typer.Option(help="Column of the source holding the image.  \\[default: image; wds: jpg/png]", show_default=False)]
 CaptionColumn = Annotated[Optional[str], typer.Option(help="Column holding the caption or a list of captions.  \\[default: captions, caption or text; wds: txt or json's caption]", show_default=False)]
 SourceSplit = Annotated[Optional[str], typer.Option("--split", help="The source's split to train on (hf:, disk:).  \\[default: train]", show_default=False)]
+Streaming = Annotated[bool, typer.Option("--streaming", help="hf: read the training split as a stream, downloading nothing ahead; an epoch is --train-size samples.")]
 
 
 def _columns(image_column: str | None, caption_column: str | None, split: str | None) -> dict[str, object]:
@@ -116,6 +117,7 @@ def pretrain(
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
     image_column: ImageColumn = None, caption_column: CaptionColumn = None, split: SourceSplit = None,
+    streaming: Streaming = False,
 ) -> None:
     """Phase 1: contrastive (InfoNCE) + captioning loss on image-caption pairs."""
     with exit_codes():
@@ -123,7 +125,8 @@ def pretrain(
 
         settings = load_settings(config, {
             **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
-            **_columns(image_column, caption_column, split), "data.source": data, "model.preset": model,
+            **_columns(image_column, caption_column, split), "data.streaming": streaming or None,
+            "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
             "pretrain.engine.output": output, "pretrain.engine.epochs": epochs,
             "pretrain.engine.max_steps": max_steps, "pretrain.engine.batch_size": batch_size,

@@ -243,26 +243,38 @@ class _Training:
 
     def _train_epoch(self) -> None:
         state, engine = self.state, self.engine
-        self.sampler = StepBatchSampler(len(self.data.train), engine.batch_size, engine.grad_accum,
-                                        self.runtime.seed, state["epoch"], state["batch_in_epoch"],
-                                        self.world.rank, self.world.size)
-        batches = iter(DataLoader(self.data.train, batch_sampler=self.sampler, collate_fn=self.data.collate,
-                                  num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda"))
+        train, world = self.data.train, self.world
+        if hasattr(train, "stream"):  # a streamed split (StreamingCaptions): its epoch's stream, batched in order
+            self.sampler = _EpochPlan((len(train) // (engine.batch_size * engine.grad_accum * world.size))
+                                      * engine.grad_accum)
+            source = train.stream(state["epoch"], state["batch_in_epoch"] * engine.batch_size, world.rank, world.size)
+            loader = DataLoader(source, batch_size=engine.batch_size, collate_fn=self.data.collate,
+                                num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda")
+        else:
+            self.sampler = StepBatchSampler(len(train), engine.batch_size, engine.grad_accum, self.runtime.seed,
+                                            state["epoch"], state["batch_in_epoch"], world.rank, world.size)
+            loader = DataLoader(train, batch_sampler=self.sampler, collate_fn=self.data.collate,
+                                num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda")
+        batches = iter(loader)
         window: dict[str, float] = {}
         window_steps, window_samples, window_start = 0, 0, time.monotonic()
         # A Ctrl-C is acted on after a step, once every rank agrees (_stop_agreed).
-        while state["step"] < self.total_steps:
+        while state["step"] < self.total_steps and state["batch_in_epoch"] < self.sampler.num_batches:
             micro = _take(batches, engine.grad_accum)
-            if not micro:
-                break
-            state["batch_in_epoch"] += len(micro)
             readable = [b for b in micro if len(b) > 0]
             # One process drops a micro-batch whose images were all unreadable. Under DDP every
             # rank must make the same collective calls, so a step in which any rank lost a whole
-            # micro-batch is skipped by all of them.
-            lost = not readable if not self.world.distributed else len(readable) < len(micro)
-            lost_ranks, skipped = distributed.all_sum([float(lost), sum(b.skipped for b in micro)], self.device)
+            # micro-batch is skipped by all of them; and when any rank's data runs out (a stream
+            # shorter than train_size), the epoch ends for all.
+            short = len(micro) < engine.grad_accum
+            lost = not readable if not world.distributed else len(readable) < len(micro)
+            lost_ranks, skipped, short_ranks = distributed.all_sum(
+                [float(lost), sum(b.skipped for b in micro), float(short)], self.device)
             state["skipped"] += int(skipped)
+            if short_ranks:
+                state["batch_in_epoch"] = self.sampler.num_batches
+                break
+            state["batch_in_epoch"] += len(micro)
             _check_unreadable(state, self.data.max_bad_fraction, at_least=100)
             if lost_ranks:
                 continue
@@ -426,6 +438,13 @@ class _Training:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.state.update(saved)
+
+
+@dataclass
+class _EpochPlan:
+    """How many micro-batches make a streamed epoch (what StepBatchSampler says of an indexed one)."""
+
+    num_batches: int
 
 
 class _ObjectiveRunner(nn.Module):

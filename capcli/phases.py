@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import datasets
 import torch
 
 from capcli import distributed
@@ -21,6 +22,7 @@ from capcli.data.batches import (
     CaptionDataset,
     PreferenceCollator,
     PreferenceDataset,
+    StreamingCaptions,
     caption_dataset,
 )
 from capcli.data.preferences import load_preferences
@@ -64,6 +66,9 @@ class AlignPhase(Phase):
     pairs: str  # the one-line summary of the preference pairs
 
 
+TOKENIZER_ROWS = 20_000  # a streamed source: the tiny preset's tokenizer learns from this many first rows
+
+
 def _write_config(run_dir: Path, settings: Settings) -> None:
     """The run's resolved settings, ``config.yaml`` (rank 0 writes it)."""
     if distributed.current().main:
@@ -82,12 +87,18 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         # Architecture and tokenizer only: the engine's resume loads the weights with the rest of the state.
         model = Captioner.from_pretrained(resolve_checkpoint(run_dir, "last"), weights=False)
     else:
-        model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps))
+        train = splits["train"]
+        if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head
+            train = train.take(TOKENIZER_ROWS)
+        model = build_model(settings.model, (c for row in train for c in row["captions"]))
     _write_config(run_dir, settings)
 
-    def dataset(name: str) -> CaptionDataset | None:
+    def dataset(name: str) -> CaptionDataset | StreamingCaptions | None:
         if name not in splits:
             return None
+        if isinstance(splits[name], datasets.IterableDataset):
+            return StreamingCaptions(splits[name], settings.data.train_size, model.image_size,
+                                     settings.data.max_pixels, settings.data.seed)
         return caption_dataset(splits[name], model.image_size, settings.data)
 
     data = TrainData(
@@ -121,6 +132,8 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
     """
     phase = settings.align
     run_dir = prepare_run_dir(phase.engine, overwrite)
+    if settings.data.streaming:
+        raise ConfigError("align reads its preference pairs whole: data.streaming applies to pretrain only")
     start = resolve_checkpoint(phase.checkpoint or DEFAULT_START, "best")
     world, device = distributed.setup(resolve_device(settings.runtime.device))
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))

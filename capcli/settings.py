@@ -83,6 +83,8 @@ class DataSettings(Strict):
     """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text`."""
     train_split: str | None = None
     """The source's split to train on (`hf:`, `disk:`). Default: `train`."""
+    streaming: bool = False
+    """`hf:` only: read the training split as a stream, downloading nothing ahead; an epoch is `train_size` samples. Val and test are the first rows of their streams (or of train's, skipped by training)."""
     max_caption_tokens: int = Field(48, ge=4)
     """Captions are cut to this many tokens (before the end-of-text token)."""
     num_workers: int = Field(0, ge=0)

@@ -256,3 +256,21 @@ def test_torchrun_with_one_process_runs_the_ddp_path_and_equals_a_plain_run(pret
            torchrun=True)
     assert isinstance(load_state(alone / "checkpoints" / "last")["rng"], list)  # it did run as a DDP rank
     assert_same_run(pretrained["one"], alone, ("loss", "contrastive_loss", "caption_loss"))
+
+
+@pytest.mark.slow
+def test_a_streamed_source_is_split_by_node_across_two_ranks(env, tmp_path: Path) -> None:
+    """hf: --streaming under torchrun: each rank reads its shard of the stream
+    (datasets.distributed.split_dataset_by_node), and an epoch is train_size samples in all."""
+    from test_hub_sources import image_dataset
+
+    root = tmp_path / "hf-data"
+    (root / "data").mkdir(parents=True)
+    image_dataset(24).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    image_dataset(6, start=100).to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
+    run = tmp_path / "run"
+    result = capcli(["pretrain", "--data", f"hf:{root}", "--streaming", "--train-size", "16", "--val-size", "4",
+                     "--test-size", "0", "--batch-size", "4", "--epochs", "2", "--output", str(run), "--quiet",
+                     "--json", "--device", "cpu"], env, nproc=2)
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 4 and summary["epochs"] == 2 and summary["samples"] == 32

@@ -148,3 +148,62 @@ def test_each_source_trains_a_step(kind: str, hf_folder: Path, disk_folder: Path
     summary = json.loads(result.stdout)
     assert summary["steps"] == 2 and summary["samples"] == 8 and summary["skipped_images"] == 0
     assert (output / "checkpoints" / "best" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- streaming (hf: with --streaming)
+
+
+def test_a_streamed_source_keeps_train_a_stream_and_val_in_memory(hf_folder: Path) -> None:
+    splits = load_splits(DataSettings(source=f"hf:{hf_folder}", streaming=True, train_size=20, val_size=4,
+                                      test_size=3))
+    assert isinstance(splits["train"], datasets.IterableDataset)
+    assert len(splits["val"]) == 4  # the head of the validation stream
+    assert len(splits["test"]) == 3  # no test split: the head of train, which training then skips
+    train = list(splits["train"])
+    assert len(train) == 20 and train[0]["captions"][0] in CAPTIONS
+    test_images = {row["image"]["bytes"] for row in splits["test"]}
+    assert not test_images & {row["image"]["bytes"] for row in train}
+
+
+def test_streaming_applies_to_hf_sources_only(disk_folder: Path) -> None:
+    with pytest.raises(ConfigError, match="streaming applies to hf: sources"):
+        load_splits(DataSettings(source=f"disk:{disk_folder}", streaming=True))
+
+
+@pytest.mark.slow
+def test_a_streamed_run_trains_epochs_and_resumes_to_the_same_losses(hf_folder: Path, tmp_path: Path,
+                                                                       data_cache: Path) -> None:
+    """2 epochs of a 16-sample stream in steps of 4; stopped after step 6 (mid-epoch 2), then resumed."""
+    from capcli.checkpoint import load_state
+    from capcli.engine import TrainingInterrupted
+    from capcli.phases import pretrain
+    from capcli.runlog import read_metrics
+    from capcli.settings import load_settings, override
+
+    def settings(name: str):
+        return load_settings(cli={
+            "data.source": f"hf:{hf_folder}", "data.streaming": True, "data.train_size": 16, "data.val_size": 4,
+            "data.test_size": 0, "data.cache_dir": data_cache, "pretrain.engine.batch_size": 4,
+            "pretrain.engine.grad_accum": 1, "pretrain.engine.epochs": 2, "pretrain.engine.log_every": 1,
+            "pretrain.engine.output": tmp_path / name, "runtime.device": "cpu", "runtime.quiet": True}, environ={})
+
+    def losses(name: str) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in read_metrics(tmp_path / name / "metrics.jsonl") if r["split"] == "train"]
+
+    whole = pretrain(settings("whole"))
+    assert whole.steps == 8 and whole.epochs == 2
+
+    import os
+    import signal
+
+    def stop_after_6(step: int, _losses) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        pretrain(settings("parted"), on_step=stop_after_6)
+    assert load_state(tmp_path / "parted" / "checkpoints" / "last")["batch_in_epoch"] == 2
+    pretrain(override(settings("parted"), {"pretrain.engine.resume": True}))
+    assert [s for s, _ in losses("parted")] == list(range(1, 9))
+    got, expected = [v for _, v in losses("parted")], [v for _, v in losses("whole")]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)

@@ -452,3 +452,15 @@ def test_caption_text_that_spells_a_special_token_is_not_padding(synthetic_train
     real = batch.caption_ids[0, : int(batch.caption_mask[0].sum()) - 1].tolist()
     assert tokenizer.pad_token_id not in real
     assert tokenizer.eos_token_id not in real
+
+
+def test_imagefolder_rows_repeating_a_file_are_one_image_with_all_its_captions(tmp_path: Path) -> None:
+    rows = [{"caption": "a red circle"}, {"caption": "two blue squares"}, {"caption": "a green star"}]
+    root = _write_folder(tmp_path / "photos", 3, rows=rows)
+    lines = (root / "metadata.jsonl").read_text().splitlines()
+    again = json.loads(lines[0]) | {"caption": "one red circle"}  # img000 once more, with another caption
+    (root / "metadata.jsonl").write_text("\n".join([*lines, json.dumps(again)]) + "\n")
+    split = load_splits(_folder_settings(root, val_size=1, test_size=0))["train"]
+    by_name = dict(zip(_names(split), split["captions"], strict=True))
+    assert by_name == {"img000.png": ["a red circle", "one red circle"], "img001.png": ["two blue squares"],
+                       "img002.png": ["a green star"]}

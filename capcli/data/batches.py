@@ -6,6 +6,7 @@ host-to-device copy four times smaller than float32.
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import sys
@@ -78,6 +79,53 @@ class CaptionDataset(Dataset):
         captions = self.captions[index]["captions"]
         choice = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + index).randrange(len(captions))
         return CaptionExample(pixels, captions[choice])
+
+
+class StreamingCaptions:
+    """A streamed training split (``datasets.IterableDataset``), read afresh each epoch.
+
+    ``len`` is the epoch's length, ``data.train_size`` (a stream does not know its own). The
+    engine asks for each epoch's stream with :meth:`stream`: the source shuffled through a
+    buffer, seeded by (seed, epoch) so a rerun reads the same order; under torchrun, this
+    rank's shard of it (``datasets.distributed.split_dataset_by_node``); after a resume,
+    without the samples this rank already consumed in the epoch.
+    """
+
+    def __init__(self, split, size: int, image_size: int, max_pixels: int, seed: int = 0, buffer: int = 1000):
+        self.split, self.size, self.image_size, self.max_pixels = split, size, image_size, max_pixels
+        self.seed, self.buffer = seed, buffer
+
+    def __len__(self) -> int:
+        return self.size
+
+    def stream(self, epoch: int, skip: int, rank: int, world: int) -> torch.utils.data.IterableDataset:
+        from datasets.distributed import split_dataset_by_node
+
+        split = self.split.shuffle(seed=self.seed, buffer_size=self.buffer)
+        if world > 1:
+            split = split_dataset_by_node(split, rank=rank, world_size=world)
+        split.set_epoch(epoch)  # on the stream that is read: the shuffle's seed becomes (seed, epoch)
+        return _Examples(split, self.image_size, self.max_pixels, epoch, skip)
+
+
+class _Examples(torch.utils.data.IterableDataset):
+    """Rows of a stream as CaptionExamples (None for an unreadable image, as CaptionDataset gives);
+    an image with several captions gives the next one each epoch."""
+
+    def __init__(self, rows, image_size: int, max_pixels: int, epoch: int, skip: int = 0):
+        self.rows, self.image_size, self.max_pixels, self.epoch, self.skip = rows, image_size, max_pixels, epoch, skip
+
+    def __iter__(self):
+        # Resuming: the rows this rank consumed are read again in the same order and passed over
+        # undecoded (datasets' own skip() would change the shuffled order it is applied to).
+        for row in itertools.islice(self.rows, self.skip, None):
+            try:
+                pixels = resize_center_crop(load_image_field(row["image"], self.max_pixels), self.image_size)
+            except ImageLoadError as err:
+                print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
+                yield None
+                continue
+            yield CaptionExample(pixels, row["captions"][self.epoch % len(row["captions"])])
 
 
 def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDataset:

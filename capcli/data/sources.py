@@ -46,11 +46,16 @@ def load_splits(settings: DataSettings) -> Splits:
     kind, _, arg = settings.source.partition(":")
     if kind not in SOURCES:
         raise ConfigError(f"unknown data source '{settings.source}' (allowed: {', '.join(f'{k}[:ARG]' for k in SOURCES)})")
+    if settings.streaming and kind != "hf":
+        raise ConfigError(f"data.streaming applies to hf: sources, not '{settings.source}'")
     splits = SOURCES[kind](arg, settings)
     limits = {"train": settings.train_size, "val": settings.val_size,
               "test": settings.test_size, "test_novel": settings.test_size}
-    splits = {name: split.select(range(min(len(split), limits.get(name, len(split))))) for name, split in splits.items()}
-    if len(splits.get("train", [])) == 0:
+    splits = {name: split if isinstance(split, datasets.IterableDataset)  # a stream is limited by its source
+              else split.select(range(min(len(split), limits.get(name, len(split)))))
+              for name, split in splits.items()}
+    train = splits.get("train")
+    if train is None or (not isinstance(train, datasets.IterableDataset) and len(train) == 0):
         raise DataError(f"data source '{settings.source}' has no training examples")
     return splits
 
@@ -88,8 +93,8 @@ def _imagefolder(arg: str, settings: DataSettings) -> Splits:
         named = {"train": root}
     # One load per folder: a single call would demand the same inferred metadata schema in every split.
     splits = {
-        name: _standardise(datasets.load_dataset("imagefolder", data_files=str(path / "**"), split="train"),
-                           settings, path)
+        name: _group_by_file(_standardise(datasets.load_dataset("imagefolder", data_files=str(path / "**"),
+                                                                split="train"), settings, path))
         for name, path in named.items()
     }
     return _ensure_eval_splits(splits, settings)
@@ -106,10 +111,37 @@ def _hf(arg: str, settings: DataSettings) -> Splits:
     if not name:
         raise ConfigError("hf: needs a dataset name or folder (hf:NAME[:CONFIG])")
     try:
-        loaded = datasets.load_dataset(name, config or None)
+        loaded = datasets.load_dataset(name, config or None, streaming=settings.streaming)
     except Exception as err:  # noqa: BLE001 - the hub, the cache and the builders raise many types
         raise ConfigError(f"cannot load dataset '{arg}' ({type(err).__name__}: {first_line(err)}); {HUB_HELP}") from None
+    if settings.streaming:
+        return _streamed(dict(loaded), settings, f"hf:{arg}")
     return _named(dict(loaded), settings, f"hf:{arg}")
+
+
+def _streamed(raw: dict[str, datasets.IterableDataset], settings: DataSettings, where: str) -> Splits:
+    """A streamed source: train stays a stream (``train_size`` rows of it); val and test, which are
+    read whole and often, are their streams' first rows, kept in memory. A source without them
+    gives the first rows of train to val, then test, and training skips those rows."""
+    if settings.train_split is not None:
+        if settings.train_split not in raw:
+            raise ConfigError(f"{where} has no split '{settings.train_split}' (found: {', '.join(raw)})")
+        raw = {"train": raw[settings.train_split],
+               **{k: v for k, v in raw.items() if k not in ("train", settings.train_split)}}
+    named = {_SPLIT_ALIASES.get(k, k): _standardise(v, settings, where) for k, v in raw.items()}
+    if "train" not in named:
+        raise ConfigError(f"{where} has no train split (found: {', '.join(raw) or 'none'})")
+    train = named["train"]
+    splits: Splits = {}
+    for name, size in (("val", settings.val_size), ("test", settings.test_size)):
+        source = named.get(name)
+        if source is None:
+            if size == 0:
+                continue
+            source, train = train, train.skip(size)
+        splits[name] = datasets.Dataset.from_list(list(source.take(size)), features=source.features)
+    splits["train"] = train.take(settings.train_size)
+    return splits
 
 
 @source("disk")
@@ -180,6 +212,19 @@ def _named(raw: Splits, settings: DataSettings, where: str) -> Splits:
 def first_line(err: BaseException) -> str:
     """The first line of an error's message, cut to 160 characters: enough to say what failed."""
     return (str(err).splitlines() or [""])[0][:160]
+
+
+def _group_by_file(split: datasets.Dataset) -> datasets.Dataset:
+    """Rows naming the same image file become one row with all their captions, in file order:
+    metadata may give an image once per caption (as COCO's annotation files do)."""
+    first: dict[str, int] = {}
+    captions: dict[str, list[str]] = {}
+    for i, (image, caps) in enumerate(zip(split["image"], split["captions"], strict=True)):
+        first.setdefault(image["path"], i)
+        captions.setdefault(image["path"], []).extend(caps)
+    if len(first) == len(split):
+        return split
+    return split.select(sorted(first.values())).map(lambda row: {"captions": captions[row["image"]["path"]]})
 
 
 def _has_metadata(folder: Path) -> bool:
