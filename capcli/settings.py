@@ -44,6 +44,8 @@ class ModelSettings(Strict):
     """clip-gpt2 only: an open_clip pretrained tag (e.g. `openai`), a local weights file, or `none` for random init. Default `openai`."""
     decoder: str | None = None
     """clip-gpt2 only: a GPT-2 family name (`gpt2`, `distilgpt2`, ...) or a local `save_pretrained` directory. Default `gpt2`."""
+    vision_quick_gelu: bool | None = None
+    """clip-gpt2 only: build the vision tower with QuickGELU. Default: what the open_clip tag says (true for `openai`); a local file says nothing, so set it true for a file of OpenAI's weights."""
     embed_dim: int = Field(512, gt=0)
     """Size of the shared image-text embedding space."""
     prefix_length: int | None = Field(None, gt=0)
@@ -57,8 +59,10 @@ class ModelSettings(Strict):
 
     @model_validator(mode="after")
     def _tiny_has_no_pretrained_parts(self) -> ModelSettings:
-        if self.preset == "tiny" and (self.vision_weights not in (None, "none") or self.decoder is not None):
-            raise ValueError("the tiny preset is trained from scratch: vision_weights and decoder apply to clip-gpt2 only")
+        if self.preset == "tiny" and (self.vision_weights not in (None, "none") or self.decoder is not None
+                                      or self.vision_quick_gelu is not None):
+            raise ValueError("the tiny preset is trained from scratch: vision_weights, vision_quick_gelu and "
+                             "decoder apply to clip-gpt2 only")
         return self
 
 

@@ -574,3 +574,18 @@ def test_clip_gpt2_from_a_local_vision_file_and_decoder_trains_a_step_and_captio
     assert captioned.exit_code == 0, captioned.output
     line = json.loads(captioned.stdout)
     assert line["path"] == str(image) and isinstance(line["caption"], str) and line["tokens"] >= 1
+
+
+@pytest.mark.parametrize(("setting", "quick"), [(None, False), (True, True)])
+def test_a_local_vision_file_takes_quick_gelu_from_the_setting(vit_b32_file: dict, tmp_path: Path,
+                                                               captions: list[str], setting, quick: bool) -> None:
+    """A file carries no activation: GELU unless model.vision_quick_gelu says the weights are OpenAI's."""
+    from open_clip.transformer import QuickGELU
+
+    decoder = _small_decoder_dir(tmp_path / "decoder", captions)
+    model = build_model(ModelSettings(preset="clip-gpt2", vision_weights=str(vit_b32_file["path"]),
+                                      decoder=str(decoder), vision_quick_gelu=setting))
+    assert model.config.vision["quick_gelu"] is quick
+    assert isinstance(model.vision.transformer.resblocks[0].mlp.gelu, QuickGELU) is quick
+    rebuilt = Captioner(model.config, model.tokenizer)  # a checkpoint rebuilds the same activation
+    assert isinstance(rebuilt.vision.transformer.resblocks[0].mlp.gelu, QuickGELU) is quick

@@ -33,7 +33,8 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captio
         )
         pretrained_decoder = None
     else:
-        vision, vision_state = vision_spec_open_clip("ViT-B-32", settings.vision_weights or "openai")
+        vision, vision_state = vision_spec_open_clip("ViT-B-32", settings.vision_weights or "openai",
+                                                     settings.vision_quick_gelu)
         source = settings.decoder or "gpt2"
         pretrained_decoder = load_pretrained_decoder(source)  # first: its error says how to provide the files
         tokenizer = load_tokenizer(source)

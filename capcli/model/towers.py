@@ -38,7 +38,8 @@ def vision_spec_tiny() -> dict[str, Any]:
     return {"arch": dict(TINY_VISION), "quick_gelu": False, "mean": CLIP_MEAN, "std": CLIP_STD, "weights": "scratch"}
 
 
-def vision_spec_open_clip(model_name: str, weights: str | None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+def vision_spec_open_clip(model_name: str, weights: str | None,
+                          quick_gelu: bool | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Describe an open_clip model's vision tower and fetch its pretrained weights.
 
     Args:
@@ -55,7 +56,8 @@ def vision_spec_open_clip(model_name: str, weights: str | None) -> tuple[dict[st
     try:
         clip = open_clip.create_model(
             model_name, pretrained=None if random_init else weights, require_pretrained=not random_init,
-            force_quick_gelu=bool(tag.get("quick_gelu")),  # OpenAI's weights were trained with QuickGELU
+            # OpenAI's weights were trained with QuickGELU; a tag says so, a local file cannot.
+            force_quick_gelu=bool(tag.get("quick_gelu")) if quick_gelu is None else quick_gelu,
         )
     except Exception as err:  # open_clip raises RuntimeError/OSError/hub errors alike for missing weights
         raise ConfigError(
