@@ -94,9 +94,12 @@ GradCheckpoint = Annotated[bool, typer.Option("--gradient-checkpointing", help="
 LocalLoss = Annotated[bool, typer.Option("--local-loss", help="Under torchrun: each rank's contrastive loss covers its own pairs against all ranks' (less memory). Default: the global batch, exactly as one process.")]
 
 
-def _speed(compile: bool, gradient_checkpointing: bool, local_loss: bool = False) -> dict[str, object]:
+Log = Annotated[Optional[str], typer.Option("--log", help="jsonl | tensorboard: metrics.jsonl always; tensorboard also writes event files in RUN_DIR/tensorboard.  \\[default: jsonl]", show_default=False)]
+
+
+def _speed(compile: bool, gradient_checkpointing: bool, local_loss: bool = False, log: str | None = None) -> dict[str, object]:
     return {"runtime.compile": compile or None, "runtime.gradient_checkpointing": gradient_checkpointing or None,
-            "runtime.local_loss": local_loss or None}
+            "runtime.local_loss": local_loss or None, "runtime.log": log}
 
 
 def _main_process() -> bool:
@@ -117,14 +120,14 @@ def pretrain(
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
     image_column: ImageColumn = None, caption_column: CaptionColumn = None, split: SourceSplit = None,
-    streaming: Streaming = False,
+    streaming: Streaming = False, log: Log = None,
 ) -> None:
     """Phase 1: contrastive (InfoNCE) + captioning loss on image-caption pairs."""
     with exit_codes():
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
+            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss, log),
             **_columns(image_column, caption_column, split), "data.streaming": streaming or None,
             "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
@@ -161,13 +164,14 @@ def align(
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
     image_column: ImageColumn = None, caption_column: CaptionColumn = None, split: SourceSplit = None,
+    log: Log = None,
 ) -> None:
     """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen."""
     with exit_codes():
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss),
+            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss, log),
             **_columns(image_column, caption_column, split), "data.source": data, "align.checkpoint": checkpoint,
             "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
             "align.margin": margin, "align.engine.output": output, "align.engine.epochs": epochs,
@@ -265,6 +269,23 @@ def evaluate(
         results.write_json(outcome, output)
         results.print_evaluation(outcome, json)
         log(f"results written to {output}")
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run directories (with metrics.jsonl); several are drawn end to end, phases marked.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(help="Where the PNG goes.  \\[default: RUN_DIR/curves.png for one run, ./curves.png for several]", show_default=False)] = None,
+) -> None:
+    """Draw a run's training curves into curves.png: losses, loss components, learning rate, α(t) and reward accuracy."""
+    with exit_codes():
+        from capcli.errors import ConfigError
+
+        missing = [str(run) for run in runs if not (run / "metrics.jsonl").is_file()]
+        if missing:
+            raise ConfigError(f"no metrics.jsonl in {', '.join(missing)}: pass run directories (runs/pretrain, runs/align)")
+        from capcli.report import write_curves
+
+        print(write_curves(runs, output))
 
 
 @app.command()

@@ -203,7 +203,8 @@ class _Training:
             if self.world.rank > 0:  # each rank its own dropout masks, as one process's rows would have
                 torch.manual_seed(runtime.seed * 1_000_003 + self.world.rank)
         # Rank 0 alone writes the log, the checkpoints and the progress; the others train quietly.
-        self.log = (RunLog(self.run_dir, resume_step=self.state["step"] if engine.resume else None)
+        self.log = (RunLog(self.run_dir, resume_step=self.state["step"] if engine.resume else None,
+                           tensorboard=runtime.log == "tensorboard")
                     if self.world.main else _NoLog())
         self.val_loader = None
         if data.val is not None and len(data.val) > 0:

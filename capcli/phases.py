@@ -115,8 +115,22 @@ def pretrain(settings: Settings, overwrite: bool = False,
     """Phase 1: contrastive + captioning loss on image-caption pairs."""
     run = prepare_pretrain(settings, overwrite)
     phase = settings.pretrain
-    return fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
-               title="pretrain", on_step=on_step)
+    result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
+                 title="pretrain", on_step=on_step)
+    _draw_curves(result.run_dir)
+    return result
+
+
+def _draw_curves(run_dir: Path) -> None:
+    """``curves.png`` at the end of a phase (rank 0). A plot that fails is a warning, never a failed run."""
+    if not distributed.current().main:
+        return
+    try:
+        from capcli.report import write_curves
+
+        write_curves([run_dir])
+    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why there is no picture
+        print(f"warning: no curves.png for {run_dir} ({type(err).__name__}: {err})", file=sys.stderr)
 
 
 DEFAULT_START = Path("runs/pretrain")
@@ -195,6 +209,7 @@ def align(settings: Settings, overwrite: bool = False,
     before = run.measure(run.model)
     result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
                  title="align", on_step=on_step)
+    _draw_curves(result.run_dir)
     best = result.best_checkpoint or resolve_checkpoint(result.run_dir, "last")
     model = Captioner.from_pretrained(best, next(run.model.parameters()).device)
     after = run.measure(model)

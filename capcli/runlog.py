@@ -14,10 +14,15 @@ from typing import Any
 METRICS_FILE = "metrics.jsonl"
 
 
-class RunLog:
-    """Appends records to ``<run_dir>/metrics.jsonl``."""
+TENSORBOARD_DIR = "tensorboard"
 
-    def __init__(self, run_dir: Path, resume_step: int | None = None):
+
+class RunLog:
+    """Appends records to ``<run_dir>/metrics.jsonl``, and, with ``tensorboard``, to TensorBoard
+    event files in ``<run_dir>/tensorboard`` (each number as ``SPLIT/KEY`` at its step)."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = False):
+        self.writer = _tensorboard(Path(run_dir) / TENSORBOARD_DIR, resume_step) if tensorboard else None
         self.path = Path(run_dir) / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
@@ -31,6 +36,29 @@ class RunLog:
         record = {"time": round(time.time(), 3), **record}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            split, step = record.get("split", "train"), record.get("step", 0)
+            for key, value in record.items():
+                if key not in ("time", "split", "step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{split}/{key.removeprefix('val_')}", value, step)
+            self.writer.flush()
+
+
+def _tensorboard(directory: Path, resume_step: int | None):
+    """A SummaryWriter; a resumed run tells TensorBoard to drop what was logged after its step."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        from capcli.errors import ConfigError
+
+        raise ConfigError("runtime.log tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or pip install 'capcli[tensorboard]')") from None
+    writer = SummaryWriter(str(directory))
+    if resume_step is not None:  # TensorBoard's restart marker: points logged after this step are dropped
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        writer.file_writer.add_event(Event(session_log=SessionLog(status=SessionLog.START)), step=resume_step)
+    return writer
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -152,6 +152,8 @@ class RuntimeSettings(Strict):
     """Seed of model initialisation and data order."""
     quiet: bool = False
     """Silence progress output on stderr."""
+    log: Literal["jsonl", "tensorboard"] = "jsonl"
+    """Training logs: `metrics.jsonl` always; `tensorboard` also writes TensorBoard event files in the run's `tensorboard/` (needs the tensorboard package)."""
     compile: bool = False
     """Compile each transformer block with `torch.compile` (minutes to compile, faster steps after; needs a C++ compiler on CPU)."""
     local_loss: bool = False

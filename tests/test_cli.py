@@ -185,6 +185,7 @@ def test_pretrain_json_is_one_document_with_the_summary(json_run):
     assert {"loss", "caption_loss", "contrastive_loss"} <= set(summary["train"])
     assert {"loss", "caption_loss", "contrastive_loss"} <= set(summary["val"])
     assert {"loss", "caption_loss", "contrastive_loss"} <= set(summary["val_start"])
+    assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the end of the phase
 
 
 @pytest.mark.slow
