@@ -238,6 +238,7 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images of the split only.", show_default=False)] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Checkpoint whose captions the win rate is against.  \\[default: shuffled captions]", show_default=False)] = None,
     save_captions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per image: image, caption, references, scores.", show_default=False)] = None,
+    report: Annotated[Optional[Path], typer.Option(help="Write DIR/index.html: each image with its caption, references, CIDEr-D, CLIP score and grounding errors, sortable, self-contained.", show_default=False)] = None,
     output: Annotated[Path, typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = Path("results/evaluation_metrics.json"),
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = 64,
     judge: Annotated[str, typer.Option(help="Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE.  \\[default: auto]", show_default=False)] = "auto",
@@ -261,7 +262,7 @@ def evaluate(
         options = evaluation.EvalOptions(
             checkpoint=resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint(), split=split,
             decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram), limit=limit,
-            baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions,
+            baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions, report=report,
             batch_size=batch_size, judge=judge,
         )
         log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))

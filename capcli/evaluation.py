@@ -62,6 +62,7 @@ class EvalOptions:
     limit: int | None = None
     baseline: Path | None = None
     save_captions: Path | None = None
+    report: Path | None = None  # a folder for the HTML gallery (gallery.py)
     batch_size: int = 64
     resamples: int = 1000
     judge: str = "auto"
@@ -113,7 +114,8 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         baseline_name = "shuffled captions (each image gets another image's generated caption)"
     with autocast():
         baseline_emb = _batched(judge.embed_texts, baseline_captions, options.batch_size)
-    outcomes = pairwise_outcomes(clip, clip_score(image_emb, baseline_emb).cpu().numpy(), tie=0.5)
+    baseline_clip = clip_score(image_emb, baseline_emb).cpu().numpy()
+    outcomes = pairwise_outcomes(clip, baseline_clip, tie=0.5)
     put("win_rate", float(outcomes.mean()), bootstrap_interval(outcomes, options.resamples, seed=seed))
 
     # Preference accuracy: the model's log-probs rank the true caption over its corruption.
@@ -131,6 +133,19 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     if options.save_captions is not None:
         _save_captions(options.save_captions, rows, predictions, references, {f"clip_score{judge.suffix}": clip},
                        scores, grounding)
+
+    if options.report is not None:
+        from capcli.gallery import GalleryRow, write_gallery
+
+        gallery = [GalleryRow(pixels[i], predictions[i], references[i], float(scores.per_image["cider_d"][i]),
+                              float(clip[i]), grounding.errors[i] if grounding is not None else [],
+                              baseline_captions[i] if options.baseline is not None else None,
+                              float(baseline_clip[i]) if options.baseline is not None else None)
+                   for i in range(n)]
+        summary = {name: value["value"] for name, value in metrics.items() if not name.startswith("grounding_")}
+        page = write_gallery(options.report, gallery,
+                             f"capcli evaluate: {options.checkpoint} on {options.split} (n={n})", summary)
+        log(f"gallery written to {page}")
 
     return {
         "checkpoint": str(options.checkpoint),

@@ -149,3 +149,54 @@ def torch_device():
     import torch
 
     return torch.device("cpu")
+
+
+# --- the HTML gallery (--report) ---------------------------------------------------------------------------------
+
+
+def _browser() -> str | None:
+    import shutil
+
+    for name in ("/usr/lib/chromium/chromium", "chromium", "chromium-browser", "google-chrome", "chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def test_report_writes_one_self_contained_page_with_a_row_per_image(tmp_path, checkpoint, env):
+    report = tmp_path / "gallery"
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--report", str(report), "--baseline", str(checkpoint))
+    assert result.exit_code == 0, result.output
+    page = (report / "index.html").read_text(encoding="utf-8")
+    body = page.split("<tbody>", 1)[1].split("</tbody>", 1)[0]
+    assert body.count("<tr>") == 12  # --limit 12
+    assert body.count('src="data:image/png;base64,') == 12  # images embedded: nothing to fetch
+    assert "http://" not in page and "https://" not in page
+    for header in ("caption", "baseline caption", "references", "CIDEr-D", "CLIP score", "errors"):
+        assert f"<th>{header}</th>" in page
+    assert 'class="errors"' in page  # a tiny model after 8 steps gets some facts of its scenes wrong
+
+
+def test_the_gallery_loads_in_headless_chromium(tmp_path, checkpoint, env):
+    """The page's own script counts its rows and records any error; the DOM after it ran says both."""
+    import re
+    import subprocess
+
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium on this machine (.ci/run installs it from Debian where it can)")
+    report = tmp_path / "gallery"
+    result, _ = run_evaluate(tmp_path, checkpoint, env, "--report", str(report))
+    assert result.exit_code == 0, result.output
+    url = (report / "index.html").resolve().as_uri()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    body = re.search(r"<body([^>]*)>", dom.stdout)
+    assert body is not None and 'data-rows="12"' in body.group(1)
+    assert "data-errors" not in body.group(1), body.group(1)
+    shot = tmp_path / "gallery.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,1600", url],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
