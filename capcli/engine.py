@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -248,7 +249,7 @@ class _Training:
         if hasattr(train, "stream"):  # a streamed split (StreamingCaptions): its epoch's stream, batched in order
             self.sampler = _EpochPlan((len(train) // (engine.batch_size * engine.grad_accum * world.size))
                                       * engine.grad_accum)
-            source = train.stream(state["epoch"], state["batch_in_epoch"] * engine.batch_size, world.rank, world.size)
+            source = train.stream(state["epoch"], state["batch_in_epoch"], engine.batch_size, world.rank, world.size)
             loader = DataLoader(source, batch_size=engine.batch_size, collate_fn=self.data.collate,
                                 num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda")
         else:
@@ -272,7 +273,10 @@ class _Training:
             lost_ranks, skipped, short_ranks = distributed.all_sum(
                 [float(lost), sum(b.skipped for b in micro), float(short)], self.device)
             state["skipped"] += int(skipped)
-            if short_ranks:
+            if short_ranks:  # only a stream shorter than train_size runs out before the plan
+                if world.main:
+                    print(f"warning: the training stream ran out after {state['batch_in_epoch']} of "
+                          f"{self.sampler.num_batches} micro-batches; set --train-size to its length", file=sys.stderr)
                 state["batch_in_epoch"] = self.sampler.num_batches
                 break
             state["batch_in_epoch"] += len(micro)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 
@@ -170,10 +171,14 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
 
 def _load_split(settings: Settings, options: EvalOptions, image_size: int):
     splits = load_splits(settings.data)
-    if options.split not in splits or len(splits[options.split]) == 0:
+    rows = splits.get(options.split)
+    if isinstance(rows, datasets.IterableDataset):
+        raise ConfigError(f"'{options.split}' is streamed (data.streaming): evaluate reads a whole split; "
+                          f"use --split val or test, which a streamed source keeps in memory")
+    if rows is None or len(rows) == 0:
+        have = [name for name, s in splits.items() if isinstance(s, datasets.IterableDataset) or len(s)]
         raise ConfigError(f"data source '{settings.data.source}' has no '{options.split}' split "
-                          f"(it has: {', '.join(name for name, s in splits.items() if len(s))})")
-    rows = splits[options.split]
+                          f"(it has: {', '.join(have)})")
     if options.limit is not None:
         rows = rows.select(range(min(options.limit, len(rows))))
     images, keep = [], []

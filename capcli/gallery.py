@@ -32,9 +32,15 @@ class GalleryRow:
     baseline_clip: float | None = None
 
 
+THUMBNAIL = 128  # pixels: what the page shows; larger inputs (224 px) are shrunk to keep the page small
+
+
 def _data_uri(pixels: torch.Tensor) -> str:
     buf = io.BytesIO()
-    Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy()).save(buf, format="PNG")
+    image = Image.fromarray(pixels.permute(1, 2, 0).cpu().numpy())
+    if max(image.size) > THUMBNAIL:
+        image.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.LANCZOS)
+    image.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -49,7 +55,7 @@ th, td { border-bottom: 1px solid #ddd; padding: 6px 8px; text-align: left; vert
 th { background: #f4f4f4; cursor: pointer; position: sticky; top: 0; }
 th.sorted::after { content: attr(data-arrow); }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { width: 128px; height: 128px; image-rendering: pixelated; }
+img { width: 128px; height: 128px; }
 ul { margin: 0; padding-left: 1.2em; color: #555; }
 .errors { color: #b00020; font-size: 0.9em; }
 .meta { color: #555; }
@@ -63,8 +69,8 @@ function sortBy(column, descending) {
   const rows = Array.from(body.rows);
   rows.sort((a, b) => {
     const x = a.cells[column].dataset.value, y = b.cells[column].dataset.value;
-    const nx = parseFloat(x), ny = parseFloat(y);
-    const order = (isNaN(nx) || isNaN(ny)) ? String(x).localeCompare(String(y)) : nx - ny;
+    const numeric = a.cells[column].classList.contains("num");  // text columns sort as text, "10 ..." after "2 ..."
+    const order = numeric ? (parseFloat(x) || 0) - (parseFloat(y) || 0) : x.localeCompare(y);
     return descending ? -order : order;
   });
   rows.forEach(r => body.appendChild(r));

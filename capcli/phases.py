@@ -88,8 +88,8 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         model = Captioner.from_pretrained(resolve_checkpoint(run_dir, "last"), weights=False)
     else:
         train = splits["train"]
-        if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head
-            train = train.take(TOKENIZER_ROWS)
+        if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head's captions
+            train = train.select_columns(["captions"]).take(TOKENIZER_ROWS)
         model = build_model(settings.model, (c for row in train for c in row["captions"]))
     _write_config(run_dir, settings)
 
@@ -98,7 +98,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
             return None
         if isinstance(splits[name], datasets.IterableDataset):
             return StreamingCaptions(splits[name], settings.data.train_size, model.image_size,
-                                     settings.data.max_pixels, settings.data.seed)
+                                     settings.data.max_pixels, settings.runtime.seed)
         return caption_dataset(splits[name], model.image_size, settings.data)
 
     data = TrainData(

@@ -7,6 +7,7 @@ can be added here without touching the engine.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,15 @@ def _tensorboard(directory: Path, resume_step: int | None):
 
         raise ConfigError("runtime.log tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or pip install 'capcli[tensorboard]')") from None
+    if resume_step is None and directory.exists():  # a new run: the old curves go, as metrics.jsonl's lines do
+        shutil.rmtree(directory)
     writer = SummaryWriter(str(directory))
-    if resume_step is not None:  # TensorBoard's restart marker: points logged after this step are dropped
+    if resume_step is not None:
+        # TensorBoard's restart marker drops the points at this step and after: those metrics.jsonl
+        # dropped too (it keeps lines up to the checkpoint's step, hence the + 1).
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 
-        writer.file_writer.add_event(Event(session_log=SessionLog(status=SessionLog.START)), step=resume_step)
+        writer.file_writer.add_event(Event(session_log=SessionLog(status=SessionLog.START)), step=resume_step + 1)
     return writer
 
 

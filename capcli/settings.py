@@ -88,7 +88,7 @@ class DataSettings(Strict):
     train_split: str | None = None
     """The source's split to train on (`hf:`, `disk:`). Default: `train`."""
     streaming: bool = False
-    """`hf:` only: read the training split as a stream, downloading nothing ahead; an epoch is `train_size` samples. Val and test are the first rows of their streams (or of train's, skipped by training)."""
+    """`hf:` only: read the training split as a stream, downloading nothing ahead; an epoch is `train_size` samples. The source needs its own validation split; val and test are the first rows of their streams."""
     max_caption_tokens: int = Field(48, ge=4)
     """Captions are cut to this many tokens (before the end-of-text token)."""
     num_workers: int = Field(0, ge=0)

@@ -196,6 +196,9 @@ def test_the_gallery_loads_in_headless_chromium(tmp_path, checkpoint, env):
     body = re.search(r"<body([^>]*)>", dom.stdout)
     assert body is not None and 'data-rows="12"' in body.group(1)
     assert "data-errors" not in body.group(1), body.group(1)
+    rows = dom.stdout.split("<tbody>", 1)[1].split("</tbody>", 1)[0].split("<tr>")[1:]
+    cider = [float(re.findall(r'<td class="num" data-value="([^"]*)"', row)[1]) for row in rows]
+    assert cider == sorted(cider)  # the page sorted itself by CIDEr-D, worst first
     shot = tmp_path / "gallery.png"
     subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1280,1600", url],
                    capture_output=True, timeout=120, check=True)

@@ -158,11 +158,32 @@ def test_a_streamed_source_keeps_train_a_stream_and_val_in_memory(hf_folder: Pat
                                       test_size=3))
     assert isinstance(splits["train"], datasets.IterableDataset)
     assert len(splits["val"]) == 4  # the head of the validation stream
-    assert len(splits["test"]) == 3  # no test split: the head of train, which training then skips
-    train = list(splits["train"])
-    assert len(train) == 20 and train[0]["captions"][0] in CAPTIONS
-    test_images = {row["image"]["bytes"] for row in splits["test"]}
-    assert not test_images & {row["image"]["bytes"] for row in train}
+    assert "test" not in splits  # the source has none, and a stream is never carved
+    train = list(splits["train"])  # the whole stream: the engine stops after train_size samples an epoch
+    assert len(train) == 24 and train[0]["captions"][0] in CAPTIONS
+
+
+def test_a_streamed_source_without_a_validation_split_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "train-only"
+    (root / "data").mkdir(parents=True)
+    image_dataset(8).to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    with pytest.raises(ConfigError, match="no validation split to stream"):
+        load_splits(DataSettings(source=f"hf:{root}", streaming=True))
+
+
+def test_a_resumed_stream_skips_each_workers_share_of_the_consumed_batches(monkeypatch) -> None:
+    """Workers read their own parts of the stream and the loader takes their batches in turn."""
+    from types import SimpleNamespace
+
+    from capcli.data.batches import _Examples
+
+    examples = _Examples(rows=[], image_size=8, max_pixels=10, epoch=0, skip_batches=5, batch_size=4)
+    assert examples._skip() == 20  # no workers: all 5 batches of 4
+    skipped = []
+    for worker in range(2):
+        monkeypatch.setattr("torch.utils.data.get_worker_info", lambda w=worker: SimpleNamespace(num_workers=2, id=w))
+        skipped.append(examples._skip())
+    assert skipped == [12, 8]  # worker 0 made batches 0, 2, 4; worker 1 made 1, 3
 
 
 def test_streaming_applies_to_hf_sources_only(disk_folder: Path) -> None:

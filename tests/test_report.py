@@ -79,3 +79,34 @@ def test_tensorboard_gets_the_numbers_metrics_jsonl_gets(settings_factory) -> No
     assert all(abs(e.value - r["loss"]) < 1e-5 for e, r in zip(events.Scalars("train/loss"), train, strict=True))
     val = [r for r in records if r["split"] == "val"]
     assert len(events.Scalars("val/loss")) == len(val) and "val/contrastive_loss" in events.Tags()["scalars"]
+
+
+def test_a_resumed_run_keeps_tensorboard_and_metrics_jsonl_in_step(settings_factory) -> None:
+    """Stopped after step 5 (checkpoint at step 4, end of epoch 1) and resumed: TensorBoard drops what
+    the resume repeats, as metrics.jsonl does, and the two hold the same steps."""
+    import os
+    import signal
+
+    import pytest
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from capcli.engine import TrainingInterrupted
+    from capcli.phases import pretrain
+    from capcli.runlog import read_metrics
+    from capcli.settings import override
+
+    settings = settings_factory(**{"runtime.log": "tensorboard", "data.train_size": 32})
+
+    def stop_at_5(step, losses):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        pretrain(settings, on_step=stop_at_5)
+    pretrain(override(settings, {"pretrain.engine.resume": True}))
+    run = settings.pretrain.engine.output
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    logged = [r["step"] for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
+    assert logged == list(range(1, 9))
+    assert [e.step for e in events.Scalars("train/loss")] == logged

@@ -68,11 +68,8 @@ class CaptionDataset(Dataset):
         index, epoch = key
         pixels = None if self.cache is None else self.cache.get(index)
         if pixels is None:
-            try:
-                pixels = resize_center_crop(load_image_field(self.split[index]["image"], self.max_pixels),
-                                            self.image_size)
-            except ImageLoadError as err:
-                print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
+            pixels = decode_or_warn(self.split[index]["image"], self.image_size, self.max_pixels)
+            if pixels is None:
                 return None
             if self.cache is not None:
                 self.cache.put(index, pixels)
@@ -81,14 +78,23 @@ class CaptionDataset(Dataset):
         return CaptionExample(pixels, captions[choice])
 
 
+def decode_or_warn(image, image_size: int, max_pixels: int) -> torch.Tensor | None:
+    """An image field as the model's (3, S, S) uint8 input, or None, with a warning naming it, when unreadable."""
+    try:
+        return resize_center_crop(load_image_field(image, max_pixels), image_size)
+    except ImageLoadError as err:
+        print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
+        return None
+
+
 class StreamingCaptions:
     """A streamed training split (``datasets.IterableDataset``), read afresh each epoch.
 
-    ``len`` is the epoch's length, ``data.train_size`` (a stream does not know its own). The
-    engine asks for each epoch's stream with :meth:`stream`: the source shuffled through a
-    buffer, seeded by (seed, epoch) so a rerun reads the same order; under torchrun, this
-    rank's shard of it (``datasets.distributed.split_dataset_by_node``); after a resume,
-    without the samples this rank already consumed in the epoch.
+    ``len`` is the epoch's length, ``data.train_size`` (a stream does not know its own); the
+    engine stops reading after it. For each epoch :meth:`stream` gives the source shuffled
+    (shard order, then a buffer of rows) with a seed of (seed, epoch), so a rerun reads the same
+    order; under torchrun, this rank's part of it (``split_dataset_by_node``); after a resume,
+    without the batches already consumed.
     """
 
     def __init__(self, split, size: int, image_size: int, max_pixels: int, seed: int = 0, buffer: int = 1000):
@@ -98,34 +104,40 @@ class StreamingCaptions:
     def __len__(self) -> int:
         return self.size
 
-    def stream(self, epoch: int, skip: int, rank: int, world: int) -> torch.utils.data.IterableDataset:
+    def stream(self, epoch: int, skip_batches: int, batch_size: int, rank: int,
+               world: int) -> torch.utils.data.IterableDataset:
         from datasets.distributed import split_dataset_by_node
 
         split = self.split.shuffle(seed=self.seed, buffer_size=self.buffer)
         if world > 1:
             split = split_dataset_by_node(split, rank=rank, world_size=world)
         split.set_epoch(epoch)  # on the stream that is read: the shuffle's seed becomes (seed, epoch)
-        return _Examples(split, self.image_size, self.max_pixels, epoch, skip)
+        return _Examples(split, self.image_size, self.max_pixels, epoch, skip_batches, batch_size)
 
 
 class _Examples(torch.utils.data.IterableDataset):
-    """Rows of a stream as CaptionExamples (None for an unreadable image, as CaptionDataset gives);
-    an image with several captions gives the next one each epoch."""
+    """Rows of a stream as CaptionExamples (None for an unreadable image, as CaptionDataset gives).
+    An image with several captions gives the next one each epoch (a stream has no row index
+    for CaptionDataset's seeded choice)."""
 
-    def __init__(self, rows, image_size: int, max_pixels: int, epoch: int, skip: int = 0):
-        self.rows, self.image_size, self.max_pixels, self.epoch, self.skip = rows, image_size, max_pixels, epoch, skip
+    def __init__(self, rows, image_size: int, max_pixels: int, epoch: int, skip_batches: int, batch_size: int):
+        self.rows, self.image_size, self.max_pixels, self.epoch = rows, image_size, max_pixels, epoch
+        self.skip_batches, self.batch_size = skip_batches, batch_size
+
+    def _skip(self) -> int:
+        """Rows this reader already consumed. DataLoader workers each read their own part of the
+        stream (datasets splits it by worker) and the loader takes their batches in turn, so
+        worker w made batches w, w + n, w + 2n... of those consumed."""
+        info = torch.utils.data.get_worker_info()
+        workers, me = (info.num_workers, info.id) if info is not None else (1, 0)
+        return max(0, -(-(self.skip_batches - me) // workers)) * self.batch_size
 
     def __iter__(self):
-        # Resuming: the rows this rank consumed are read again in the same order and passed over
-        # undecoded (datasets' own skip() would change the shuffled order it is applied to).
-        for row in itertools.islice(self.rows, self.skip, None):
-            try:
-                pixels = resize_center_crop(load_image_field(row["image"], self.max_pixels), self.image_size)
-            except ImageLoadError as err:
-                print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
-                yield None
-                continue
-            yield CaptionExample(pixels, row["captions"][self.epoch % len(row["captions"])])
+        # Resuming: the consumed rows are read again in the same order and passed over undecoded
+        # (datasets' own skip() would change the shuffled order it is applied to).
+        for row in itertools.islice(self.rows, self._skip(), None):
+            pixels = decode_or_warn(row["image"], self.image_size, self.max_pixels)
+            yield None if pixels is None else CaptionExample(pixels, row["captions"][self.epoch % len(row["captions"])])
 
 
 def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDataset:

@@ -120,27 +120,20 @@ def _hf(arg: str, settings: DataSettings) -> Splits:
 
 
 def _streamed(raw: dict[str, datasets.IterableDataset], settings: DataSettings, where: str) -> Splits:
-    """A streamed source: train stays a stream (``train_size`` rows of it); val and test, which are
-    read whole and often, are their streams' first rows, kept in memory. A source without them
-    gives the first rows of train to val, then test, and training skips those rows."""
-    if settings.train_split is not None:
-        if settings.train_split not in raw:
-            raise ConfigError(f"{where} has no split '{settings.train_split}' (found: {', '.join(raw)})")
-        raw = {"train": raw[settings.train_split],
-               **{k: v for k, v in raw.items() if k not in ("train", settings.train_split)}}
-    named = {_SPLIT_ALIASES.get(k, k): _standardise(v, settings, where) for k, v in raw.items()}
-    if "train" not in named:
-        raise ConfigError(f"{where} has no train split (found: {', '.join(raw) or 'none'})")
-    train = named["train"]
-    splits: Splits = {}
+    """A streamed source: train stays a stream (the engine reads ``train_size`` samples of it an
+    epoch); val and test, which are read whole and often, are their streams' first rows, kept in
+    memory. A stream cannot be carved (its rows split across ranks and workers by shard, so no
+    held-out head could be skipped reliably): the source must bring its own validation split."""
+    raw = _pick_train(raw, settings, where)
+    named = {_SPLIT_ALIASES.get(k, k): v for k, v in raw.items()}
+    if "val" not in named:
+        raise ConfigError(f"{where} has no validation split to stream (found: {', '.join(raw)}); a stream "
+                          f"cannot be carved: use a source with one, or load it without --streaming")
+    splits: Splits = {"train": _standardise(named["train"], settings, where)}
     for name, size in (("val", settings.val_size), ("test", settings.test_size)):
-        source = named.get(name)
-        if source is None:
-            if size == 0:
-                continue
-            source, train = train, train.skip(size)
-        splits[name] = datasets.Dataset.from_list(list(source.take(size)), features=source.features)
-    splits["train"] = train.take(settings.train_size)
+        if name in named and size:
+            head = _standardise(named[name], settings, where)
+            splits[name] = datasets.Dataset.from_list(list(head.take(size)), features=head.features)
     return splits
 
 
@@ -191,14 +184,20 @@ def expand_braces(pattern: str) -> list[str]:
     return [p for i in range(int(first), int(last) + 1) for p in expand_braces(f"{head}{i:0{width}d}{tail}")]
 
 
+def _pick_train(raw: dict, settings: DataSettings, where: str) -> dict:
+    """The source's splits, with ``data.train_split`` (``--split``) renamed to ``train``."""
+    if settings.train_split is None:
+        return raw
+    if settings.train_split not in raw:
+        raise ConfigError(f"{where} has no split '{settings.train_split}' (found: {', '.join(raw)}); "
+                          f"set data.train_split (--split)")
+    return {"train": raw[settings.train_split],
+            **{k: v for k, v in raw.items() if k not in ("train", settings.train_split)}}
+
+
 def _named(raw: Splits, settings: DataSettings, where: str) -> Splits:
     """Standardise a loaded dataset's splits and name them capcli's way (validation → val)."""
-    if settings.train_split is not None:
-        if settings.train_split not in raw:
-            raise ConfigError(f"{where} has no split '{settings.train_split}' (found: {', '.join(raw)}); "
-                              f"set data.train_split (--split)")
-        raw = {"train": raw[settings.train_split],
-               **{k: v for k, v in raw.items() if k not in ("train", settings.train_split)}}
+    raw = _pick_train(raw, settings, where)
     splits: Splits = {}
     for name, split in raw.items():
         ours = _SPLIT_ALIASES.get(name, name)
