@@ -41,7 +41,7 @@ from capcli.precision import (
 )
 from capcli.progress import ProgressDisplay
 from capcli.runlog import RunLog
-from capcli.sampler import StepBatchSampler, in_order
+from capcli.sampler import StepBatchSampler, in_order, micro_batches_per_epoch
 from capcli.settings import EngineSettings, OptimizerSettings, RuntimeSettings
 
 
@@ -185,8 +185,8 @@ class _Training:
                 find_unused_parameters=True)  # text-only align pairs leave the image head unused
         self.optimizer = build_optimizer(model, optimizer, self.device)
 
-        global_step = engine.batch_size * engine.grad_accum * self.world.size
-        per_epoch = len(data.train) // global_step
+        per_epoch = micro_batches_per_epoch(len(data.train), engine.batch_size, engine.grad_accum,
+                                            self.world.size) // engine.grad_accum  # optimizer steps
         if per_epoch == 0:
             raise DataError(f"{len(data.train)} training samples cannot fill one optimizer step of "
                             f"batch_size {engine.batch_size} × grad_accum {engine.grad_accum}"
@@ -247,8 +247,8 @@ class _Training:
         state, engine = self.state, self.engine
         train, world = self.data.train, self.world
         if hasattr(train, "stream"):  # a streamed split (StreamingCaptions): its epoch's stream, batched in order
-            self.sampler = _EpochPlan((len(train) // (engine.batch_size * engine.grad_accum * world.size))
-                                      * engine.grad_accum)
+            self.sampler = _EpochPlan(micro_batches_per_epoch(len(train), engine.batch_size, engine.grad_accum,
+                                                              world.size))
             source = train.stream(state["epoch"], state["batch_in_epoch"], engine.batch_size, world.rank, world.size)
             loader = DataLoader(source, batch_size=engine.batch_size, collate_fn=self.data.collate,
                                 num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda")

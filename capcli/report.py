@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from capcli.errors import ConfigError
 from capcli.runlog import METRICS_FILE, read_metrics
 
 WIDTH, HEIGHT, DPI = 12.0, 9.0, 100  # inches and dots per inch: a 1200 × 900 image
@@ -28,7 +29,7 @@ def write_curves(run_dirs: list[Path], output: Path | None = None) -> Path:
     """Draw the runs' curves into ``output`` (default: the single run's ``curves.png``).
 
     Raises:
-        FileNotFoundError: a run directory has no metrics.jsonl.
+        ConfigError: a run directory has no metrics.jsonl.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -37,7 +38,7 @@ def write_curves(run_dirs: list[Path], output: Path | None = None) -> Path:
     for run_dir in run_dirs:
         path = Path(run_dir) / METRICS_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{run_dir}: no {METRICS_FILE} (is it a run directory?)")
+            raise ConfigError(f"no {METRICS_FILE} in {run_dir}: pass run directories (runs/pretrain, runs/align)")
         runs.append((Path(run_dir), read_metrics(path)))
     if output is None:
         output = runs[0][0] / "curves.png" if len(runs) == 1 else Path("curves.png")

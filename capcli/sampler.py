@@ -21,6 +21,11 @@ class SampleKey(NamedTuple):
     epoch: int
 
 
+def micro_batches_per_epoch(n: int, batch_size: int, accum: int, world: int = 1) -> int:
+    """Micro-batches each rank takes in an epoch of ``n`` samples: whole optimizer steps only."""
+    return (n // (batch_size * accum * world)) * accum
+
+
 class StepBatchSampler(Sampler[list[SampleKey]]):
     """One epoch's micro-batches, in a seeded order, skipping those already consumed.
 
@@ -40,7 +45,7 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
         self.batch_size, self.epoch, self.rank, self.world = batch_size, epoch, rank, world
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         self.order = torch.randperm(n, generator=generator).tolist()
-        self.num_batches = (n // (batch_size * accum * world)) * accum
+        self.num_batches = micro_batches_per_epoch(n, batch_size, accum, world)
         self.skip = skip_batches
 
     def __len__(self) -> int:
