@@ -394,7 +394,7 @@ def test_intervals_are_paired_with_the_house_bootstrap():
 
 
 def _soup_list(rng: random.Random) -> list[str]:
-    return [_soup(rng), "a green star and a purple hexagon"]
+    return [_soup(rng), "a green star and a purple cross"]
 
 
 def test_intervals_of_perfect_scores_are_points_and_missing_claims_give_nan():

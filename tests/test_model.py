@@ -95,7 +95,7 @@ def test_caption_targets_ignore_exactly_the_padding(tiny: Captioner) -> None:
 
 
 def test_tiny_feature_and_embedding_shapes_are_normalised(tiny: Captioner) -> None:
-    ids, mask = _encode(tiny.tokenizer, ["a red circle", "a small green star above a square", "two hexagons"])
+    ids, mask = _encode(tiny.tokenizer, ["a red circle", "a small green star above a square", "two crosses"])
     with torch.no_grad():
         features = tiny.image_features(_pixels(3, tiny.image_size))
         image_emb = tiny.embed_image(features)
@@ -152,7 +152,7 @@ def test_caption_logits_are_causal(tiny: Captioner) -> None:
 
 
 def test_padding_does_not_change_a_shorter_caption(tiny: Captioner) -> None:
-    short, long = "a red circle", "three large purple hexagons above two small cyan diamonds on beige"
+    short, long = "a red circle", "three large purple crosses above two small cyan diamonds on beige"
     ids_alone, mask_alone = _encode(tiny.tokenizer, [short])
     ids, mask = _encode(tiny.tokenizer, [short, long])
     assert mask[0].sum() < mask.shape[1], "the short caption should be padded in the batch"

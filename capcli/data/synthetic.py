@@ -31,11 +31,11 @@ from PIL import Image, ImageDraw
 
 from capcli.errors import ConfigError
 
-DATASET_VERSION = "v1"  # bump whenever scenes, captions or pixels change
+DATASET_VERSION = "v2"  # bump whenever scenes, captions or pixels change
 SPLITS = ("train", "val", "test", "test_novel")
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "hexagon")
-SHAPE_PLURALS = {shape: shape + "s" for shape in SHAPES}
+SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
+SHAPE_PLURALS = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in SHAPES}
 # Saturated and far apart in hue, so they survive LANCZOS downsampling to 64 px.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (230, 25, 35),
@@ -62,16 +62,18 @@ NOVEL_COMBOS: frozenset[tuple[str, str]] = frozenset(
     {
         ("red", "triangle"),
         ("green", "star"),
-        ("blue", "hexagon"),
+        ("blue", "cross"),
         ("yellow", "circle"),
         ("purple", "square"),
         ("cyan", "diamond"),
     }
 )
 
-# Half-extent of an object's bounding box as a fraction of the image side:
-# a small circle is ~11.5 px across at 64 px, a large one twice that.
-SIZE_RADIUS = {"small": 0.09, "large": 0.18}
+# Half-extent of an object's bounding box as a fraction of the image side: a small circle
+# is ~14 px across at 64 px, a large one ~26 px. Smaller shapes blur together at 64 px (v1's
+# 11.5 px hexagon differed from a circle by under a pixel); larger ones no longer fit three
+# large objects with margins.
+SIZE_RADIUS = {"small": 0.11, "large": 0.2}
 _EDGE = 0.01  # gap kept between an object and the image border
 _MARGIN = 0.03  # gap kept between two objects' bounding boxes
 _RELATION_RATIO = 1.5  # one axis must dominate by this much to name a relation
@@ -348,8 +350,10 @@ def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         pts = [(0, -r), (0.7 * r, 0), (0, r), (-0.7 * r, 0)]
     elif shape == "triangle":
         pts = [(0, -r), (0.95 * r, 0.8 * r), (-0.95 * r, 0.8 * r)]
-    elif shape == "hexagon":
-        pts = _polar([r] * 6, 0)
+    elif shape == "cross":
+        w = 0.32 * r  # arm half-width: thick enough to keep its four arms at 64 px
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w),
+               (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
     elif shape == "star":
         # Inner radius fatter than a true pentagram's so small stars keep their arms.
         pts = _polar([r, 0.45 * r] * 5, -90)
@@ -411,7 +415,7 @@ def _is_complete(path: Path) -> bool:
 def materialise(root: Path, sizes: dict[str, int], seed: int = 0, image_size: int = 64) -> Path:
     """Writes the dataset under ``root`` once and returns its directory.
 
-    The directory ``synthetic-v1-s{seed}-{image_size}px-{hash}`` holds
+    The directory ``synthetic-v2-s{seed}-{image_size}px-{hash}`` holds
     ``train/``, ``val/``, ``test/`` and ``test_novel/``, each with
     ``000000.png``... and a ``metadata.jsonl`` of rows ``{"file_name",
     "captions", "scene"}``. All four split folders are always created; a split
