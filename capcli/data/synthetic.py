@@ -71,8 +71,8 @@ NOVEL_COMBOS: frozenset[tuple[str, str]] = frozenset(
 
 # Half-extent of an object's bounding box as a fraction of the image side: a small circle
 # is ~14 px across at 64 px, a large one ~26 px. Smaller shapes blur together at 64 px (v1's
-# 11.5 px hexagon differed from a circle by under a pixel); larger ones no longer fit three
-# large objects with margins.
+# 11.5 px hexagon was within a pixel of a circle); from a large radius of 0.24, two large
+# objects no longer fit apart with their margins.
 SIZE_RADIUS = {"small": 0.11, "large": 0.2}
 _EDGE = 0.01  # gap kept between an object and the image border
 _MARGIN = 0.03  # gap kept between two objects' bounding boxes
