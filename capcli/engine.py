@@ -139,12 +139,10 @@ def validate(model: nn.Module, objective: Objective, loader: DataLoader, device:
     model.eval()
     sums: dict[str, float] = {}
     count = 0
-    world = distributed.current()
     for batch in loader:
-        empty = len(batch) == 0  # every image of it unreadable
-        if world.distributed:  # all ranks skip it together, or the others would wait in its gathers
-            empty = distributed.all_sum([float(empty)], device)[0] > 0
-        if empty:
+        # Empty: every image of it unreadable. All ranks skip it together, or the others would
+        # wait in its gathers (with one process the sum is this batch's own flag).
+        if distributed.all_sum([float(len(batch) == 0)], device)[0] > 0:
             continue
         batch = batch.to(device)
         with autocast():
@@ -153,10 +151,9 @@ def validate(model: nn.Module, objective: Objective, loader: DataLoader, device:
             sums[key] = sums.get(key, 0.0) + float(value) * len(batch)
         count += len(batch)
     model.train()
-    if world.distributed:
-        keys = sorted({k for ks in distributed.all_objects(list(sums)) for k in ks})  # a rank may have no batch
-        *totals, count = distributed.all_sum([sums.get(k, 0.0) for k in keys] + [count], device)
-        sums = dict(zip(keys, totals, strict=True))
+    keys = sorted({k for ks in distributed.all_objects(list(sums)) for k in ks})  # a rank may have no batch
+    *totals, count = distributed.all_sum([sums.get(k, 0.0) for k in keys] + [count], device)
+    sums = dict(zip(keys, totals, strict=True))
     return {k: v / count for k, v in sums.items()} if count else {}
 
 
@@ -330,9 +327,8 @@ class _Training:
                 self.scaler.scale(loss * weight).backward()
             for key, value in {"loss": loss, **losses}.items():
                 sums[key] = sums.get(key, 0.0) + float(value.detach()) * weight  # note: CPU-GPU sync point
-        if self.world.distributed:
-            *values, total = distributed.all_sum([*sums.values(), total], self.device)
-            sums = {key: value / self.world.size for key, value in zip(sums, values, strict=True)}
+        *values, total = distributed.all_sum([*sums.values(), total], self.device)
+        sums = {key: value / self.world.size for key, value in zip(sums, values, strict=True)}
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         clip = self.engine.clip_grad or math.inf  # with inf this only measures the norm
@@ -410,8 +406,6 @@ class _Training:
 
     def _stop_agreed(self) -> bool:
         """Ctrl-C on any rank stops every rank after the same step (torchrun forwards the signal)."""
-        if not self.world.distributed:
-            return self.stop.requested
         return distributed.all_sum([float(self.stop.requested)], self.device)[0] > 0
 
     def _restore(self) -> None:
