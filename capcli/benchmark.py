@@ -58,7 +58,7 @@ from capcli.generation import DecodeSettings, generate_captions
 from capcli.metrics.captions import caption_metrics
 from capcli.model import Captioner, build_model
 from capcli.objectives import PretrainObjective, score_pairs
-from capcli.phases import prepare_align
+from capcli.phases import concept_words_for, prepare_align
 from capcli.precision import autocast_context, resolve_device, resolve_precision
 from capcli.sampler import in_order
 from capcli.settings import Settings, override
@@ -246,7 +246,8 @@ def _pair_tokens(batch: PreferenceBatch) -> int:
 
 
 def _pretrain_flops(model: Captioner, batch: CaptionBatch) -> int:
-    return pretrain_step_flops(model, len(batch), batch.caption_ids.shape[1], frozen_vision=model.vision_frozen)
+    return pretrain_step_flops(model, len(batch), batch.caption_ids.shape[1], frozen_vision=model.vision_frozen,
+                               concepts=batch.concepts is not None)
 
 
 def _align_flops(model: Captioner, batch: PreferenceBatch) -> int:
@@ -266,11 +267,13 @@ def bench_pretrain(report: Report, settings: Settings, model: Captioner, work: P
                    peak: Callable[[], float]) -> None:
     """Pretrain steps as configured against the plain eager step, and MFU against the measured peak."""
     split = load_splits(settings.data)["train"]
-    objective = PretrainObjective(settings.pretrain.contrastive_weight, settings.pretrain.caption_weight)
+    p = settings.pretrain
+    objective = PretrainObjective(p.contrastive_weight, p.caption_weight, concept_weight=p.concept_weight)
+    words = tuple(model.config.concept_words) if p.concept_weight else ()
     runs = []
     for name, s in (("fast", settings), ("eager", _eager(settings, "pretrain"))):
         data = TrainData(train=caption_dataset(split, model.image_size, s.data), val=None,
-                         collate=CaptionCollator(model.tokenizer, s.data.max_caption_tokens),
+                         collate=CaptionCollator(model.tokenizer, s.data.max_caption_tokens, words),
                          num_workers=s.data.num_workers)
         counted = Counted(objective, partial(_pretrain_flops, model), _caption_tokens)
         runs.append(partial(timed_fit, copy.deepcopy(model), counted, data, s, "pretrain", work / f"pretrain-{name}"))
@@ -592,7 +595,9 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
         if checkpoint is not None:
             model = Captioner.from_pretrained(resolve_checkpoint(checkpoint, "best"), device)
         else:
-            model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps)).to(device)
+            words = concept_words_for(settings) if settings.pretrain.concept_weight else ()
+            model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps),
+                                words).to(device)
         if {"pretrain", "align"} & set(sections) and model.config.prefix_mapper != "mlp":
             raise ConfigError("benchmark: the MFU formula covers the mlp prefix mapper only; "
                               "--sections data,caption,metrics times the rest")

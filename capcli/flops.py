@@ -2,7 +2,7 @@
 
 MFU (PaLM, Chowdhery et al. 2022) is the FLOPs a step *needs*, per second, over the
 device's peak. Only matrix products count (projections, attention's two products, the
-patch embedding, the LM head, the contrastive similarity); norms, activations and the
+patch embedding or convolutional stem, the LM head, the contrastive similarity); norms, activations and the
 optimizer are left out, as is usual. A product of ``m×k`` by ``k×n`` is ``2·m·k·n``
 FLOPs forward; its backward is the same again for the gradient of each operand that
 needs one: the weights when they train, the input when something before it trains.
@@ -15,6 +15,8 @@ real steps, so the formula counts what the code executes.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from capcli.model import Captioner
 
@@ -45,11 +47,22 @@ def _vit(c: _Count, model: Captioner, images: int, train: bool) -> None:
     patches = (arch["image_size"] // patch) ** 2
     tokens = patches + 1  # the class token
     hidden = int(width * arch["mlp_ratio"])
-    # The pixels need no gradient: the patch embedding's backward is its weight gradient only.
-    c.product(images * patches, 3 * patch * patch, width, grad_a=False, grad_b=True, train=train)
+    if model.config.vision.get("stem") == "conv":
+        _conv_stem(c, model, images, train)
+    else:  # the pixels need no gradient: the patch embedding's backward is its weight gradient only
+        c.product(images * patches, 3 * patch * patch, width, grad_a=False, grad_b=True, train=train)
     for _ in range(layers):
         _block(c, images, tokens, width, hidden, train)
     c.product(images, width, arch["output_dim"], grad_a=True, grad_b=True, train=train)
+
+
+def _conv_stem(c: _Count, model: Captioner, images: int, train: bool) -> None:
+    """The convolutional stem: each 3×3 convolution is a product of (pixels out × 9·C_in) by (9·C_in × C_out)."""
+    side = model.config.vision["arch"]["image_size"]
+    for i, conv in enumerate(m for m in model.vision.conv1 if isinstance(m, torch.nn.Conv2d)):
+        side = (side + 2 * conv.padding[0] - conv.kernel_size[0]) // conv.stride[0] + 1
+        kernel = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        c.product(images * side * side, kernel, conv.out_channels, grad_a=i > 0, grad_b=True, train=train)
 
 
 def _block(c: _Count, sequences: int, tokens: int, width: int, hidden: int, train: bool, input_grad: bool = True) -> None:
@@ -95,7 +108,8 @@ def _contrastive(c: _Count, model: Captioner, batch: int, text_tokens: int, feat
     c.product(batch, embed, batch, grad_a=True, grad_b=True)  # image · textᵀ
 
 
-def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, frozen_vision: bool = False) -> int:
+def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, frozen_vision: bool = False,
+                        concepts: bool = False) -> int:
     """FLOPs of one pretrain micro-batch, forward and backward (PretrainObjective with both losses).
 
     Args:
@@ -103,6 +117,7 @@ def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, froze
         batch: images in the micro-batch.
         caption_tokens: the padded caption width T (end-of-text included).
         frozen_vision: the vision tower does not train.
+        concepts: the concept loss runs too (the concept head on the pooled features).
     """
     c = _Count()
     _vit(c, model, batch, train=not frozen_vision)
@@ -111,6 +126,9 @@ def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, froze
     _gpt2(c, model, batch, k + caption_tokens, lm_positions=caption_tokens)
     _contrastive(c, model, batch, caption_tokens, features_grad=not frozen_vision)
     c.product(batch, model.config.embed_dim, batch, grad_a=False, grad_b=False, train=False)  # retrieval accuracy
+    if concepts:
+        vision_dim = model.config.vision["arch"]["output_dim"]
+        c.product(batch, vision_dim, len(model.config.concept_words), grad_a=not frozen_vision, grad_b=True)
     return c.total
 
 

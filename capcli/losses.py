@@ -74,6 +74,25 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (token_nll.sum(dim=1) / counts).mean()
 
 
+def concept_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label binary cross-entropy of which concept words each caption names, given its image.
+
+    Per sample, the cross-entropy is summed over the words and divided by the number of words
+    the caption names (at least 1): each named object weighs the same however long the word
+    list is, where a plain mean would let the many absent words drown the few present ones.
+    The result is then a per-sample mean, so accumulated micro-batches equal the whole batch.
+
+    Args:
+        logits: (B, C) one logit per concept word.
+        targets: (B, C) 1 where the caption names the word, else 0.
+
+    Returns:
+        A 0-d tensor.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")  # (B, C)
+    return (bce.sum(dim=1) / targets.float().sum(dim=1).clamp(min=1.0)).mean()
+
+
 def clamp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     """Clamp a learnable 1/τ at 100, as in the CLIP paper, so the logits cannot blow up."""
     return logit_scale.clamp(max=100.0)

@@ -16,6 +16,7 @@ from capcli.data.batches import CaptionBatch, PreferenceBatch
 from capcli.losses import (
     alpha_schedule,
     caption_loss,
+    concept_loss,
     contrastive_loss,
     local_contrastive_loss,
     preference_loss,
@@ -51,11 +52,13 @@ def contrastive(model: Captioner, image: torch.Tensor, text: torch.Tensor, local
 
 @dataclass
 class PretrainObjective:
-    """Phase 1: ``w_con·L_con + w_lm·L_lm`` on image-caption pairs (DESIGN §4)."""
+    """Phase 1: ``w_con·L_con + w_lm·L_lm`` on image-caption pairs (DESIGN §4), plus ``w_c·L_concept``
+    where the model has a concept head and the batch its targets."""
 
     contrastive_weight: float = 1.0
     caption_weight: float = 1.0
     local_loss: bool = False  # under DDP: see ``contrastive``
+    concept_weight: float = 0.0
 
     def __call__(self, model: Captioner, batch: CaptionBatch, progress: float) -> dict[str, torch.Tensor]:
         features = model.image_features(batch.pixels)  # (B, Dv)
@@ -64,6 +67,8 @@ class PretrainObjective:
             logits = model.caption_logits(features, batch.caption_ids, batch.caption_mask)  # (B, T, V)
             targets = model.caption_targets(batch.caption_ids, batch.caption_mask)
             out["caption_loss"] = self.caption_weight * caption_loss(logits, targets)
+        if self.concept_weight and batch.concepts is not None:
+            out["concept_loss"] = self.concept_weight * concept_loss(model.concept_logits(features), batch.concepts)
         if self.contrastive_weight:
             image = model.embed_image(features)  # (B, E)
             text = model.embed_text(batch.caption_ids, batch.caption_mask)  # (B, E)

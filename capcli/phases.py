@@ -26,7 +26,7 @@ from capcli.data.batches import (
     caption_dataset,
 )
 from capcli.data.preferences import load_preferences
-from capcli.data.sources import load_splits
+from capcli.data.sources import concept_words, load_splits
 from capcli.engine import FitResult, Objective, TrainData, fit
 from capcli.errors import ConfigError
 from capcli.heldout import heldout_metrics
@@ -90,8 +90,14 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         train = splits["train"]
         if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head's captions
             train = train.select_columns(["captions"]).take(TOKENIZER_ROWS)
-        model = build_model(settings.model, (c for row in train for c in row["captions"]))
+        model = build_model(settings.model, (c for row in train for c in row["captions"]),
+                            concept_words_for(settings) if phase.concept_weight else ())
     _write_config(run_dir, settings)
+    words = tuple(model.config.concept_words) if phase.concept_weight else ()
+    if phase.concept_weight and not words and distributed.current().main:
+        print(f"warning: pretrain.concept_weight is {phase.concept_weight:g} but the model has no concept words "
+              f"(data source '{settings.data.source}' names none, or the resumed run had none): no concept loss; "
+              "set model.concept_words to train one", file=sys.stderr)
 
     def dataset(name: str) -> CaptionDataset | StreamingCaptions | None:
         if name not in splits:
@@ -103,11 +109,19 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
 
     data = TrainData(
         train=dataset("train"), val=dataset("val"),
-        collate=CaptionCollator(model.tokenizer, settings.data.max_caption_tokens),
+        collate=CaptionCollator(model.tokenizer, settings.data.max_caption_tokens, words),
         num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction,
     )
-    objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight, settings.runtime.local_loss)
+    objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight, settings.runtime.local_loss,
+                                  phase.concept_weight)
     return Phase(model, objective, data)
+
+
+def concept_words_for(settings: Settings) -> tuple[str, ...]:
+    """The concept head's words: the settings', else the data source's own."""
+    if settings.model.concept_words is not None:
+        return tuple(word.lower() for word in settings.model.concept_words)
+    return concept_words(settings.data.source)
 
 
 def pretrain(settings: Settings, overwrite: bool = False,

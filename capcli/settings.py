@@ -56,6 +56,8 @@ class ModelSettings(Strict):
     """InfoNCE temperature τ (CLIP's initial value)."""
     learn_temperature: bool = False
     """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
+    concept_words: list[str] | None = None
+    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels; see `pretrain.concept_weight`. Default: the data source's own object words (`synthetic`: its six shapes), none for other sources."""
 
     @model_validator(mode="after")
     def _tiny_has_no_pretrained_parts(self) -> ModelSettings:
@@ -169,6 +171,8 @@ class PretrainSettings(Strict):
     """Weight of the symmetric InfoNCE loss."""
     caption_weight: float = Field(1.0, ge=0)
     """Weight of the captioning (language-model) loss."""
+    concept_weight: float = Field(0.0, ge=0)
+    """Weight of the concept loss: a head on the pooled image features predicts which of `model.concept_words` each caption names. 0 leaves the model without the head."""
 
     @model_validator(mode="after")
     def _some_loss(self) -> PretrainSettings:

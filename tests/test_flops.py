@@ -21,6 +21,7 @@ from capcli.data.batches import (
     PreferenceExample,
     tokenize_captions,
 )
+from capcli.data.concepts import concept_targets
 from capcli.engine import total_loss
 from capcli.flops import align_step_flops, pretrain_step_flops
 from capcli.model import Captioner, build_model
@@ -53,6 +54,18 @@ def test_pretrain_formula_equals_the_flop_counter(model: Captioner, batch: int) 
     expected = counted(lambda: PretrainObjective()(model, data, 0.0))
     assert pretrain_step_flops(model, batch, ids.shape[1]) == expected
     model.zero_grad(set_to_none=True)
+
+
+def test_pretrain_formula_counts_the_concept_head() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(), CAPTIONS * 20, ("circle", "square", "star", "cross")).train()
+    batch, captions = 5, [CAPTIONS[i % len(CAPTIONS)] for i in range(5)]
+    ids, mask = _tokens(model, captions)
+    pixels = torch.randint(0, 256, (batch, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    data = CaptionBatch(pixels, ids, mask, captions, concepts=concept_targets(captions, model.config.concept_words))
+    expected = counted(lambda: PretrainObjective(concept_weight=1.0)(model, data, 0.0))
+    assert pretrain_step_flops(model, batch, ids.shape[1], concepts=True) == expected
+    assert expected > pretrain_step_flops(model, batch, ids.shape[1])
 
 
 def test_pretrain_formula_with_a_frozen_tower_counts_no_vision_backward(model: Captioner) -> None:

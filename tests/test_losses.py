@@ -12,10 +12,31 @@ from capcli.losses import (
     IGNORE_INDEX,
     alpha_schedule,
     caption_loss,
+    concept_loss,
     contrastive_loss,
     preference_loss,
     sequence_logps,
 )
+
+
+def test_concept_loss_by_hand():
+    """Logits 0 give log 2 per word. Row 0 names 1 of 3 words: 3·log 2 / 1; row 1 names 2: 3·log 2 / 2.
+    The batch mean is (3 + 1.5)·log 2 / 2 = 2.25·log 2 ≈ 1.559581."""
+    targets = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]])
+    assert_close(concept_loss(torch.zeros(2, 3), targets), torch.tensor(2.25 * math.log(2)))
+    assert 2.25 * math.log(2) == pytest.approx(1.559581, abs=1e-6)
+
+
+def test_concept_loss_with_confident_logits_and_an_empty_caption():
+    """Row 0: a named word at logit 2 costs softplus(−2), an absent one at logit 1 softplus(1):
+    0.126928 + 1.313262 = 1.440190. Row 1 names nothing, so its sum is divided by 1, not 0:
+    softplus(0) + softplus(3) = 0.693147 + 3.048587. Mean ≈ 2.590962."""
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    row0 = math.log1p(math.exp(-2)) + math.log1p(math.exp(1))
+    row1 = math.log(2) + math.log1p(math.exp(3))
+    assert_close(concept_loss(logits, targets), torch.tensor((row0 + row1) / 2))
+    assert (row0 + row1) / 2 == pytest.approx(2.590962, abs=1e-6)
 
 
 def test_infonce_on_identical_orthonormal_pairs():

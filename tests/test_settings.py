@@ -67,7 +67,7 @@ def test_every_shipped_config_is_strictly_valid(name, preset):
 
 # --- precedence -------------------------------------------------------------------------------------------------
 
-# One key, pretrain.engine.epochs, set at every layer: default 10, tiny profile 8, env 4, file 5, CLI 6.
+# One key, pretrain.engine.epochs, set at every layer: default 10, tiny profile 16, env 4, file 5, CLI 6.
 ENV_EPOCHS = {"CAPCLI_PRETRAIN__ENGINE__EPOCHS": "4"}
 FILE_EPOCHS = "pretrain:\n  engine:\n    epochs: 5\n"
 CLI_EPOCHS = {"pretrain.engine.epochs": 6}
@@ -83,7 +83,7 @@ CLI_EPOCHS = {"pretrain.engine.epochs": 6}
         (True, False, False, 4),
         (False, True, False, 5),
         (False, False, True, 6),
-        (False, False, False, 8),  # the tiny preset's profile
+        (False, False, False, 16),  # the tiny preset's profile
     ],
     ids=["all", "env+file", "env+cli", "file+cli", "env-only", "file-only", "cli-only", "profile-only"],
 )
@@ -131,7 +131,7 @@ def test_env_values_are_parsed_to_the_field_types():
 
 def test_cli_none_means_not_given():
     settings = load_settings(cli={"pretrain.engine.epochs": None, "runtime.device": None}, environ={})
-    assert settings.pretrain.engine.epochs == 8
+    assert settings.pretrain.engine.epochs == 16
     assert settings.runtime.device == "auto"
 
 
@@ -142,7 +142,7 @@ def test_tiny_profile_applies_with_nothing_set():
     s = load_settings(environ={})
     assert s.model.preset == "tiny"
     assert (s.data.train_size, s.data.val_size, s.data.test_size) == (3000, 300, 300)
-    assert (s.pretrain.engine.epochs, s.pretrain.engine.batch_size) == (8, 32)
+    assert (s.pretrain.engine.epochs, s.pretrain.engine.batch_size) == (16, 32)
     assert s.pretrain.optimizer.lr == 1e-3
     assert s.align.engine.epochs == 2
     assert s.align.optimizer.lr == 1e-4

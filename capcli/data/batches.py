@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from capcli.data.concepts import concept_targets
 from capcli.data.images import ImageLoadError, load_image, resize_center_crop
 from capcli.data.pixel_cache import PixelCache, pixel_cache_for
 from capcli.data.sources import cache_root
@@ -37,14 +38,16 @@ class CaptionBatch:
     caption_mask: torch.Tensor  # (B, T) long, 1 on real tokens (end-of-text included)
     captions: list[str]
     skipped: int = 0  # samples dropped because their image could not be read
+    concepts: torch.Tensor | None = None  # (B, C) float: which concept words each caption names
 
     def __len__(self) -> int:
         return len(self.captions)
 
     def to(self, device: torch.device) -> CaptionBatch:
         move = dict(device=device, non_blocking=True)
+        concepts = None if self.concepts is None else self.concepts.to(**move)
         return replace(self, pixels=self.pixels.to(**move), caption_ids=self.caption_ids.to(**move),
-                       caption_mask=self.caption_mask.to(**move))
+                       caption_mask=self.caption_mask.to(**move), concepts=concepts)
 
 
 class CaptionDataset(Dataset):
@@ -166,17 +169,21 @@ def load_image_field(value: dict | object, max_pixels: int):
 
 @dataclass
 class CaptionCollator:
-    """Tokenises captions (cut at ``max_tokens``, then end-of-text) and stacks images."""
+    """Tokenises captions (cut at ``max_tokens``, then end-of-text), stacks images, and marks the
+    concept words each caption names (for a model with a concept head)."""
 
     tokenizer: PreTrainedTokenizerBase
     max_tokens: int
+    concept_words: tuple[str, ...] = ()
 
     def __call__(self, examples: list[CaptionExample | None]) -> CaptionBatch:
         kept = [e for e in examples if e is not None]
-        caption_ids, caption_mask = tokenize_captions(self, [e.caption for e in kept])
+        captions = [e.caption for e in kept]
+        caption_ids, caption_mask = tokenize_captions(self, captions)
         pixels = torch.stack([e.pixels for e in kept]) if kept else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-        return CaptionBatch(pixels, caption_ids, caption_mask, [e.caption for e in kept],
-                            skipped=len(examples) - len(kept))
+        concepts = concept_targets(captions, self.concept_words) if self.concept_words else None
+        return CaptionBatch(pixels, caption_ids, caption_mask, captions, skipped=len(examples) - len(kept),
+                            concepts=concepts)
 
 
 def tokenize_captions(collator: CaptionCollator, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

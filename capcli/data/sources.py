@@ -41,6 +41,15 @@ def source(name: str):
     return register
 
 
+def concept_words(spec: str) -> tuple[str, ...]:
+    """The object words a source names in its captions, for the concept head; () when it does not know them."""
+    if spec == "synthetic":
+        from capcli.data.synthetic import SHAPES
+
+        return SHAPES
+    return ()
+
+
 def load_splits(settings: DataSettings) -> Splits:
     """Load the source named by ``settings.source`` and cut each split to its size limit."""
     kind, _, arg = settings.source.partition(":")

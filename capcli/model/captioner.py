@@ -5,13 +5,14 @@ Shapes: B batch, T caption tokens, K prefix length, D decoder width, E shared em
 - image → vision tower → features (B, Dv) → image head → (B, E), L2-normalised
 - caption → decoder alone → hidden state at its last real token → text head → (B, E)
 - features → prefix mapper → (B, K, D) → decoder, caption tokens after it → next-token logits
+- features → concept head → (B, C) logits of the concept words the caption names (when it has any)
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ class CaptionerConfig:
     learn_temperature: bool
     vision: dict[str, Any]
     decoder: dict[str, Any]
+    concept_words: list[str] = field(default_factory=list)  # absent from checkpoints written before the head
 
 
 class MLPMapper(nn.Module):
@@ -90,6 +92,10 @@ class Captioner(nn.Module):
         self.prefix_mapper = mapper(vision_dim, width, config.prefix_length)
         self.image_head = nn.Linear(vision_dim, config.embed_dim, bias=False)
         self.text_head = nn.Linear(width, config.embed_dim, bias=False)
+        # Predicts which concept words the caption names from the pooled features alone: a direct,
+        # per-image signal that teaches the vision tower to tell objects apart (losses.concept_loss).
+        words = len(config.concept_words)
+        self.concept_head = nn.Linear(vision_dim, words) if words else None
         # Stored as log(1/τ), as CLIP does; a fixed τ is simply not trained.
         self.log_logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
@@ -118,6 +124,12 @@ class Captioner(nn.Module):
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
         """(B, Dv) → (B, E), L2-normalised."""
         return F.normalize(self.image_head(features), dim=-1)
+
+    def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, Dv) → (B, C): one logit per concept word, that the caption names it."""
+        if self.concept_head is None:
+            raise ValueError("this model has no concept head (its config names no concept words)")
+        return self.concept_head(features)
 
     def embed_text(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) caption tokens ending in end-of-text → (B, E), L2-normalised.

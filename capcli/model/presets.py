@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from capcli.model.captioner import Captioner, CaptionerConfig
 from capcli.model.tokenizer import load_tokenizer, train_bpe
@@ -18,12 +18,13 @@ from capcli.settings import ModelSettings
 PREFIX_LENGTH = {"tiny": 4, "clip-gpt2": 10}  # ClipCap uses 10 for GPT-2
 
 
-def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captioner:
+def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_words: Sequence[str] = ()) -> Captioner:
     """Build a fresh Captioner for a preset.
 
     Args:
         settings: the model settings group.
         captions: training captions, used by the tiny preset to train its tokenizer.
+        concept_words: the words its concept head detects; none, no head.
     """
     if settings.preset == "tiny":
         tokenizer = train_bpe(captions, vocab_size=TINY_VOCAB)
@@ -52,6 +53,7 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = ()) -> Captio
         learn_temperature=settings.learn_temperature,
         vision=vision,
         decoder=decoder_spec,
+        concept_words=list(concept_words),
     )
     model = Captioner(config, tokenizer)
     if vision_state is not None:

@@ -34,8 +34,10 @@ OFFLINE_HELP = (
 
 
 def vision_spec_tiny() -> dict[str, Any]:
-    """The tiny preset's vision tower: a small ViT with CLIP's normalisation, trained from scratch."""
-    return {"arch": dict(TINY_VISION), "quick_gelu": False, "mean": CLIP_MEAN, "std": CLIP_STD, "weights": "scratch"}
+    """The tiny preset's vision tower: a small ViT with a convolutional stem and CLIP's normalisation,
+    trained from scratch."""
+    return {"arch": dict(TINY_VISION), "stem": "conv", "quick_gelu": False, "mean": CLIP_MEAN, "std": CLIP_STD,
+            "weights": "scratch"}
 
 
 def vision_spec_open_clip(model_name: str, weights: str | None,
@@ -90,7 +92,30 @@ def vision_spec_open_clip(model_name: str, weights: str | None,
 def build_vision(spec: dict[str, Any]) -> VisionTransformer:
     """A randomly initialised vision tower of the described shape; (B, 3, H, W) → (B, output_dim)."""
     act = QuickGELU if spec["quick_gelu"] else torch.nn.GELU
-    return VisionTransformer(**spec["arch"], act_layer=act)
+    tower = VisionTransformer(**spec["arch"], act_layer=act)
+    if spec.get("stem") == "conv":  # absent from checkpoints written before the stem existed: a patch embedding
+        tower.conv1 = conv_stem(spec["arch"]["patch_size"], spec["arch"]["width"])
+    return tower
+
+
+def conv_stem(patch_size: int, width: int) -> torch.nn.Sequential:
+    """Stride-2 3×3 convolutions that replace the ViT's patch embedding, with the same output grid.
+
+    Xiao et al. 2021 ("Early convolutions help transformers see better") found that such a stem
+    makes a ViT train faster and more stably. Here it decides what the tiny tower can learn:
+    trained from scratch on 64 px scenes, with an 8×8 patch embedding a linear probe of its
+    features told the six shapes apart 25% of the time (chance 17%), with this stem 41%.
+    """
+    steps = patch_size.bit_length() - 1
+    if steps < 1 or 2 ** steps != patch_size:
+        raise ValueError(f"a convolutional stem needs a patch size that is a power of 2, not {patch_size}")
+    channels = [3] + [min(32 * 2 ** i, width) for i in range(steps - 1)] + [width]
+    layers: list[torch.nn.Module] = []
+    for i, (cin, cout) in enumerate(zip(channels, channels[1:])):
+        layers.append(torch.nn.Conv2d(cin, cout, 3, stride=2, padding=1))
+        if i < steps - 1:  # the last convolution is the embedding itself, as the patch embedding was
+            layers += [torch.nn.GroupNorm(8, cout), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers)
 
 
 def decoder_spec_tiny(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:

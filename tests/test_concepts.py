@@ -1,0 +1,127 @@
+"""The concept head and the tiny tower's convolutional stem.
+
+Targets are read from the captions; the head lives in the model and its checkpoint; pretrain
+trains it where the source names its objects and warns where nothing names them; and
+checkpoints written before either part existed still load as they were.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine import fit_phase, train_log
+from test_sources import _write_folder
+
+from capcli.data.batches import CaptionCollator, CaptionExample
+from capcli.data.concepts import concept_targets
+from capcli.data.synthetic import SHAPES, generate
+from capcli.model import Captioner, build_model
+from capcli.model.captioner import CONFIG_FILE, CaptionerConfig
+from capcli.model.towers import build_vision, conv_stem, vision_spec_tiny
+from capcli.phases import prepare_pretrain
+from capcli.settings import ModelSettings
+
+
+@pytest.fixture(scope="module")
+def captions() -> list[str]:
+    return [c for index in range(8) for c in generate("train", index, seed=0)[1]]
+
+
+def _pixels(batch: int, size: int) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_targets_mark_whole_words_in_singular_and_plural() -> None:
+    captions = ["Two red CROSSES and a circle.", "a starry sky over squares", "three stars", ""]
+    targets = concept_targets(captions, ("circle", "cross", "star", "square"))
+    assert targets.tolist() == [[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_the_collator_adds_targets_only_when_given_words(captions: list[str]) -> None:
+    model = build_model(ModelSettings(), captions)
+    examples = [CaptionExample(_pixels(1, 8)[0], "a red circle"), CaptionExample(_pixels(1, 8)[0], "two blue stars")]
+    assert CaptionCollator(model.tokenizer, 32)(examples).concepts is None
+    batch = CaptionCollator(model.tokenizer, 32, ("circle", "star"))(examples)
+    assert batch.concepts.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    assert batch.to(torch.device("cpu")).concepts.tolist() == [[1.0, 0.0], [0.0, 1.0]]
+
+
+def test_a_model_with_concept_words_has_a_head_that_round_trips(tmp_path: Path, captions: list[str]) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(), captions, ("circle", "square", "star")).eval()
+    pixels = _pixels(2, model.image_size)
+    with torch.no_grad():
+        logits = model.concept_logits(model.image_features(pixels))
+    assert logits.shape == (2, 3)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["concept_words"] == ["circle", "square", "star"]
+    loaded = Captioner.from_pretrained(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.concept_logits(loaded.image_features(pixels)), logits)
+
+    plain = build_model(ModelSettings(), captions)
+    assert plain.concept_head is None
+    with pytest.raises(ValueError, match="no concept head"):
+        plain.concept_logits(torch.zeros(1, plain.config.vision["arch"]["output_dim"]))
+
+
+def test_a_checkpoint_from_before_the_stem_and_the_head_loads_as_it_was(tmp_path: Path, captions: list[str]) -> None:
+    """Its model.json has neither the vision spec's "stem" nor "concept_words": a patch embedding, no head."""
+    current = build_model(ModelSettings(), captions)
+    config = dict(current.config.__dict__)
+    config.pop("concept_words")
+    config["vision"] = {k: v for k, v in config["vision"].items() if k != "stem"}
+    torch.manual_seed(1)
+    old = Captioner(CaptionerConfig(**config), current.tokenizer).eval()
+    old.save_pretrained(tmp_path / "old")
+    saved = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
+    saved.pop("concept_words")
+    (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(saved))
+
+    loaded = Captioner.from_pretrained(tmp_path / "old").eval()
+    assert isinstance(loaded.vision.conv1, torch.nn.Conv2d) and loaded.concept_head is None
+    pixels = _pixels(2, loaded.image_size)
+    with torch.no_grad():
+        assert torch.equal(loaded.image_features(pixels), old.image_features(pixels))
+
+
+def test_the_tiny_tower_has_a_convolutional_stem_on_the_patch_grid() -> None:
+    spec = vision_spec_tiny()
+    tower = build_vision(spec)
+    assert isinstance(tower.conv1, torch.nn.Sequential)
+    grid = spec["arch"]["image_size"] // spec["arch"]["patch_size"]
+    assert tower.conv1(torch.zeros(1, 3, 64, 64)).shape == (1, spec["arch"]["width"], grid, grid)
+    assert tower(torch.zeros(2, 3, 64, 64)).shape == (2, spec["arch"]["output_dim"])
+    with pytest.raises(ValueError, match="power of 2"):
+        conv_stem(6, 128)
+
+
+def test_pretrain_trains_the_concept_head_on_the_synthetic_shapes(settings_factory) -> None:
+    settings = settings_factory(**{"pretrain.engine.max_steps": 3, "pretrain.concept_weight": 5.0})
+    phase = prepare_pretrain(settings)
+    assert phase.model.config.concept_words == list(SHAPES)
+    before = phase.model.concept_head.weight.detach().clone()
+    fit_phase(settings, phase)
+    assert not torch.equal(phase.model.concept_head.weight, before)
+    log = train_log(settings.pretrain.engine.output)
+    assert all(row["concept_loss"] > 0 for row in log), log
+
+
+def test_own_concept_words_override_the_sources(settings_factory) -> None:
+    settings = settings_factory(**{"pretrain.concept_weight": 1.0, "model.concept_words": ["Red", "circle"]})
+    assert prepare_pretrain(settings).model.config.concept_words == ["red", "circle"]
+
+
+def test_concept_weight_on_a_source_without_words_warns_and_trains_without(settings_factory, tmp_path: Path,
+                                                                           capsys) -> None:
+    folder = _write_folder(tmp_path / "photos", 12)
+    settings = settings_factory(**{"data.source": f"imagefolder:{folder}", "pretrain.concept_weight": 5.0,
+                                   "pretrain.engine.max_steps": 1})
+    phase = prepare_pretrain(settings)
+    assert "pretrain.concept_weight is 5 but the model has no concept words" in capsys.readouterr().err
+    assert phase.model.concept_head is None
+    fit_phase(settings, phase)
+    assert "concept_loss" not in train_log(settings.pretrain.engine.output)[0]
