@@ -57,7 +57,7 @@ class ModelSettings(Strict):
     learn_temperature: bool = False
     """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
     concept_words: list[str] | None = None
-    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels; see `pretrain.concept_weight`. Default: the data source's own object words (`synthetic`: its six shapes), none for other sources."""
+    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels; see `pretrain.concept_weight`. A phrase counts where the caption has its words together. Default: the data source's own (`synthetic`: its six shapes and its colour-shape pairs, "red circle"), none for other sources."""
 
     @model_validator(mode="after")
     def _tiny_has_no_pretrained_parts(self) -> ModelSettings:

@@ -17,7 +17,8 @@ from test_sources import _write_folder
 
 from capcli.data.batches import CaptionCollator, CaptionExample
 from capcli.data.concepts import concept_targets
-from capcli.data.synthetic import SHAPES, generate
+from capcli.data.sources import concept_words
+from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, generate
 from capcli.model import Captioner, build_model
 from capcli.model.captioner import CONFIG_FILE, CaptionerConfig
 from capcli.model.towers import build_vision, conv_stem, vision_spec_tiny
@@ -38,6 +39,20 @@ def test_targets_mark_whole_words_in_singular_and_plural() -> None:
     captions = ["Two red CROSSES and a circle.", "a starry sky over squares", "three stars", ""]
     targets = concept_targets(captions, ("circle", "cross", "star", "square"))
     assert targets.tolist() == [[1, 1, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0], [0, 0, 0, 0]]
+
+
+def test_targets_mark_phrases_only_where_their_words_stand_together() -> None:
+    captions = ["two red crosses and a blue circle", "a red, blue circle", "a blue cross beside a red circle"]
+    targets = concept_targets(captions, ("red cross", "blue circle", "red circle", "cross"))
+    assert targets.tolist() == [[1, 1, 0, 1], [0, 1, 0, 0], [0, 0, 1, 1]]
+
+
+def test_synthetic_names_its_shapes_and_the_colour_shape_pairs_of_its_training_split() -> None:
+    words = concept_words("synthetic")
+    assert words[: len(SHAPES)] == SHAPES
+    pairs = {tuple(w.split()) for w in words[len(SHAPES):]}
+    assert pairs == {(c, s) for c in COLOURS for s in SHAPES} - NOVEL_COMBOS
+    assert concept_words("imagefolder:photos") == ()
 
 
 def test_the_collator_adds_targets_only_when_given_words(captions: list[str]) -> None:
@@ -102,7 +117,7 @@ def test_the_tiny_tower_has_a_convolutional_stem_on_the_patch_grid() -> None:
 def test_pretrain_trains_the_concept_head_on_the_synthetic_shapes(settings_factory) -> None:
     settings = settings_factory(**{"pretrain.engine.max_steps": 3, "pretrain.concept_weight": 5.0})
     phase = prepare_pretrain(settings)
-    assert phase.model.config.concept_words == list(SHAPES)
+    assert phase.model.config.concept_words == list(concept_words("synthetic"))
     before = phase.model.concept_head.weight.detach().clone()
     fit_phase(settings, phase)
     assert not torch.equal(phase.model.concept_head.weight, before)

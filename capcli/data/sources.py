@@ -42,11 +42,15 @@ def source(name: str):
 
 
 def concept_words(spec: str) -> tuple[str, ...]:
-    """The object words a source names in its captions, for the concept head; () when it does not know them."""
-    if spec == "synthetic":
-        from capcli.data.synthetic import SHAPES
+    """The objects a source names in its captions, for the concept head; () when it does not know them.
 
-        return SHAPES
+    ``synthetic``: its six shapes, and each colour-shape pair that its training split holds
+    ("red circle"), so that the pooled features must say which colour goes with which shape.
+    """
+    if spec == "synthetic":
+        from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES
+
+        return (*SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in NOVEL_COMBOS))
     return ()
 
 
