@@ -97,7 +97,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     if phase.concept_weight and not words and distributed.current().main:
         print(f"warning: pretrain.concept_weight is {phase.concept_weight:g} but the model has no concept words "
               f"(data source '{settings.data.source}' names none, or the resumed run had none): no concept loss; "
-              "set model.concept_words to train one", file=sys.stderr)
+              "set model.concept_words to train one, or pretrain.concept_weight 0", file=sys.stderr)
 
     def dataset(name: str) -> CaptionDataset | StreamingCaptions | None:
         if name not in splits:
