@@ -46,6 +46,7 @@ def trained(tmp_path_factory, data_cache) -> tuple[Captioner, torch.Tensor]:
     settings = make_settings(tmp_path_factory.mktemp("decoding") / "pretrain", data_cache, **{
         "data.train_size": 8, "data.val_size": 1, "data.test_size": 1, "pretrain.engine.max_steps": 30,
         "pretrain.engine.epochs": 30, "pretrain.engine.patience": None, "pretrain.contrastive_weight": 0.0,
+        "pretrain.concept_weight": 0.0,
         "pretrain.optimizer.lr": 1e-3, "pretrain.optimizer.min_lr_ratio": 1.0,
     })
     phase = prepare_pretrain(settings)
