@@ -148,6 +148,15 @@ def test_a_wrong_count_is_a_count_error_only():
     assert caption_errors("a red circle and a blue square", TWINS) == ["the image has 2 red circles, not 1"]
 
 
+def test_repeated_mentions_add_up_to_one_count_claim():
+    # "a red circle and a red circle" says two red circles: one count claim, true of TWINS.
+    caption = "a red circle and a red circle and a blue square"
+    assert caption_errors(caption, TWINS) == []
+    assert _values(caption, TWINS)["count_accuracy"] == 1  # 2 claims: the red circles once, the square
+    assert caption_errors(caption, PAIR) == ["the image has 1 red circle, not 2"]
+    assert _values(caption, PAIR)["count_accuracy"] == pytest.approx(1 / 2)
+
+
 def test_a_wrong_total_is_a_count_error():
     # Mentions 2/2 right, the total "three" wrong: count 2/3.
     caption = "three shapes: a red circle and a blue square"

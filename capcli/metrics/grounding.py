@@ -16,7 +16,8 @@ over mentioned objects, and the caption-level rates (denominator 1) are means ov
   stated: "a green star" with only a blue star present is wrong here, not above).
 - ``count_accuracy``: of the count claims whose objects exist (a mention with a count word
   and at least one match) plus a stated total ("three shapes: ..."), the share that are
-  right: exactly ``count`` objects match, or the scene has ``total`` objects.
+  right: exactly ``count`` objects match, or the scene has ``total`` objects. Mentions with
+  the same words add up to one claim ("a red circle and a red circle": two red circles).
 - ``relation_accuracy``: of the stated relations whose two mentions both match objects, the
   share recorded in the scene graph for every pair of matching objects
   (``scene_text.relation_holds``). Captions with no relation contribute nothing.
@@ -222,6 +223,14 @@ def _judge(reading: Reading, scene: Scene) -> tuple[Tally, list[str]]:
 
     shapes = {o.shape for o in scene.objects}
     groups = [_matches(scene, m) for m in reading.mentions]
+    # "an orange diamond and an orange diamond" says two orange diamonds: the counts of mentions
+    # with the same words add up, and that sum is scored once.
+    claimed: dict[tuple, int] = {}
+    for said in reading.mentions:
+        if said.count is not None:
+            key = (said.shape, said.colour, said.size)
+            claimed[key] = claimed.get(key, 0) + said.count
+    counted: set[tuple] = set()
     if not reading.mentions:
         errors.append("outside the grammar, and no object can be read from it")
         score("object_accuracy", False)
@@ -237,10 +246,12 @@ def _judge(reading: Reading, scene: Scene) -> tuple[Tally, list[str]]:
             if not group:
                 errors.append(f"no {_phrase(said)} in the image")
                 continue
-        if said.count is not None:
-            score("count_accuracy", len(group) == said.count)
-            if len(group) != said.count:
-                errors.append(f"the image has {len(group)} {_phrase(said, len(group))}, not {said.count}")
+        key = (said.shape, said.colour, said.size)
+        if said.count is not None and key not in counted:
+            counted.add(key)
+            score("count_accuracy", len(group) == claimed[key])
+            if len(group) != claimed[key]:
+                errors.append(f"the image has {len(group)} {_phrase(said, len(group))}, not {claimed[key]}")
     if reading.total is not None:
         n = len(scene.objects)
         score("count_accuracy", reading.total == n)
