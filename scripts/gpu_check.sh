@@ -3,7 +3,7 @@
 # environment where capcli is installed (pip install -e ".[test]"). Offline is fine: the full-size
 # model is built with random weights (speed does not depend on their values).
 #
-#   scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: gpu-check/
+#   scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: gpu-check/; PYTHON=... picks the interpreter
 #
 # It writes, into OUT_DIR:
 #   pytest-gpu.log                     pytest -m gpu: bf16 and fp16 training, GradScaler resume, CUDA → CPU
@@ -18,6 +18,7 @@ set -uo pipefail
 out="${1:-gpu-check}"
 mkdir -p "$out"
 export CAPCLI_DATA__CACHE_DIR="$out/data"
+py="${PYTHON:-python3}"  # the interpreter that has capcli installed; some systems have no plain `python`
 failed=0
 
 step() {  # step NAME COMMAND...: run it with its output in NAME.log, and record its exit and time
@@ -28,11 +29,11 @@ step() {  # step NAME COMMAND...: run it with its output in NAME.log, and record
   [ "$code" -eq 0 ] || failed=1
 }
 
-step pytest-gpu python -m pytest -m gpu tests/test_cuda.py -q -p no:cacheprovider
+step pytest-gpu "$py" -m pytest -m gpu tests/test_cuda.py -q -p no:cacheprovider
 
 # A full-size GPT-2 (124M) with random weights and a byte-level BPE, saved as a local decoder
 # directory: clip-gpt2 then loads it through the same path as downloaded weights.
-step gpt2-random python - "$out/gpt2-random" <<'EOF'
+step gpt2-random "$py" - "$out/gpt2-random" <<'EOF'
 import sys
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -80,7 +81,7 @@ export CAPCLI_MODEL__VISION_WEIGHTS=none CAPCLI_MODEL__DECODER="$out/gpt2-random
 step bench-fp16 capcli benchmark --model clip-gpt2 --device cuda --precision fp16 --batch-size 128 \
   --sections pretrain,align,caption --json --quiet --out "$out/bench-fp16.json"
 
-python - "$out" <<'EOF' | tee "$out/summary.txt"
+"$py" - "$out" <<'EOF' | tee "$out/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
