@@ -595,9 +595,8 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
         if checkpoint is not None:
             model = Captioner.from_pretrained(resolve_checkpoint(checkpoint, "best"), device)
         else:
-            words = concept_words_for(settings) if settings.pretrain.concept_weight else ()
             model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps),
-                                words).to(device)
+                                concept_words_for(settings)).to(device)
         if {"pretrain", "align"} & set(sections) and model.config.prefix_mapper != "mlp":
             raise ConfigError("benchmark: the MFU formula covers the mlp prefix mapper only; "
                               "--sections data,caption,metrics times the rest")

@@ -2,8 +2,8 @@
 
 MFU (PaLM, Chowdhery et al. 2022) is the FLOPs a step *needs*, per second, over the
 device's peak. Only matrix products count (projections, attention's two products, the
-patch embedding or convolutional stem, the LM head, the contrastive similarity); norms, activations and the
-optimizer are left out, as is usual. A product of ``m×k`` by ``k×n`` is ``2·m·k·n``
+patch embedding or convolutional stem, the LM head, the contrastive similarity); norms,
+activations and the optimizer are left out, as is usual. A product of ``m×k`` by ``k×n`` is ``2·m·k·n``
 FLOPs forward; its backward is the same again for the gradient of each operand that
 needs one: the weights when they train, the input when something before it trains.
 That is why a frozen or cached tower costs less than 3× its forward.

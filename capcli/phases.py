@@ -90,8 +90,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         train = splits["train"]
         if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head's captions
             train = train.select_columns(["captions"]).take(TOKENIZER_ROWS)
-        model = build_model(settings.model, (c for row in train for c in row["captions"]),
-                            concept_words_for(settings) if phase.concept_weight else ())
+        model = build_model(settings.model, (c for row in train for c in row["captions"]), concept_words_for(settings))
     _write_config(run_dir, settings)
     words = tuple(model.config.concept_words) if phase.concept_weight else ()
     if phase.concept_weight and not words and distributed.current().main:
@@ -118,7 +117,9 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
 
 
 def concept_words_for(settings: Settings) -> tuple[str, ...]:
-    """The concept head's words: the settings', else the data source's own."""
+    """A new model's concept words: none without the concept loss, else the settings', else the source's own."""
+    if not settings.pretrain.concept_weight:
+        return ()
     if settings.model.concept_words is not None:
         return tuple(word.lower() for word in settings.model.concept_words)
     return concept_words(settings.data.source)

@@ -33,12 +33,12 @@ def test_mixed_precision_trains_like_fp32_and_keeps_fp32_weights(settings_factor
     for name in ("fp32", precision):
         settings = on_cuda(settings_factory, name, name)
         pretrain(settings)
-        runs[name] = train_log(settings.pretrain.engine.output)
-    reference, mixed = [r["loss"] for r in runs["fp32"]], [r["loss"] for r in runs[precision]]
+        runs[name] = settings.pretrain.engine.output
+    reference, mixed = ([r["loss"] for r in train_log(runs[name])] for name in ("fp32", precision))
     assert len(mixed) == len(reference) == 16
     assert_close(mixed[0], reference[0], rtol=2e-2, atol=0.0)
     assert sum(mixed[-4:]) / 4 < 0.9 * mixed[0], mixed
-    run = settings_factory(precision).pretrain.engine.output
+    run = runs[precision]
     model = Captioner.from_pretrained(run / "checkpoints" / "last")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     scaler = load_state(run / "checkpoints" / "last")["scaler"]
