@@ -169,7 +169,7 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
     model = Captioner.from_pretrained(start, device)
     with distributed.main_first():
         caption_splits = load_splits(settings.data)
-        pairs, report = load_preferences(phase.preferences, settings.data, caption_splits)
+        pairs, report = load_preferences(phase.preferences, settings.data, caption_splits, phase.pairs_per_image)
     if world.main:
         print(report.summary(), file=sys.stderr)
     _write_config(run_dir, settings)

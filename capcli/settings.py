@@ -57,7 +57,7 @@ class ModelSettings(Strict):
     learn_temperature: bool = False
     """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
     concept_words: list[str] | None = None
-    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels; see `pretrain.concept_weight`. A phrase counts where the caption has its words together. Default: the data source's own (`synthetic`: its six shapes and its colour-shape pairs, "red circle"), none for other sources."""
+    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels, and from the scene graph where an image has one; see `pretrain.concept_weight`. A phrase counts where the caption has its words together or the scene graph makes it true ("red circle", "small circle", "circle left of square"). Default: the data source's own (`synthetic`: its six shapes, its colour-shape pairs and its size-shape pairs), none for other sources."""
 
     @model_validator(mode="after")
     def _tiny_has_no_pretrained_parts(self) -> ModelSettings:
@@ -172,7 +172,7 @@ class PretrainSettings(Strict):
     caption_weight: float = Field(1.0, ge=0)
     """Weight of the captioning (language-model) loss."""
     concept_weight: float = Field(0.0, ge=0)
-    """Weight of the concept loss: a head on the pooled image features predicts which of `model.concept_words` each caption names. 0 leaves the model without the head."""
+    """Weight of the concept loss: a head on the pooled image features predicts which of `model.concept_words` each image shows. 0 leaves the model without the head."""
 
     @model_validator(mode="after")
     def _some_loss(self) -> PretrainSettings:
@@ -188,6 +188,8 @@ class AlignSettings(Strict):
     """Start from this checkpoint (or run directory). Default: the best pretrain checkpoint."""
     preferences: str | None = None
     """Preference pairs. Default: pairs generated from the pretrain data source."""
+    pairs_per_image: int = Field(2, ge=1)
+    """Generated pairs per training image, at most one per reference caption, each of a different corruption kind while the captions allow. Held-out images always get 2, so their scores compare across settings."""
     freeze_vision: bool = True
     """Keep the vision tower frozen (eval mode, no gradients, features cached)."""
     beta: float = Field(0.1, gt=0)

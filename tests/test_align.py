@@ -96,6 +96,14 @@ def test_cached_features_equal_a_fresh_forward_pass(settings_factory, start_chec
     assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
+def test_pairs_per_image_sets_the_training_pairs_and_leaves_the_held_out_ones(settings_factory, start_checkpoint):
+    two = prepare_align(align_settings(settings_factory, start_checkpoint, **{"align.pairs_per_image": 2}))
+    four = prepare_align(align_settings(settings_factory, start_checkpoint, "four", **{"align.pairs_per_image": 4}))
+    assert len(four.data.train) == 2 * len(two.data.train)
+    for column in ("chosen", "rejected", "corruption"):
+        assert four.data.val.pairs[column] == two.data.val.pairs[column]
+
+
 def test_cached_pair_logps_equal_the_starting_model(settings_factory, start_checkpoint):
     phase = prepare_align(align_settings(settings_factory, start_checkpoint))
     data: PreferenceDataset = phase.data.val

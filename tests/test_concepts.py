@@ -1,6 +1,6 @@
 """The concept head and the tiny tower's convolutional stem.
 
-Targets are read from the captions; the head lives in the model and its checkpoint; pretrain
+Targets are read from the captions and, where there is one, the scene graph; the head lives in the model and its checkpoint; pretrain
 trains it where the source names its objects and warns where nothing names them; and
 checkpoints written before either part existed still load as they were.
 """
@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 from test_engine import fit_phase, train_log
+from test_grounding import _scene
 from test_sources import _write_folder
 
 from capcli.data.batches import CaptionCollator, CaptionExample
-from capcli.data.concepts import concept_targets
+from capcli.data.concepts import concept_targets, scene_concepts
 from capcli.data.sources import concept_words
-from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, generate
+from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, generate
 from capcli.model import Captioner, build_model
 from capcli.model.captioner import CONFIG_FILE, CaptionerConfig
 from capcli.model.towers import build_vision, conv_stem, vision_spec_tiny
 from capcli.phases import prepare_pretrain
+from capcli.sampler import SampleKey
 from capcli.settings import ModelSettings
 
 
@@ -47,12 +49,49 @@ def test_targets_mark_phrases_only_where_their_words_stand_together() -> None:
     assert targets.tolist() == [[1, 1, 0, 1], [0, 1, 0, 0], [0, 0, 1, 1]]
 
 
-def test_synthetic_names_its_shapes_and_the_colour_shape_pairs_of_its_training_split() -> None:
+def test_synthetic_names_its_shapes_and_their_colour_and_size_pairs() -> None:
     words = concept_words("synthetic")
     assert words[: len(SHAPES)] == SHAPES
     pairs = {tuple(w.split()) for w in words[len(SHAPES):]}
-    assert pairs == {(c, s) for c in COLOURS for s in SHAPES} - NOVEL_COMBOS
+    assert pairs == ({(c, s) for c in COLOURS for s in SHAPES} - NOVEL_COMBOS) | {(z, s) for z in SIZES for s in SHAPES}
+    assert len(set(words)) == len(words) == 6 + 42 + 12
     assert concept_words("imagefolder:photos") == ()
+
+
+def test_a_scene_graph_names_each_relation_one_way_round() -> None:
+    # A square right of a circle, a star below the square and on the circle's diagonal (no relation).
+    scene = _scene(("square", "red", "large", 0.7, 0.2), ("circle", "blue", "small", 0.2, 0.2),
+                   ("star", "red", "small", 0.55, 0.55)).to_dict()
+    assert {r["relation"] for r in scene["relations"]} == {"left of", "right of", "above", "below"}
+    assert scene_concepts(scene) == {
+        "square", "circle", "star", "red square", "blue circle", "red star",
+        "large square", "small circle", "small star",
+        "circle left of square",  # both "circle left of square" and "square right of circle"
+        "square above star",  # both "square above star" and "star below square"
+    }
+
+
+def test_the_scene_graph_adds_the_relations_a_caption_leaves_out() -> None:
+    scene = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "small", 0.8, 0.5)).to_dict()
+    words = ("circle left of square", "square left of circle", "red circle", "blue", "small square")
+    captions = ["a red circle and a blue square"] * 2
+    assert concept_targets(captions, words).tolist() == [[0, 0, 1, 1, 0]] * 2
+    # The caption's own words still count beside the graph's; a row without a graph reads only its caption.
+    assert concept_targets(captions, words, [scene, None]).tolist() == [[1, 0, 1, 1, 1], [0, 0, 1, 1, 0]]
+
+
+def test_the_synthetic_training_data_carries_its_scene_graphs_to_the_targets(settings_factory) -> None:
+    settings = settings_factory(**{"pretrain.concept_weight": 1.0})
+    phase = prepare_pretrain(settings)
+    words = phase.model.config.concept_words
+    batch = phase.data.collate([phase.data.train[SampleKey(index, 0)] for index in range(32)])
+    expected = torch.zeros(len(batch), len(words))
+    for index in range(32):
+        true = scene_concepts(generate("train", index, seed=settings.data.seed)[0].to_dict())
+        expected[index] = torch.tensor([float(w in true) for w in words])
+    assert torch.equal(batch.concepts, expected)
+    sizes = [c for c in range(len(words)) if words[c].split()[0] in SIZES]
+    assert batch.concepts[:, sizes].sum(dim=1).ge(1).all()  # from the graph: no caption says "small circle"
 
 
 def test_the_collator_adds_targets_only_when_given_words(captions: list[str]) -> None:

@@ -311,6 +311,23 @@ def test_generated_preferences_follow_the_caption_splits(tmp_path: Path) -> None
     assert set(pairs["train"]["corruption"]) <= SCENE_KINDS
 
 
+def test_more_pairs_per_training_image_leave_the_held_out_pairs_as_they_were(tmp_path: Path) -> None:
+    splits = {name: _caption_split(tmp_path, n, name) for name, n in (("train", 30), ("val", 10))}
+    two, _ = load_preferences(None, _data(), splits)
+    five, report = load_preferences(None, _data(), splits, pairs_per_image=5)
+    assert five["val"].to_list() == two["val"].to_list()
+    assert len(five["train"]) == 150 and report.splits == {"train": 150, "val": 20}  # five captions each
+    by_image: dict[str, list[str]] = {}
+    for row in five["train"]:
+        by_image.setdefault(row["image"]["path"], []).append(row["corruption"])
+    scenes = _scenes(30, "train")
+    for path, kinds in by_image.items():
+        scene, captions = scenes[int(Path(path).stem)]
+        allowed = {kind for caption in captions for kind in scene_negatives(caption, scene)}
+        # Each kind the captions allow comes once before any comes twice.
+        assert len(set(kinds)) == min(len(kinds), len(allowed)), (kinds, allowed)
+
+
 def test_generated_preferences_carve_val_by_image_when_the_source_has_none(tmp_path: Path) -> None:
     pairs, _ = load_preferences("generated", _data(seed=3), {"train": _caption_split(tmp_path, 50)})
     train_images = {img["path"] for img in pairs["train"]["image"]}

@@ -144,8 +144,9 @@ def test_tiny_profile_applies_with_nothing_set():
     assert (s.data.train_size, s.data.val_size, s.data.test_size) == (3000, 300, 300)
     assert (s.pretrain.engine.epochs, s.pretrain.engine.batch_size) == (16, 32)
     assert s.pretrain.optimizer.lr == 1e-3
-    assert s.align.engine.epochs == 2
-    assert s.align.optimizer.lr == 1e-4
+    assert s.align.engine.epochs == 3
+    assert s.align.optimizer.lr == 3e-4
+    assert (s.align.pairs_per_image, s.align.lm_weight) == (5, 0.5)
 
 
 @pytest.mark.parametrize("layer", ["env", "file", "cli"])
@@ -182,13 +183,13 @@ def test_a_user_value_wins_over_the_clip_gpt2_profile():
 
 @pytest.mark.parametrize("preset", ["tiny", "clip-gpt2"])
 def test_partial_env_group_keeps_the_groups_other_defaults(preset):
-    s = load_settings(environ={"CAPCLI_ALIGN__ENGINE__EPOCHS": "3", "CAPCLI_MODEL__PRESET": preset})
-    assert s.align.engine.epochs == 3
+    s = load_settings(environ={"CAPCLI_ALIGN__ENGINE__EPOCHS": "4", "CAPCLI_MODEL__PRESET": preset})
+    assert s.align.engine.epochs == 4
     assert EngineSettings().batch_size == 64  # the generic default must not leak into align
     assert s.align.engine.batch_size == 32
     assert s.align.engine.output == Path("runs/align")
     assert s.align.engine.grad_accum == 2
-    assert s.align.optimizer.lr == (1e-4 if preset == "tiny" else 3e-5)
+    assert s.align.optimizer.lr == (3e-4 if preset == "tiny" else 3e-5)
 
 
 def test_partial_file_group_keeps_the_groups_other_defaults(tmp_path):
@@ -313,7 +314,7 @@ def test_ablation_config_keeps_alpha_at_one():
     assert s.align.alpha_final == 1.0
     assert s.align.engine.output == Path("runs/align-ablation")
     assert s.align.beta == 0.1  # the rest of align stays at its defaults
-    assert s.align.engine.epochs == 2  # and the tiny profile still applies
+    assert s.align.engine.epochs == 3  # and the tiny profile still applies
 
 
 def test_to_yaml_round_trips_through_config(tmp_path, settings_factory):

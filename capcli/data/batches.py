@@ -27,6 +27,7 @@ from capcli.settings import DataSettings
 class CaptionExample:
     pixels: torch.Tensor  # (3, H, W) uint8
     caption: str
+    scene: dict | None = None  # the image's scene graph, where the source has one (synthetic)
 
 
 @dataclass
@@ -62,7 +63,9 @@ class CaptionDataset(Dataset):
         self.split, self.image_size, self.max_pixels, self.seed = split, image_size, max_pixels, seed
         self.cache = cache  # decoded, resized pixels kept across epochs and runs (pixel_cache.py)
         # With the cache, a step reads only the captions: encoded image bytes stay on disk.
-        self.captions = split.select_columns(["captions"]) if cache is not None else split
+        self.has_scene = "scene" in split.column_names
+        columns = ["captions", "scene"] if self.has_scene else ["captions"]
+        self.captions = split.select_columns(columns) if cache is not None else split
 
     def __len__(self) -> int:
         return len(self.split)
@@ -76,9 +79,10 @@ class CaptionDataset(Dataset):
                 return None
             if self.cache is not None:
                 self.cache.put(index, pixels)
-        captions = self.captions[index]["captions"]
+        row = self.captions[index]
+        captions = row["captions"]
         choice = random.Random((self.seed * 1_000_003 + epoch) * 1_000_003 + index).randrange(len(captions))
-        return CaptionExample(pixels, captions[choice])
+        return CaptionExample(pixels, captions[choice], row["scene"] if self.has_scene else None)
 
 
 def decode_or_warn(image, image_size: int, max_pixels: int) -> torch.Tensor | None:
@@ -140,7 +144,8 @@ class _Examples(torch.utils.data.IterableDataset):
         # (datasets' own skip() would change the shuffled order it is applied to).
         for row in itertools.islice(self.rows, self._skip(), None):
             pixels = decode_or_warn(row["image"], self.image_size, self.max_pixels)
-            yield None if pixels is None else CaptionExample(pixels, row["captions"][self.epoch % len(row["captions"])])
+            yield None if pixels is None else CaptionExample(pixels, row["captions"][self.epoch % len(row["captions"])],
+                                                             row.get("scene"))
 
 
 def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDataset:
@@ -170,7 +175,7 @@ def load_image_field(value: dict | object, max_pixels: int):
 @dataclass
 class CaptionCollator:
     """Tokenises captions (cut at ``max_tokens``, then end-of-text), stacks images, and marks the
-    concept words each caption names (for a model with a concept head)."""
+    concept words each caption names or its scene graph makes true (for a model with a concept head)."""
 
     tokenizer: PreTrainedTokenizerBase
     max_tokens: int
@@ -181,7 +186,8 @@ class CaptionCollator:
         captions = [e.caption for e in kept]
         caption_ids, caption_mask = tokenize_captions(self, captions)
         pixels = torch.stack([e.pixels for e in kept]) if kept else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-        concepts = concept_targets(captions, self.concept_words) if self.concept_words else None
+        scenes = [e.scene for e in kept]
+        concepts = concept_targets(captions, self.concept_words, scenes) if self.concept_words else None
         return CaptionBatch(pixels, caption_ids, caption_mask, captions, skipped=len(examples) - len(kept),
                             concepts=concepts)
 

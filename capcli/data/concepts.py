@@ -1,23 +1,47 @@
-"""Concept words: which of a short list of words (the objects a source names) each caption uses.
+"""Concept words: which of a short list of words (the objects a source names) each image shows.
 
 These are the targets of the concept head (``losses.concept_loss``): weak labels read from the
 captions themselves, as in Fang et al. 2015 ("From captions to visual concepts and back").
 A concept is a word or a phrase of words ("cross", "red cross"). It counts where the caption
 has it as whole words, its last word in the singular or a plural ("crosses", "red crosses").
+
+Where an image has a scene graph (``synthetic``), the phrases the graph makes true count too,
+whatever the caption says. A caption leaves facts out: "a small red circle" names no "small
+circle", half of the captions name no size, and only one in five states a relation; read
+from the caption alone, such a concept would be marked absent where it is in the picture.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 _WORD = re.compile(r"[a-z]+")
+_CONVERSE = {"right of": "left of", "below": "above"}
 
 
-def concept_targets(captions: Sequence[str], concepts: Sequence[str]) -> torch.Tensor:
-    """(B, C) float tensor: 1 where caption b names concept c, else 0."""
+def scene_concepts(scene: dict[str, Any]) -> set[str]:
+    """The concept phrases that a scene graph (``Scene.to_dict()``) makes true: each object's
+    shape, colour and shape, size and shape, and each relation between two shapes, named one
+    way round ("circle left of square" also for "square right of circle", "above" for "below")."""
+    objects = scene["objects"]
+    said = {o["shape"] for o in objects}
+    said |= {f"{o['colour']} {o['shape']}" for o in objects} | {f"{o['size']} {o['shape']}" for o in objects}
+    for r in scene["relations"]:
+        subject, obj = objects[r["subject"]]["shape"], objects[r["object"]]["shape"]
+        relation = r["relation"]
+        if relation in _CONVERSE:
+            subject, relation, obj = obj, _CONVERSE[relation], subject
+        said.add(f"{subject} {relation} {obj}")
+    return said
+
+
+def concept_targets(captions: Sequence[str], concepts: Sequence[str],
+                    scenes: Sequence[dict[str, Any] | None] | None = None) -> torch.Tensor:
+    """(B, C) float tensor: 1 where caption b names concept c or scene b (when given) makes it true, else 0."""
     phrases = [tuple(_WORD.findall(concept.lower())) for concept in concepts]
     longest = max((len(p) for p in phrases), default=0)
     singular = {}
@@ -28,7 +52,8 @@ def concept_targets(captions: Sequence[str], concepts: Sequence[str]) -> torch.T
     for b, caption in enumerate(captions):
         words = [singular.get(w, w) for w in _WORD.findall(caption.lower())]
         said = {tuple(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
+        true = scene_concepts(scenes[b]) if scenes is not None and scenes[b] is not None else set()
         for c, phrase in enumerate(phrases):
-            if phrase in said:
+            if phrase in said or " ".join(phrase) in true:
                 targets[b, c] = 1.0
     return targets

@@ -12,8 +12,11 @@ sometimes ``test``) as ``datasets.Dataset`` with the columns of ``PAIR_FEATURES`
 It also returns a ``PairReport`` of the pairs kept and dropped. A spec names its kind
 (``PREFERENCE_SOURCES``):
 
-- None or ``generated``: ``PAIRS_PER_IMAGE`` pairs for each image of the caption source,
-  with train, val and test pairs from the source's own splits. Chosen is one of the
+- None or ``generated``: pairs for each image of the caption source, with train, val and
+  test pairs from the source's own splits: ``pairs_per_image`` for a training image (at
+  most one per reference caption, each of a different corruption kind while its captions
+  allow), and ``PAIRS_PER_IMAGE`` for a held-out one whatever the training setting, so
+  that held-out scores compare across runs. Chosen is one of the
   image's reference captions. Rejected is the same caption with one fact corrupted
   (``capcli.data.corrupt``). When the image has a scene graph, the corruption is proven
   false; otherwise it is a lexicon word swap. Failing both, rejected is another image's
@@ -68,7 +71,7 @@ PAIR_FEATURES = datasets.Features({
     "corruption": datasets.Value("string"),
 })
 GIVEN = "given"
-PAIRS_PER_IMAGE = 2
+PAIRS_PER_IMAGE = 2  # generated pairs per held-out image, and per training image by default
 ULTRAFEEDBACK = "openbmb/UltraFeedback"
 HUB_HELP = ("go online once so it is cached, set HF_HOME to a cache that holds it, "
             "or use a local copy with disk:PATH or jsonl:PATH")
@@ -112,13 +115,15 @@ def preference_source(name: str, usage: str):
     return register
 
 
-def load_preferences(spec: str | None, data: DataSettings, caption_splits: Splits) -> tuple[Splits, PairReport]:
+def load_preferences(spec: str | None, data: DataSettings, caption_splits: Splits,
+                     pairs_per_image: int = PAIRS_PER_IMAGE) -> tuple[Splits, PairReport]:
     """Load the preference pairs named by ``spec``.
 
     Args:
         spec: A spec string (see the module docstring); None means ``generated``.
         data: Supplies the seed of generation and carving, and the size limits of given pairs.
         caption_splits: The caption source's splits (``load_splits``); only ``generated`` reads them.
+        pairs_per_image: Generated pairs per training image (``generated`` only).
 
     Returns:
         The splits of pairs, with the columns of ``PAIR_FEATURES``, and the report.
@@ -132,7 +137,10 @@ def load_preferences(spec: str | None, data: DataSettings, caption_splits: Split
     if kind not in PREFERENCE_SOURCES:
         raise ConfigError(f"unknown preference source '{spec}' (allowed: {', '.join(_USAGE.values())})")
     report = PairReport()
-    splits = PREFERENCE_SOURCES[kind](arg, data, caption_splits, report)
+    loader = PREFERENCE_SOURCES[kind]
+    if kind == "generated":
+        loader = partial(_generated, train_per_image=pairs_per_image)
+    splits = loader(arg, data, caption_splits, report)
     report.splits = {name: len(split) for name, split in splits.items()}
     if not report.splits.get("train"):
         raise DataError(f"preference source '{spec}' has no training pairs ({report.summary()})")
@@ -143,10 +151,13 @@ def load_preferences(spec: str | None, data: DataSettings, caption_splits: Split
 
 
 @preference_source("generated", "generated")
-def _generated(arg: str, data: DataSettings, caption_splits: Splits, report: PairReport) -> Splits:
+def _generated(arg: str, data: DataSettings, caption_splits: Splits, report: PairReport,
+               train_per_image: int = PAIRS_PER_IMAGE) -> Splits:
     if arg:
         raise ConfigError(f"generated preferences take no argument, got 'generated:{arg}'")
-    splits = {name: _clean(generate_pairs(caption_splits[name], data.seed, name, report), report)
+    per_image = {"train": train_per_image}
+    splits = {name: _clean(generate_pairs(caption_splits[name], data.seed, name, report,
+                                          per_image.get(name, PAIRS_PER_IMAGE)), report)
               for name in ("train", "val", "test") if name in caption_splits}
     return _ensure_val(splits, data)
 

@@ -45,12 +45,16 @@ def concept_words(spec: str) -> tuple[str, ...]:
     """The objects a source names in its captions, for the concept head; () when it does not know them.
 
     ``synthetic``: its six shapes, and each colour-shape pair that its training split holds
-    ("red circle"), so that the pooled features must say which colour goes with which shape.
+    ("red circle") and each size-shape pair ("small circle"), so that the pooled features must
+    say which colour and which size goes with which shape. The size pairs never stand in a
+    caption ("a small red circle"): their labels come from the scene graph
+    (``concepts.scene_concepts``).
     """
     if spec == "synthetic":
-        from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES
+        from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES
 
-        return (*SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in NOVEL_COMBOS))
+        return (*SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in NOVEL_COMBOS),
+                *(f"{z} {s}" for z in SIZES for s in SHAPES))
     return ()
 
 
