@@ -559,7 +559,10 @@ def benchmark_settings(settings: Settings) -> Settings:
     b = settings.benchmark
     pretrain_step = settings.pretrain.engine.batch_size * settings.pretrain.engine.grad_accum
     align_step = settings.align.engine.batch_size * settings.align.engine.grad_accum
-    images = max(pretrain_step * b.steps, math.ceil(align_step * b.steps / PAIRS_PER_IMAGE))
+    # Sized for min(pairs_per_image, 2) pairs an image: an image with fewer captions than pairs_per_image
+    # gives fewer pairs, and pairs beyond what the steps use only lengthen the timed cache build.
+    per_image = min(settings.align.pairs_per_image, PAIRS_PER_IMAGE)
+    images = max(pretrain_step * b.steps, math.ceil(align_step * b.steps / per_image))
     return override(settings, {
         "data.train_size": images, "data.val_size": 8, "data.test_size": max(b.images, b.metric_captions),
         "pretrain.engine.max_steps": b.steps, "align.engine.max_steps": b.steps,

@@ -80,7 +80,7 @@ def _columns(image_column: str | None, caption_column: str | None, split: str | 
 Model = Annotated[Optional[str], typer.Option(help="Model preset: tiny | clip-gpt2  \\[default: tiny]", show_default=False)]
 VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip tag, local file, or none  \\[default: openai]", show_default=False)]
 Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  \\[default: gpt2]", show_default=False)]
-Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  \\[default: 10; tiny: 8]", show_default=False)]
+Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  \\[default: 10; tiny: 16]", show_default=False)]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (smoke runs).", show_default=False)]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per micro-batch.  \\[default: 64; tiny: 32]", show_default=False)]
 Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 1e-4; tiny: 1e-3]", show_default=False)]
@@ -156,10 +156,10 @@ def align(
     beta: Annotated[Optional[float], typer.Option(help="β, the scale of the implicit reward.  \\[default: 0.1]", show_default=False)] = None,
     margin: Annotated[Optional[float], typer.Option(help="Margin of the Bradley-Terry loss.  \\[default: 0.1]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/align]", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training pairs.  \\[default: 5; tiny: 2]", show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training pairs.  \\[default: 5; tiny: 3]", show_default=False)] = None,
     max_steps: MaxSteps = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch.  \\[default: 32]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 1e-4]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 3e-4]", show_default=False)] = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,

@@ -7,6 +7,7 @@ use the session's synthetic data cache and tiny sizes, so the whole file takes w
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from capcli import __version__
@@ -128,6 +130,22 @@ def test_pretrain_help_shows_defaults():
     result = runner.invoke(app, ["pretrain", "--help"])
     # --device, --precision, --seed, --data, --model, --output, --epochs, --batch-size, --lr and the three sizes
     assert result.stdout.count("[default:") >= 12, result.stdout
+
+
+@pytest.mark.parametrize("command, option, key", [
+    ("pretrain", "--epochs", "pretrain.engine.epochs"), ("pretrain", "--batch-size", "pretrain.engine.batch_size"),
+    ("pretrain", "--lr", "pretrain.optimizer.lr"), ("pretrain", "--train-size", "data.train_size"),
+    ("pretrain", "--val-size", "data.val_size"), ("pretrain", "--test-size", "data.test_size"),
+    ("align", "--epochs", "align.engine.epochs"), ("align", "--lr", "align.optimizer.lr"),
+])
+def test_help_states_the_defaults_the_settings_have(command, option, key):
+    """Options print "[default: X; tiny: Y]" by hand (the value depends on the preset): check both."""
+    params = typer.main.get_command(app).commands[command].params
+    help_text = next(p.help for p in params if option in p.opts)
+    general, tiny = re.search(r"default: ([^;\]]+); tiny: ([^\]]+)\]", help_text).groups()
+    value = lambda settings: functools.reduce(getattr, key.split("."), settings)  # noqa: E731
+    assert float(general) == value(load_settings(cli={"model.preset": "clip-gpt2"}, environ={}))
+    assert float(tiny) == value(load_settings(environ={}))
 
 
 def test_python_m_capcli_prints_the_version(tmp_path):

@@ -7,6 +7,7 @@ checkpoints written before either part existed still load as they were.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from test_engine import fit_phase, train_log
 from test_grounding import _scene
 from test_sources import _write_folder
 
-from capcli.data.batches import CaptionCollator, CaptionExample
-from capcli.data.concepts import concept_targets, scene_concepts
+from capcli.data.batches import CaptionCollator, CaptionExample, _Examples
+from capcli.data.concepts import canonical, concept_targets, scene_concepts
 from capcli.data.sources import concept_words
-from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, generate
+from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, generate, render
 from capcli.model import Captioner, build_model
 from capcli.model.captioner import CONFIG_FILE, CaptionerConfig
 from capcli.model.towers import build_vision, conv_stem, vision_spec_tiny
@@ -64,24 +65,33 @@ def test_a_scene_graph_names_each_relation_one_way_round() -> None:
                    ("star", "red", "small", 0.55, 0.55)).to_dict()
     assert {r["relation"] for r in scene["relations"]} == {"left of", "right of", "above", "below"}
     assert scene_concepts(scene) == {
-        "square", "circle", "star", "red square", "blue circle", "red star",
-        "large square", "small circle", "small star",
+        "square", "circle", "star", "red", "blue", "small", "large",
+        "red square", "blue circle", "red star", "large square", "small circle", "small star",
+        "large red", "small blue", "small red", "large red square", "small blue circle", "small red star",
         "circle left of square",  # both "circle left of square" and "square right of circle"
         "square above star",  # both "square above star" and "star below square"
     }
+    assert canonical("square right of circle") == "circle left of square"
+    assert canonical("star below square") == "square above star"
+    assert canonical("red circle") == "red circle" and canonical("right of") == "right of"
 
 
-def test_the_scene_graph_adds_the_relations_a_caption_leaves_out() -> None:
+def test_the_scene_graph_adds_the_facts_a_caption_leaves_out() -> None:
     scene = _scene(("circle", "red", "small", 0.2, 0.5), ("square", "blue", "small", 0.8, 0.5)).to_dict()
-    words = ("circle left of square", "square left of circle", "red circle", "blue", "small square")
+    words = ("circle left of square", "square right of circle", "square left of circle", "red circle", "blue",
+             "small square", "small blue square", "circle above square")
     captions = ["a red circle and a blue square"] * 2
-    assert concept_targets(captions, words).tolist() == [[0, 0, 1, 1, 0]] * 2
+    assert concept_targets(captions, words).tolist() == [[0, 0, 0, 1, 1, 0, 0, 0]] * 2
     # The caption's own words still count beside the graph's; a row without a graph reads only its caption.
-    assert concept_targets(captions, words, [scene, None]).tolist() == [[1, 0, 1, 1, 1], [0, 0, 1, 1, 0]]
+    assert concept_targets(captions, words, [scene, None]).tolist() == [[1, 1, 0, 1, 1, 1, 1, 0],
+                                                                       [0, 0, 0, 1, 1, 0, 0, 0]]
+    # A "scene" column that is not a scene graph is no graph.
+    assert concept_targets(captions[:1], words, ["a string"]).tolist() == [[0, 0, 0, 1, 1, 0, 0, 0]]
 
 
-def test_the_synthetic_training_data_carries_its_scene_graphs_to_the_targets(settings_factory) -> None:
-    settings = settings_factory(**{"pretrain.concept_weight": 1.0})
+@pytest.mark.parametrize("pixel_cache", [True, False])
+def test_the_synthetic_training_data_carries_its_scene_graphs_to_the_targets(settings_factory, pixel_cache) -> None:
+    settings = settings_factory(**{"pretrain.concept_weight": 1.0, "data.pixel_cache": pixel_cache})
     phase = prepare_pretrain(settings)
     words = phase.model.config.concept_words
     batch = phase.data.collate([phase.data.train[SampleKey(index, 0)] for index in range(32)])
@@ -92,6 +102,15 @@ def test_the_synthetic_training_data_carries_its_scene_graphs_to_the_targets(set
     assert torch.equal(batch.concepts, expected)
     sizes = [c for c in range(len(words)) if words[c].split()[0] in SIZES]
     assert batch.concepts[:, sizes].sum(dim=1).ge(1).all()  # from the graph: no caption says "small circle"
+
+
+def test_a_streamed_row_brings_its_scene_graph() -> None:
+    scene, captions = generate("train", 1, seed=0)
+    buffer = io.BytesIO()
+    render(scene, 16).save(buffer, format="PNG")
+    row = {"image": {"bytes": buffer.getvalue(), "path": None}, "captions": captions, "scene": scene.to_dict()}
+    examples = list(_Examples([row, {**row, "scene": None}], 16, 10**6, epoch=0, skip_batches=0, batch_size=1))
+    assert [e.scene for e in examples] == [scene.to_dict(), None]
 
 
 def test_the_collator_adds_targets_only_when_given_words(captions: list[str]) -> None:

@@ -39,7 +39,7 @@ class CaptionBatch:
     caption_mask: torch.Tensor  # (B, T) long, 1 on real tokens (end-of-text included)
     captions: list[str]
     skipped: int = 0  # samples dropped because their image could not be read
-    concepts: torch.Tensor | None = None  # (B, C) float: which concept words each caption names
+    concepts: torch.Tensor | None = None  # (B, C) float: which concept words each image shows
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -62,7 +62,7 @@ class CaptionDataset(Dataset):
     def __init__(self, split, image_size: int, max_pixels: int, seed: int = 0, cache: PixelCache | None = None):
         self.split, self.image_size, self.max_pixels, self.seed = split, image_size, max_pixels, seed
         self.cache = cache  # decoded, resized pixels kept across epochs and runs (pixel_cache.py)
-        # With the cache, a step reads only the captions: encoded image bytes stay on disk.
+        # With the cache, a step reads only the captions (and scene graph): encoded image bytes stay on disk.
         self.has_scene = "scene" in split.column_names
         columns = ["captions", "scene"] if self.has_scene else ["captions"]
         self.captions = split.select_columns(columns) if cache is not None else split

@@ -5,8 +5,9 @@ captions themselves, as in Fang et al. 2015 ("From captions to visual concepts a
 A concept is a word or a phrase of words ("cross", "red cross"). It counts where the caption
 has it as whole words, its last word in the singular or a plural ("crosses", "red crosses").
 
-Where an image has a scene graph (``synthetic``), the phrases the graph makes true count too,
-whatever the caption says. A caption leaves facts out: "a small red circle" names no "small
+Where an image has a scene graph (``synthetic``), the phrases the graph makes true count too
+(``scene_concepts``: each object's shape, colour and size and their combinations, and the
+relations between shapes). A caption leaves facts out: "a small red circle" names no "small
 circle", half of the captions name no size, and only one in five states a relation; read
 from the caption alone, such a concept would be marked absent where it is in the picture.
 """
@@ -24,19 +25,32 @@ _CONVERSE = {"right of": "left of", "below": "above"}
 
 
 def scene_concepts(scene: dict[str, Any]) -> set[str]:
-    """The concept phrases that a scene graph (``Scene.to_dict()``) makes true: each object's
-    shape, colour and shape, size and shape, and each relation between two shapes, named one
-    way round ("circle left of square" also for "square right of circle", "above" for "below")."""
+    """The concept phrases that a scene graph (``Scene.to_dict()``) makes true, in canonical form.
+
+    For each object: its shape, colour and size alone and in order ("small", "small red",
+    "red circle", "small circle", "small red circle"). For each relation between two objects:
+    "SHAPE left of SHAPE" or "SHAPE above SHAPE" (``canonical`` names "right of" and "below"
+    the other way round).
+    """
     objects = scene["objects"]
-    said = {o["shape"] for o in objects}
-    said |= {f"{o['colour']} {o['shape']}" for o in objects} | {f"{o['size']} {o['shape']}" for o in objects}
+    said: set[str] = set()
+    for o in objects:
+        size, colour, shape = o["size"], o["colour"], o["shape"]
+        said |= {shape, colour, size, f"{colour} {shape}", f"{size} {shape}", f"{size} {colour}",
+                 f"{size} {colour} {shape}"}
     for r in scene["relations"]:
-        subject, obj = objects[r["subject"]]["shape"], objects[r["object"]]["shape"]
-        relation = r["relation"]
-        if relation in _CONVERSE:
-            subject, relation, obj = obj, _CONVERSE[relation], subject
-        said.add(f"{subject} {relation} {obj}")
+        said.add(canonical(f"{objects[r['subject']]['shape']} {r['relation']} {objects[r['object']]['shape']}"))
     return said
+
+
+def canonical(phrase: str) -> str:
+    """A relation phrase named one way round: "square right of circle" → "circle left of square",
+    "star below square" → "square above star". Any other phrase is returned as it is."""
+    for relation, converse in _CONVERSE.items():
+        subject, found, obj = phrase.partition(f" {relation} ")
+        if found and subject and obj:
+            return f"{obj} {converse} {subject}"
+    return phrase
 
 
 def concept_targets(captions: Sequence[str], concepts: Sequence[str],
@@ -52,8 +66,9 @@ def concept_targets(captions: Sequence[str], concepts: Sequence[str],
     for b, caption in enumerate(captions):
         words = [singular.get(w, w) for w in _WORD.findall(caption.lower())]
         said = {tuple(words[i:i + n]) for n in range(1, longest + 1) for i in range(len(words) - n + 1)}
-        true = scene_concepts(scenes[b]) if scenes is not None and scenes[b] is not None else set()
+        scene = scenes[b] if scenes is not None else None
+        true = scene_concepts(scene) if isinstance(scene, dict) and "objects" in scene else set()
         for c, phrase in enumerate(phrases):
-            if phrase in said or " ".join(phrase) in true:
+            if phrase in said or canonical(" ".join(phrase)) in true:
                 targets[b, c] = 1.0
     return targets

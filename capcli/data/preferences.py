@@ -16,7 +16,8 @@ It also returns a ``PairReport`` of the pairs kept and dropped. A spec names its
   test pairs from the source's own splits: ``pairs_per_image`` for a training image (at
   most one per reference caption, each of a different corruption kind while its captions
   allow), and ``PAIRS_PER_IMAGE`` for a held-out one whatever the training setting, so
-  that held-out scores compare across runs. Chosen is one of the
+  that held-out scores compare across runs. (A source too small to have a ``val`` split gets
+  one carved from the training pairs, below.) Chosen is one of the
   image's reference captions. Rejected is the same caption with one fact corrupted
   (``capcli.data.corrupt``). When the image has a scene graph, the corruption is proven
   false; otherwise it is a lexicon word swap. Failing both, rejected is another image's
