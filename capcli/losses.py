@@ -75,16 +75,17 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def concept_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Multi-label binary cross-entropy of which concept words each caption names, given its image.
+    """Multi-label binary cross-entropy of which concept words each image shows.
 
-    Per sample, the cross-entropy is summed over the words and divided by the number of words
-    the caption names (at least 1): each named object weighs the same however long the word
-    list is, where a plain mean would let the many absent words drown the few present ones.
+    The targets are read from the image's caption and, where it has one, its scene graph
+    (``data.concepts``). Per sample, the cross-entropy is summed over the words and divided by
+    the number of words present (at least 1): each present word weighs the same however long
+    the list is, where a plain mean would let the many absent words drown the few present ones.
     The result is then a per-sample mean, so accumulated micro-batches equal the whole batch.
 
     Args:
         logits: (B, C) one logit per concept word.
-        targets: (B, C) 1 where the caption names the word, else 0.
+        targets: (B, C) 1 where the word is present, else 0.
 
     Returns:
         A 0-d tensor.

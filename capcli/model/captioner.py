@@ -5,7 +5,7 @@ Shapes: B batch, T caption tokens, K prefix length, D decoder width, E shared em
 - image → vision tower → features (B, Dv) → image head → (B, E), L2-normalised
 - caption → decoder alone → hidden state at its last real token → text head → (B, E)
 - features → prefix mapper → (B, K, D) → decoder, caption tokens after it → next-token logits
-- features → concept head → (B, C) logits of the concept words the caption names (when it has any)
+- features → concept head → (B, C) logits of the concept words the image shows (when it has any)
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class Captioner(nn.Module):
         self.prefix_mapper = mapper(vision_dim, width, config.prefix_length)
         self.image_head = nn.Linear(vision_dim, config.embed_dim, bias=False)
         self.text_head = nn.Linear(width, config.embed_dim, bias=False)
-        # Predicts which concept words the caption names from the pooled features alone: a direct,
+        # Predicts which concept words the image shows from the pooled features alone: a direct,
         # per-image signal that teaches the vision tower to tell objects apart (losses.concept_loss).
         words = len(config.concept_words)
         self.concept_head = nn.Linear(vision_dim, words) if words else None
@@ -126,7 +126,7 @@ class Captioner(nn.Module):
         return F.normalize(self.image_head(features), dim=-1)
 
     def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, Dv) → (B, C): one logit per concept word, that the caption names it."""
+        """(B, Dv) → (B, C): one logit per concept word, that the image shows it."""
         if self.concept_head is None:
             raise ValueError("this model has no concept head (its config names no concept words)")
         return self.concept_head(features)
