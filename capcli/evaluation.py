@@ -91,6 +91,11 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     scores = caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)))
     for name, interval in caption_intervals(scores, options.resamples, seed=seed).items():
         put(name, scores.corpus[name], interval)
+    # Length in words beside the grounding rates: an emptier caption must not pass for a better one.
+    for name, lengths in (("caption_length", [len(p.split()) for p in predictions]),
+                          ("reference_length", [float(np.mean([len(r.split()) for r in refs])) for refs in references])):
+        lengths = np.asarray(lengths, dtype=float)
+        put(name, float(lengths.mean()), bootstrap_interval(lengths, options.resamples, seed=seed))
 
     with autocast():
         image_emb = _batched(judge.embed_images, list(rows["image"]), options.batch_size)
@@ -122,8 +127,12 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     # Preference accuracy: the model's log-probs rank the true caption over its corruption.
     pairs = generate_pairs(rows, seed, f"evaluate-{options.split}")
     if len(pairs):
-        ranked = _preference_outcomes(model, pairs, settings, device, autocast, options.batch_size)
+        ranked, kinds = _preference_outcomes(model, pairs, settings, device, autocast, options.batch_size)
         put("preference_accuracy", float(ranked.mean()), bootstrap_interval(ranked, options.resamples, seed=seed))
+        # By kind: relation pairs ask whether the model knows where things are, which its captions may never say.
+        for kind in sorted(set(kinds)):
+            hits = ranked[kinds == kind]
+            put(f"preference_accuracy_{kind}", float(hits.mean()), bootstrap_interval(hits, options.resamples, seed=seed))
 
     grounding = None
     if "scene" in rows.column_names:
@@ -219,13 +228,14 @@ def _shuffled(captions: list[str], seed: int) -> list[str]:
     return [captions[shifted[i]] for i in range(len(captions))]
 
 
-def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> np.ndarray:
-    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong)."""
+def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> tuple[np.ndarray, np.ndarray]:
+    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong), and each pair's corruption kind."""
     data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
     logps = pair_logps(model, data, collate, score_pairs, device, autocast, batch_size)
-    logps = logps[~logps.isnan().any(dim=1)]  # pairs whose image could not be read
-    return (logps[:, 0] > logps[:, 1]).float().numpy()
+    read = ~logps.isnan().any(dim=1)  # pairs whose image could not be read are left out
+    kinds = np.asarray(pairs["corruption"], dtype=object)[read.numpy()]
+    return (logps[read, 0] > logps[read, 1]).float().numpy(), kinds
 
 
 def _save_captions(path: Path, rows, predictions, references, judged: dict[str, np.ndarray], scores,

@@ -53,7 +53,8 @@ def _vit(c: _Count, model: Captioner, images: int, train: bool) -> None:
         c.product(images * patches, 3 * patch * patch, width, grad_a=False, grad_b=True, train=train)
     for _ in range(layers):
         _block(c, images, tokens, width, hidden, train)
-    c.product(images, width, arch["output_dim"], grad_a=True, grad_b=True, train=train)
+    # The output projection, of the pooled vector and, where the prefix reads them, of the patch tokens.
+    c.product(images * model.feature_tokens, width, arch["output_dim"], grad_a=True, grad_b=True, train=train)
 
 
 def _conv_stem(c: _Count, model: Captioner, images: int, train: bool) -> None:
@@ -89,14 +90,30 @@ def _gpt2(c: _Count, model: Captioner, sequences: int, tokens: int, lm_positions
 
 
 def _prefix(c: _Count, model: Captioner, images: int, features_grad: bool) -> None:
-    """The prefix mapper on ``images`` feature vectors."""
-    vision_dim = model.config.vision["arch"]["output_dim"]
-    k, width = model.config.prefix_length, model.decoder.config.n_embd
-    if model.config.prefix_mapper != "mlp":
-        raise ValueError("the FLOP formula covers the MLP prefix mapper only")
-    hidden = (width * k) // 2
-    c.product(images, vision_dim, hidden, grad_a=features_grad, grad_b=True)
-    c.product(images, hidden, width * k, grad_a=True, grad_b=True)
+    """The prefix mapper on the features of ``images`` images."""
+    dv = model.config.vision["arch"]["output_dim"]
+    kind, k, width = model.config.prefix_mapper, model.config.prefix_length, model.decoder.config.n_embd
+    s = model.feature_tokens
+    if kind == "mlp":
+        hidden = (width * k) // 2
+        c.product(images, dv, hidden, grad_a=features_grad, grad_b=True)
+        c.product(images, hidden, width * k, grad_a=True, grad_b=True)
+    elif kind == "tokens":  # the two-layer MLP on every feature token
+        c.product(images * s, dv, width, grad_a=features_grad, grad_b=True)
+        c.product(images * s, width, width, grad_a=True, grad_b=True)
+    elif kind == "resampler":
+        c.product(images * s, dv, width, grad_a=features_grad, grad_b=True)  # the tokens into the decoder's width
+        keys = s + k  # the queries attend to the tokens and to themselves
+        for _ in model.prefix_mapper.layers:
+            c.product(images * k, width, width, grad_a=True, grad_b=True)  # query projection
+            c.product(images * keys, width, 2 * width, grad_a=True, grad_b=True)  # key and value projections
+            c.product(images * k, width, keys, grad_a=True, grad_b=True)  # Q·Kᵀ
+            c.product(images * k, keys, width, grad_a=True, grad_b=True)  # P·V
+            c.product(images * k, width, width, grad_a=True, grad_b=True)  # output projection
+            c.product(images * k, width, 4 * width, grad_a=True, grad_b=True)
+            c.product(images * k, 4 * width, width, grad_a=True, grad_b=True)
+    else:
+        raise ValueError(f"the FLOP formula covers the mlp, tokens and resampler prefix mappers, not '{kind}'")
 
 
 def _contrastive(c: _Count, model: Captioner, batch: int, text_tokens: int, features_grad: bool) -> None:
@@ -117,7 +134,7 @@ def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, froze
         batch: images in the micro-batch.
         caption_tokens: the padded caption width T (end-of-text included).
         frozen_vision: the vision tower does not train.
-        concepts: the concept loss runs too (the concept head on the pooled features).
+        concepts: the concept loss runs too (the concept head on the pooled vector or on every patch).
     """
     c = _Count()
     _vit(c, model, batch, train=not frozen_vision)
@@ -128,7 +145,8 @@ def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, froze
     c.product(batch, model.config.embed_dim, batch, grad_a=False, grad_b=False, train=False)  # retrieval accuracy
     if concepts:
         vision_dim = model.config.vision["arch"]["output_dim"]
-        c.product(batch, vision_dim, len(model.config.concept_words), grad_a=not frozen_vision, grad_b=True)
+        rows = batch * (model.feature_tokens - 1) if model.config.concept_source == "patches" else batch
+        c.product(rows, vision_dim, len(model.config.concept_words), grad_a=not frozen_vision, grad_b=True)
     return c.total
 
 

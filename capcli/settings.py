@@ -49,15 +49,25 @@ class ModelSettings(Strict):
     embed_dim: int = Field(512, gt=0)
     """Size of the shared image-text embedding space."""
     prefix_length: int | None = Field(None, gt=0)
-    """Number of prefix embeddings the image becomes in the decoder's input (ClipCap). Default: 4 for tiny, 10 for clip-gpt2."""
-    prefix_mapper: Literal["mlp", "transformer"] = "mlp"
-    """How image features become the prefix: ClipCap's MLP or its small transformer mapper."""
+    """Number of prefix embeddings the image becomes in the decoder's input. Default: 4 for tiny and 10 for clip-gpt2 (ClipCap), 16 and 32 for the resampler (BLIP-2 has 32 queries); the `tokens` mapper's prefix is the tower's token grid and cannot be set."""
+    prefix_mapper: Literal["mlp", "transformer", "tokens", "resampler"] = "mlp"
+    """How image features become the decoder's prefix: ClipCap's `mlp` or `transformer` mapper on the pooled vector, which keeps no position; or from the tower's patch tokens, which do: `tokens` projects each one (LLaVA), `resampler` has learned queries read them by cross-attention (Flamingo, BLIP-2)."""
     temperature: float = Field(0.07, gt=0, le=1)
     """InfoNCE temperature τ (CLIP's initial value)."""
     learn_temperature: bool = False
     """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
     concept_words: list[str] | None = None
     """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels, and from the scene graph where an image has one; see `pretrain.concept_weight`. A phrase counts where the caption has its words together or the scene graph makes it true ("red circle", "small circle", "circle left of square"). Default: the data source's own (`synthetic`: its six shapes, its colour-shape pairs and its size-shape pairs), none for other sources."""
+
+    concept_source: Literal["pooled", "patches"] = "pooled"
+    """What the concept head reads: the `pooled` vector, or each of the tower's `patches`, an image showing a word where its most confident patch does (multiple-instance learning, Fang et al. 2015), so that every patch tells its own object's shape, colour and size."""
+
+    @model_validator(mode="after")
+    def _token_grid_sets_its_length(self) -> ModelSettings:
+        if self.prefix_mapper == "tokens" and self.prefix_length is not None:
+            raise ValueError("prefix_length does not apply to the tokens mapper: its prefix is the tower's token grid "
+                             "(use the resampler for a prefix of a chosen length)")
+        return self
 
     @model_validator(mode="after")
     def _tiny_has_no_pretrained_parts(self) -> ModelSettings:

@@ -96,6 +96,40 @@ def test_cached_features_equal_a_fresh_forward_pass(settings_factory, start_chec
     assert_close(cached, fresh, rtol=1e-5, atol=1e-5)
 
 
+def test_the_cache_holds_patch_tokens_and_a_cached_step_equals_one_through_the_tower(tmp_path_factory, data_cache,
+                                                                                    settings_factory):
+    """With the token prefix, the frozen tower's cache holds the pooled vector and the 64 patch
+    tokens of each image, and align's losses and gradients from it equal those of a step that
+    runs the tower on the pixels."""
+    from conftest import make_settings
+
+    start = pretrain(make_settings(tmp_path_factory.mktemp("tokens") / "pretrain", data_cache,
+                                   **{"pretrain.engine.max_steps": 2, "model.prefix_mapper": "tokens"})).best_checkpoint
+    phase = prepare_align(align_settings(settings_factory, start))
+    data: PreferenceDataset = phase.data.train
+    assert data.features.shape == (len(set(data.feature_index)), 65, 512)
+    model, objective = phase.model.train(), phase.objective
+    rows = [0, 1, 2, 7]
+    cached = phase.data.collate([data[SampleKey(i, 0)] for i in rows])
+    through = phase.data.collate([PreferenceDataset(data.pairs, model.image_size, 10**8, reference=data.reference)
+                                  [SampleKey(i, 0)] for i in rows])
+    assert cached.pixels is None and through.features is None
+    steps = []
+    for batch in (cached, through):
+        model.zero_grad(set_to_none=True)
+        out = objective(model, batch, 0.5)
+        sum(v for k, v in out.items() if k.endswith("_loss")).backward()
+        steps.append(({k: v.detach() for k, v in out.items()},
+                      {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (out_cached, grad_cached), (out_through, grad_through) = steps
+    assert out_cached.keys() == out_through.keys()
+    for key in out_cached:
+        assert_close(out_cached[key], out_through[key], rtol=1e-4, atol=1e-5)
+    assert grad_cached.keys() == grad_through.keys() and not any(n.startswith("vision.") for n in grad_cached)
+    for name in grad_cached:
+        assert_close(grad_cached[name], grad_through[name], rtol=1e-3, atol=1e-5)
+
+
 def test_pairs_per_image_sets_the_training_pairs_and_leaves_the_held_out_ones(settings_factory, start_checkpoint):
     two = prepare_align(align_settings(settings_factory, start_checkpoint, **{"align.pairs_per_image": 2}))
     four = prepare_align(align_settings(settings_factory, start_checkpoint, "four", **{"align.pairs_per_image": 4}))

@@ -78,6 +78,14 @@ def test_test_novel_split_and_saved_captions(tmp_path, checkpoint, env):
     assert len(lines) == 12
     assert {"image", "caption", "references", "clip_score_self", "cider_d", "grounding_errors"} <= set(lines[0])
     assert len(lines[0]["references"]) == 5
+    # The caption length stands beside the grounding rates: mean words of the captions, and of their references.
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["caption_length"]["value"] == pytest.approx(sum(len(r["caption"].split()) for r in lines) / 12)
+    per_image = [sum(len(c.split()) for c in r["references"]) / len(r["references"]) for r in lines]
+    assert metrics["reference_length"]["value"] == pytest.approx(sum(per_image) / 12)
+    assert "grounding_relations_stated" in metrics
+    kinds = [name for name in metrics if name.startswith("preference_accuracy_")]
+    assert kinds and all(0.0 <= metrics[name]["value"] <= 1.0 for name in kinds)
 
 
 def test_baseline_checkpoint_is_named_and_itself_ties(tmp_path, checkpoint, env):

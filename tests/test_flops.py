@@ -85,7 +85,7 @@ def test_pretrain_formula_with_a_frozen_tower_counts_no_vision_backward(model: C
 def test_align_formula_equals_the_flop_counter(model: Captioner) -> None:
     pairs = 5
     collate = PreferenceCollator(model.tokenizer, 48)
-    features = torch.randn(pairs, model.config.vision["arch"]["output_dim"])
+    features = torch.randn(pairs, 1, model.config.vision["arch"]["output_dim"])
     batch: PreferenceBatch = collate([
         PreferenceExample(CAPTIONS[i], CAPTIONS[-1 - i] + " and a cross", features=features[i],
                           reference=torch.tensor([-10.0, -12.0])) for i in range(pairs)
@@ -96,6 +96,31 @@ def test_align_formula_equals_the_flop_counter(model: Captioner) -> None:
     width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     assert batch.rejected_ids.shape[1] != batch.chosen_ids.shape[1]  # the pair is padded to one width
     assert align_step_flops(model, pairs, width, batch.chosen_ids.shape[1]) == expected
+
+
+@pytest.mark.parametrize(("mapper", "source"), [("tokens", "patches"), ("resampler", "pooled"), ("mlp", "patches")])
+def test_the_formula_counts_the_token_prefixes_and_patch_concepts(mapper: str, source: str) -> None:
+    """The token prefix (every patch through the MLP, a longer decoder input), the resampler's
+    cross-attention, and the concept head on every patch, in pretrain and in align on cached tokens."""
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(prefix_mapper=mapper, concept_source=source), CAPTIONS * 20,
+                        ("circle", "square", "red")).train()
+    batch, captions = 3, CAPTIONS[:3]
+    ids, mask = _tokens(model, captions)
+    pixels = torch.randint(0, 256, (batch, 3, model.image_size, model.image_size), dtype=torch.uint8)
+    data = CaptionBatch(pixels, ids, mask, captions, concepts=concept_targets(captions, model.config.concept_words))
+    expected = counted(lambda: PretrainObjective(concept_weight=1.0)(model, data, 0.0))
+    assert pretrain_step_flops(model, batch, ids.shape[1], concepts=True) == expected
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        features = model.image_features(pixels)  # (3, 65, 512), as align caches them
+    pairs = PreferenceCollator(model.tokenizer, 48)([
+        PreferenceExample(CAPTIONS[i], CAPTIONS[-1 - i] + " and a cross", features=features[i],
+                          reference=torch.tensor([-10.0, -12.0])) for i in range(batch)])
+    expected = counted(lambda: AlignObjective(lm_weight=0.2)(model, pairs, 0.5))
+    model.zero_grad(set_to_none=True)
+    width = max(pairs.chosen_ids.shape[1], pairs.rejected_ids.shape[1])
+    assert align_step_flops(model, batch, width, pairs.chosen_ids.shape[1]) == expected
 
 
 def _tokens(model: Captioner, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -73,14 +73,14 @@ def test_a_true_caption_scores_perfectly():
     caption = "a red circle to the left of a blue square"
     _expect(_values(caption), object_accuracy=1, attribute_accuracy=1, count_accuracy=1,
             relation_accuracy=1, recall=1, hallucination_rate=0, hallucinated_mentions=0,
-            caption_accuracy=1, unparsed=0)
+            caption_accuracy=1, unparsed=0, relations_stated=1)
     assert caption_errors(caption, PAIR) == []
 
 
 def test_a_caption_without_relations_has_no_relation_score():
     _expect(_values("a red circle and a blue square"), object_accuracy=1, attribute_accuracy=1,
             count_accuracy=1, relation_accuracy=NAN, recall=1, hallucination_rate=0,
-            hallucinated_mentions=0, caption_accuracy=1, unparsed=0)
+            hallucinated_mentions=0, caption_accuracy=1, unparsed=0, relations_stated=0)
 
 
 def test_a_wrong_colour_binding_is_an_attribute_error_and_a_hallucination():
@@ -89,7 +89,7 @@ def test_a_wrong_colour_binding_is_an_attribute_error_and_a_hallucination():
     caption = "a blue circle and a red square"
     _expect(_values(caption), object_accuracy=1, attribute_accuracy=0, count_accuracy=NAN,
             relation_accuracy=NAN, recall=0, hallucination_rate=1, hallucinated_mentions=1,
-            caption_accuracy=0, unparsed=0)
+            caption_accuracy=0, unparsed=0, relations_stated=0)
     assert caption_errors(caption, PAIR) == ["no blue circle in the image", "no red square in the image"]
 
 
@@ -99,7 +99,7 @@ def test_a_wrong_size_is_an_attribute_error():
     caption = "a large red circle and a blue square"
     _expect(_values(caption), object_accuracy=1, attribute_accuracy=0.5, count_accuracy=1,
             relation_accuracy=NAN, recall=0.5, hallucination_rate=1, hallucinated_mentions=0.5,
-            caption_accuracy=0, unparsed=0)
+            caption_accuracy=0, unparsed=0, relations_stated=0)
     assert caption_errors(caption, PAIR) == ["no large red circle in the image"]
 
 
@@ -109,7 +109,7 @@ def test_an_absent_shape_is_an_object_error_only():
     caption = "a red circle and a green star"
     _expect(_values(caption), object_accuracy=0.5, attribute_accuracy=1, count_accuracy=1,
             relation_accuracy=NAN, recall=0.5, hallucination_rate=1, hallucinated_mentions=0.5,
-            caption_accuracy=0, unparsed=0)
+            caption_accuracy=0, unparsed=0, relations_stated=0)
     assert caption_errors(caption, PAIR) == ["no star in the image"]
 
 
@@ -117,7 +117,7 @@ def test_a_wrong_relation_is_a_relation_error_only():
     caption = "a red circle is to the right of a blue square"
     _expect(_values(caption), object_accuracy=1, attribute_accuracy=1, count_accuracy=1,
             relation_accuracy=0, recall=1, hallucination_rate=0, hallucinated_mentions=0,
-            caption_accuracy=0, unparsed=0)
+            caption_accuracy=0, unparsed=0, relations_stated=1)
     assert caption_errors(caption, PAIR) == ["the red circle is not right of the blue square"]
 
 
@@ -142,7 +142,7 @@ def test_a_wrong_count_is_a_count_error_only():
     caption = "two red circles and a blue square"
     _expect(_values(caption), object_accuracy=1, attribute_accuracy=1, count_accuracy=0.5,
             relation_accuracy=NAN, recall=1, hallucination_rate=0, hallucinated_mentions=0,
-            caption_accuracy=0, unparsed=0)
+            caption_accuracy=0, unparsed=0, relations_stated=0)
     assert caption_errors(caption, PAIR) == ["the image has 1 red circle, not 2"]
     # Undercounting twins: "a red circle" matches two.
     assert caption_errors("a red circle and a blue square", TWINS) == ["the image has 2 red circles, not 1"]
@@ -179,7 +179,7 @@ def test_an_unreadable_caption_counts_as_one_hallucinated_mention():
     for caption in ("", "the the the", "a red", "a red and a blue"):
         _expect(_values(caption), object_accuracy=0, attribute_accuracy=NAN, count_accuracy=NAN,
                 relation_accuracy=NAN, recall=0, hallucination_rate=1, hallucinated_mentions=1,
-                caption_accuracy=0, unparsed=1)
+                caption_accuracy=0, unparsed=1, relations_stated=0)
         assert caption_errors(caption, PAIR) == ["outside the grammar, and no object can be read from it"]
 
 
@@ -190,12 +190,12 @@ def test_a_stuttering_caption_is_read_word_by_word():
     caption = "a red circle circle"
     _expect(_values(caption), object_accuracy=1, attribute_accuracy=1, count_accuracy=1,
             relation_accuracy=NAN, recall=0.5, hallucination_rate=0, hallucinated_mentions=0,
-            caption_accuracy=0, unparsed=1)
+            caption_accuracy=0, unparsed=1, relations_stated=0)
     assert caption_errors(caption, PAIR) == ["outside the grammar; read word by word"]
     # Strictly, the same caption says nothing.
     _expect(_values(caption, lenient=False), object_accuracy=0, attribute_accuracy=NAN,
             count_accuracy=NAN, relation_accuracy=NAN, recall=0, hallucination_rate=1,
-            hallucinated_mentions=1, caption_accuracy=0, unparsed=1)
+            hallucinated_mentions=1, caption_accuracy=0, unparsed=1, relations_stated=0)
 
 
 def test_the_word_by_word_reading_finds_relations_totals_and_hallucinations():
@@ -279,7 +279,13 @@ def test_every_true_caption_of_300_scenes_scores_perfectly():
     captions = [c for _, caps in pairs for c in caps]
     scenes = [s.to_dict() for s, caps in pairs for _ in caps]
     scores = grounding_metrics(captions, scenes, lenient=False)
-    for name in GROUNDING_METRICS:
+    # At most one reference in five states a relation where the scene has one (describe's "relation"
+    # family; none where no relation holds between whole groups of like objects).
+    stated = scores.per_image.pop("relations_stated")
+    relational = np.array([bool(s["relations"]) for s in scenes])
+    assert np.isnan(stated[~relational]).all() and set(stated[relational]) == {0.0, 1.0}
+    assert 0.1 < scores.corpus.pop("relations_stated") <= 0.2
+    for name in scores.corpus:
         want = 0.0 if name in ("hallucination_rate", "hallucinated_mentions", "unparsed") else 1.0
         assert scores.corpus[name] == want, name
         values = scores.per_image[name]
@@ -288,7 +294,9 @@ def test_every_true_caption_of_300_scenes_scores_perfectly():
     # Every kind of claim was exercised, so the 1.0s are not vacuous.
     for name in ("attribute_accuracy", "count_accuracy", "relation_accuracy"):
         assert scores.denominator[name].sum() > 100, name
-    assert scores.corpus == grounding_metrics(captions, scenes).corpus
+    lenient = grounding_metrics(captions, scenes).corpus
+    assert lenient.pop("relations_stated") == pytest.approx(stated[relational].mean())
+    assert scores.corpus == lenient
 
 
 KIND_METRICS = {  # the metrics a corruption of that kind must lower
@@ -359,7 +367,7 @@ def test_garbage_never_crashes_and_scores_stay_in_range():
             assert np.all((finite >= 0) & (finite <= 1)), name
             assert 0 <= scores.corpus[name] <= 1 or math.isnan(scores.corpus[name]), name
             # Every caption counts: caption-level metrics, objects and recall are never NaN.
-            if name not in ("attribute_accuracy", "count_accuracy", "relation_accuracy"):
+            if name not in ("attribute_accuracy", "count_accuracy", "relation_accuracy", "relations_stated"):
                 assert not np.isnan(values).any(), name
         hallucinating = scores.per_image["hallucinated_mentions"] > 0
         assert np.array_equal(hallucinating, scores.per_image["hallucination_rate"] == 1)

@@ -101,7 +101,7 @@ def test_tiny_feature_and_embedding_shapes_are_normalised(tiny: Captioner) -> No
         image_emb = tiny.embed_image(features)
         text_emb = tiny.embed_text(ids, mask)
     assert tiny.image_size == 64
-    assert features.shape == (3, 512)
+    assert features.shape == (3, 1, 512)  # the pooled vector alone: the MLP prefix reads nothing else
     assert image_emb.shape == (3, 512)
     assert text_emb.shape == (3, 512)
     torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(3))
@@ -172,7 +172,7 @@ def test_padding_does_not_change_a_shorter_caption(tiny: Captioner) -> None:
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
 
 
-@pytest.mark.parametrize("mapper", ["mlp", "transformer"])
+@pytest.mark.parametrize("mapper", ["mlp", "transformer", "resampler"])
 def test_prefix_mapper_output_shape(captions: list[str], mapper: str) -> None:
     torch.manual_seed(0)
     model = build_model(ModelSettings(prefix_mapper=mapper, prefix_length=3), captions).eval()
@@ -183,9 +183,64 @@ def test_prefix_mapper_output_shape(captions: list[str], mapper: str) -> None:
         logits = model.caption_logits(features, ids, mask)
     assert prefix.shape == (5, 3, model.decoder.config.n_embd)
     assert logits.shape == (5, ids.shape[1], model.decoder.config.vocab_size)
-    assert type(model.prefix_mapper).__name__ == {"mlp": "MLPMapper", "transformer": "TransformerMapper"}[mapper]
+    names = {"mlp": "MLPMapper", "transformer": "TransformerMapper", "resampler": "Resampler"}
+    assert type(model.prefix_mapper).__name__ == names[mapper]
+    # The resampler reads the 8×8 patch tokens after the pooled vector; ClipCap's mappers the pooled vector alone.
+    assert features.shape == (5, 65 if mapper == "resampler" else 1, 512)
     # Each image gets its own prefix.
     assert not torch.allclose(prefix[0], prefix[1], atol=1e-5)
+
+
+def test_tiny_token_prefix_is_the_patch_grid_and_keeps_where_things_are(captions: list[str]) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(prefix_mapper="tokens"), captions).eval()
+    pixels = _pixels(2, model.image_size)
+    mirrored = pixels.flip(-1)  # the same content, left and right swapped
+    ids, mask = _encode(model.tokenizer, ["a red circle left of a square"] * 2)
+    with torch.no_grad():
+        features = model.image_features(pixels)
+        prefix = model.prefix(features)
+        logits = model.caption_logits(features, ids, mask)
+        prefix_mirrored = model.prefix(model.image_features(mirrored))
+    # The pooled vector, then one token per cell of the 8×8 grid, each projected to the decoder's width.
+    assert features.shape == (2, 1 + 64, 512)
+    assert prefix.shape == (2, 65, model.decoder.config.n_embd) and model.config.prefix_length == 65
+    assert logits.shape == (2, ids.shape[1], model.decoder.config.vocab_size) and torch.isfinite(logits).all()
+    # The decoder has room for the grid and a caption of the longest default length.
+    assert model.decoder.config.n_positions >= 65 + 48 + 1
+    # Each prefix position comes from its own patch: mirroring the image reorders the prefix, it is not the same.
+    assert not torch.allclose(prefix[:, 1:], prefix_mirrored[:, 1:], atol=1e-4)
+
+
+def test_the_token_prefix_has_no_settable_length() -> None:
+    with pytest.raises(ValueError, match="prefix_length does not apply to the tokens mapper"):
+        ModelSettings(prefix_mapper="tokens", prefix_length=8)
+
+
+def test_patch_concepts_are_the_most_confident_patch(captions: list[str]) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(concept_source="patches"), captions, ("circle", "red")).eval()
+    with torch.no_grad():
+        features = model.image_features(_pixels(3, model.image_size))
+        per_patch = model.concept_head(features[:, 1:])  # (3, 64, 2)
+        logits = model.concept_logits(features)
+    assert features.shape == (3, 65, 512)  # the MLP prefix reads the pooled vector; the head needs the patches
+    assert model.prefix(features).shape == (3, 4, model.decoder.config.n_embd)
+    torch.testing.assert_close(logits, per_patch.max(dim=1).values)
+
+
+def test_a_checkpoint_written_before_token_prefixes_loads_and_captions(tmp_path: Path, tiny: Captioner) -> None:
+    """model.json of the earlier format has no ``concept_source``; it loads as the pooled model it was."""
+    from capcli.generation import generate_captions
+
+    tiny.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / CONFIG_FILE).read_text(encoding="utf-8"))
+    del config["concept_source"]
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config), encoding="utf-8")
+    loaded = Captioner.from_pretrained(tmp_path).eval()
+    assert loaded.config.concept_source == "pooled" and loaded.config.prefix_mapper == "mlp"
+    pixels = _pixels(2, tiny.image_size)
+    assert generate_captions(loaded, pixels) == generate_captions(tiny.eval(), pixels)
 
 
 # ---------------------------------------------------------------- temperature
@@ -444,7 +499,7 @@ def test_clip_gpt2_builds_offline_from_a_local_decoder_and_round_trips(
         prefix = model.prefix(features)
         logits = model.caption_logits(features, ids, mask)
         text = model.embed_text(ids, mask)
-    assert features.shape == (2, 512)
+    assert features.shape == (2, 1, 512)
     assert prefix.shape == (2, 10, 768)
     assert logits.shape == (2, ids.shape[1], cfg.vocab_size) and torch.isfinite(logits).all()
     assert text.shape == (2, 512)
@@ -461,6 +516,24 @@ def test_clip_gpt2_builds_offline_from_a_local_decoder_and_round_trips(
         assert torch.equal(loaded.embed_text(ids, mask), text)
     assert loaded.pad_id == tok.pad_token_id
     _assert_tied(loaded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("mapper", "length"), [("tokens", 50), ("resampler", 32)])
+def test_clip_gpt2_token_prefixes_read_the_vit_b32_grid(gpt2_dir: dict, offline_empty_hub: Path, mapper: str,
+                                                        length: int) -> None:
+    """ViT-B/32 at 224 px has a 7×7 grid: 49 patch tokens after the pooled vector, projected to 512."""
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(preset="clip-gpt2", vision_weights="none", decoder=str(gpt2_dir["path"]),
+                                      prefix_mapper=mapper)).eval()
+    ids, mask = _encode(model.tokenizer, ["a red circle", "two large blue squares left of a small green star"])
+    with torch.no_grad():
+        features = model.image_features(_pixels(2, 224))
+        prefix = model.prefix(features)
+        logits = model.caption_logits(features, ids, mask)
+    assert features.shape == (2, 1 + 49, 512)
+    assert prefix.shape == (2, length, 768) and model.config.prefix_length == length
+    assert logits.shape == (2, ids.shape[1], model.decoder.config.vocab_size) and torch.isfinite(logits).all()
 
 
 @pytest.mark.slow

@@ -216,7 +216,7 @@ class PreferenceExample:
     chosen: str
     rejected: str
     pixels: torch.Tensor | None = None  # (3, H, W) uint8, when the tower runs live
-    features: torch.Tensor | None = None  # (Dv,) cached features of the frozen tower
+    features: torch.Tensor | None = None  # (S, Dv) cached features of the frozen tower
     reference: torch.Tensor | None = None  # (2,) cached reference log-probs of (chosen, rejected)
 
 
@@ -233,7 +233,7 @@ class PreferenceBatch:
     rejected_ids: torch.Tensor  # (B, T') long
     rejected_mask: torch.Tensor  # (B, T')
     pixels: torch.Tensor | None = None  # (B, 3, H, W) uint8
-    features: torch.Tensor | None = None  # (B, Dv)
+    features: torch.Tensor | None = None  # (B, S, Dv)
     reference: torch.Tensor | None = None  # (B, 2) reference log-probs of chosen, rejected
     skipped: int = 0
 

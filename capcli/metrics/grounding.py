@@ -21,6 +21,9 @@ over mentioned objects, and the caption-level rates (denominator 1) are means ov
 - ``relation_accuracy``: of the stated relations whose two mentions both match objects, the
   share recorded in the scene graph for every pair of matching objects
   (``scene_text.relation_holds``). Captions with no relation contribute nothing.
+- ``relations_stated``: of the captions of scenes whose graph records a relation (two or more
+  objects clearly apart), the share that state one, true or not: with ``relation_accuracy``,
+  how often a caption says where things are, and how often rightly.
 - ``recall``: of the scene's objects, the share that some mention matches (coverage; it is
   what stops a caption from scoring well by saying nothing).
 - ``hallucination_rate`` (CHAIR-s): the share of captions with at least one mention that no
@@ -90,6 +93,7 @@ GROUNDING_METRICS = (
     "attribute_accuracy",
     "count_accuracy",
     "relation_accuracy",
+    "relations_stated",
     "recall",
     "hallucination_rate",
     "hallucinated_mentions",
@@ -272,6 +276,7 @@ def _judge(reading: Reading, scene: Scene) -> tuple[Tally, list[str]]:
         errors.append(f"the background is {scene.background}, not {reading.background}")
 
     covered = set().union(*groups) if groups else set()
+    tally["relations_stated"] = [int(bool(reading.relations)), int(bool(scene.relations))]
     tally["recall"] = [len(covered), len(scene.objects)]
     tally["hallucination_rate"] = [int(not reading.mentions or not all(groups)), 1]
     tally["caption_accuracy"] = [int(not errors), 1]

@@ -1,11 +1,13 @@
 """The Captioner: vision tower, projection heads, prefix mapper and GPT-2 decoder (DESIGN §3).
 
-Shapes: B batch, T caption tokens, K prefix length, D decoder width, E shared embedding size.
+Shapes: B batch, T caption tokens, K prefix length, D decoder width, E shared embedding size,
+S image feature tokens: 1 (the pooled vector) or 1 + N (the pooled vector, then the tower's N
+patch tokens, for a prefix mapper that reads where things are).
 
-- image → vision tower → features (B, Dv) → image head → (B, E), L2-normalised
+- image → vision tower → features (B, S, Dv); features[:, 0] → image head → (B, E), L2-normalised
 - caption → decoder alone → hidden state at its last real token → text head → (B, E)
 - features → prefix mapper → (B, K, D) → decoder, caption tokens after it → next-token logits
-- features → concept head → (B, C) logits of the concept words the image shows (when it has any)
+- features[:, 0] → concept head → (B, C) logits of the concept words the image shows (when it has any)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from capcli.losses import IGNORE_INDEX
 from capcli.model.tokenizer import load_tokenizer
-from capcli.model.towers import build_decoder, build_vision
+from capcli.model.towers import build_decoder, build_vision, patch_tokens
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.json"
@@ -44,10 +46,15 @@ class CaptionerConfig:
     vision: dict[str, Any]
     decoder: dict[str, Any]
     concept_words: list[str] = field(default_factory=list)  # absent from checkpoints written before the head
+    concept_source: str = "pooled"  # absent from checkpoints written before patch concepts
+
+
+# Prefix mappers that read the patch tokens; the others read the pooled vector alone.
+TOKEN_MAPPERS = ("tokens", "resampler")
 
 
 class MLPMapper(nn.Module):
-    """ClipCap's MLP mapper: (B, Dv) → (B, K, D)."""
+    """ClipCap's MLP mapper on the pooled vector: (B, S, Dv) → (B, K, D)."""
 
     def __init__(self, in_dim: int, width: int, length: int):
         super().__init__()
@@ -56,11 +63,11 @@ class MLPMapper(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, width * length))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).view(-1, self.length, self.width)
+        return self.net(features[:, 0]).view(-1, self.length, self.width)
 
 
 class TransformerMapper(nn.Module):
-    """ClipCap's transformer mapper: the features become K tokens that attend to K learned constants."""
+    """ClipCap's transformer mapper on the pooled vector: it becomes K tokens that attend to K learned constants."""
 
     def __init__(self, in_dim: int, width: int, length: int, layers: int = 2):
         super().__init__()
@@ -72,9 +79,78 @@ class TransformerMapper(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.project(features).view(-1, self.length, self.width)  # (B, K, D)
+        x = self.project(features[:, 0]).view(-1, self.length, self.width)  # (B, K, D)
         x = torch.cat([x, self.constants.expand(x.shape[0], -1, -1)], dim=1)  # (B, 2K, D)
         return self.transformer(x)[:, self.length:]  # the constants' outputs are the prefix
+
+
+class TokenMapper(nn.Module):
+    """LLaVA-1.5's projector: every feature token through one two-layer MLP, (B, S, Dv) → (B, S, D).
+
+    The prefix is as long as the tower's token grid (plus the pooled vector), and each prefix
+    position keeps the place in the image its patch came from (Liu et al. 2023, "Improved
+    baselines with visual instruction tuning").
+    """
+
+    def __init__(self, in_dim: int, width: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, width), nn.GELU(), nn.Linear(width, width))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+
+class ResamplerLayer(nn.Module):
+    """One pre-norm layer of the resampler: the queries attend to the image tokens and to
+    themselves (Flamingo appends the latents to the keys), then an MLP."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm_tokens, self.norm_queries, self.norm_mlp = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        q = self.norm_queries(queries)  # (B, K, D)
+        kv = torch.cat([self.norm_tokens(tokens), q], dim=1)  # (B, S+K, D)
+        queries = queries + self.attn(q, kv, kv, need_weights=False)[0]
+        return queries + self.mlp(self.norm_mlp(queries))
+
+
+class Resampler(nn.Module):
+    """K learned queries read the image tokens by cross-attention: (B, S, Dv) → (B, K, D).
+
+    Flamingo's Perceiver Resampler (Alayrac et al. 2022), the image half of BLIP-2's Q-Former
+    (Li et al. 2023): a fixed, short prefix whatever the size of the token grid.
+    """
+
+    def __init__(self, in_dim: int, width: int, length: int, layers: int = 2):
+        super().__init__()
+        self.length, self.width = length, width
+        self.project = nn.Linear(in_dim, width)
+        self.queries = nn.Parameter(torch.randn(length, width) * 0.02)
+        self.layers = nn.ModuleList(ResamplerLayer(width, max(1, width // 32)) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        tokens = self.project(features)  # (B, S, D)
+        x = self.queries.expand(features.shape[0], -1, -1)  # (B, K, D)
+        for layer in self.layers:
+            x = layer(x, tokens)
+        return self.norm(x)
+
+
+def build_mapper(kind: str, in_dim: int, width: int, length: int) -> nn.Module:
+    """The prefix mapper named by ``CaptionerConfig.prefix_mapper``."""
+    if kind == "mlp":
+        return MLPMapper(in_dim, width, length)
+    if kind == "transformer":
+        return TransformerMapper(in_dim, width, length)
+    if kind == "tokens":
+        return TokenMapper(in_dim, width)
+    if kind == "resampler":
+        return Resampler(in_dim, width, length)
+    raise ValueError(f"unknown prefix mapper '{kind}' (allowed: mlp, transformer, tokens, resampler)")
 
 
 class Captioner(nn.Module):
@@ -88,8 +164,9 @@ class Captioner(nn.Module):
         self.decoder = build_decoder(config.decoder)
         vision_dim = config.vision["arch"]["output_dim"]
         width = self.decoder.config.n_embd
-        mapper = MLPMapper if config.prefix_mapper == "mlp" else TransformerMapper
-        self.prefix_mapper = mapper(vision_dim, width, config.prefix_length)
+        self.prefix_mapper = build_mapper(config.prefix_mapper, vision_dim, width, config.prefix_length)
+        # A mapper that reads where things are gets the patch tokens as well as the pooled vector.
+        self.vision.output_tokens = self.reads_tokens
         self.image_head = nn.Linear(vision_dim, config.embed_dim, bias=False)
         self.text_head = nn.Linear(width, config.embed_dim, bias=False)
         # Predicts which concept words the image shows from the pooled features alone: a direct,
@@ -109,6 +186,17 @@ class Captioner(nn.Module):
         return self.config.vision["arch"]["image_size"]
 
     @property
+    def reads_tokens(self) -> bool:
+        """Whether the image features hold the patch tokens after the pooled vector: the prefix
+        mapper or the concept head reads them."""
+        return self.config.prefix_mapper in TOKEN_MAPPERS or self.config.concept_source == "patches"
+
+    @property
+    def feature_tokens(self) -> int:
+        """S: how many vectors ``image_features`` gives per image."""
+        return 1 + patch_tokens(self.config.vision) if self.reads_tokens else 1
+
+    @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
 
@@ -117,19 +205,38 @@ class Captioner(nn.Module):
         return self.log_logit_scale.exp().clamp(max=100.0)
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 → (B, Dv) pooled vision features. Normalising here keeps transfers uint8."""
+        """(B, 3, H, W) uint8 → (B, S, Dv): the pooled vector, then the patch tokens where the mapper reads them.
+
+        The patch tokens go through the tower's own output projection, as the pooled vector
+        does (as MaskCLIP reads dense CLIP features), so all S share one width. Normalising
+        the pixels here keeps transfers uint8.
+        """
         x = pixels.to(self.pixel_mean.dtype) / 255.0
-        return self.vision((x - self.pixel_mean) / self.pixel_std)
+        out = self.vision((x - self.pixel_mean) / self.pixel_std)
+        if not self.reads_tokens:
+            return out[:, None]  # (B, 1, Dv)
+        pooled, tokens = out  # (B, Dv), (B, N, width)
+        if self.vision.proj is not None:
+            tokens = tokens @ self.vision.proj  # (B, N, Dv)
+        return torch.cat([pooled[:, None], tokens], dim=1)  # (B, 1+N, Dv)
 
     def embed_image(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, Dv) → (B, E), L2-normalised."""
-        return F.normalize(self.image_head(features), dim=-1)
+        """(B, S, Dv) → (B, E), from the pooled vector, L2-normalised."""
+        return F.normalize(self.image_head(features[:, 0]), dim=-1)
 
     def concept_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, Dv) → (B, C): one logit per concept word, that the image shows it."""
+        """(B, S, Dv) → (B, C): one logit per concept word, that the image shows it.
+
+        From the pooled vector, or (``concept_source`` "patches") from the most confident patch
+        token: multiple-instance learning, as Fang et al. 2015 read words from image regions.
+        A word is in the image when some patch shows it, so each patch must tell its own
+        object's shape, colour and size, and the prefix reads them where they are.
+        """
         if self.concept_head is None:
             raise ValueError("this model has no concept head (its config names no concept words)")
-        return self.concept_head(features)
+        if self.config.concept_source == "patches":
+            return self.concept_head(features[:, 1:]).amax(dim=1)  # (B, N, C) → (B, C)
+        return self.concept_head(features[:, 0])
 
     def embed_text(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) caption tokens ending in end-of-text → (B, E), L2-normalised.
@@ -147,7 +254,7 @@ class Captioner(nn.Module):
         return F.normalize(self.text_head(summary), dim=-1)
 
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, Dv) → (B, K, D) embeddings in the decoder's input space."""
+        """(B, S, Dv) → (B, K, D) embeddings in the decoder's input space."""
         return self.prefix_mapper(features)
 
     def caption_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:

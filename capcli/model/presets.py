@@ -10,12 +10,23 @@ from capcli.model.towers import (
     TINY_VOCAB,
     decoder_spec_tiny,
     load_pretrained_decoder,
+    patch_tokens,
     vision_spec_open_clip,
     vision_spec_tiny,
 )
 from capcli.settings import ModelSettings
 
 PREFIX_LENGTH = {"tiny": 4, "clip-gpt2": 10}  # ClipCap uses 10 for GPT-2
+RESAMPLER_LENGTH = {"tiny": 16, "clip-gpt2": 32}  # BLIP-2's Q-Former has 32 queries
+
+
+def prefix_length(settings: ModelSettings, vision: dict) -> int:
+    """K, the prefix length: as set, else the preset's default for the mapper; the tokens
+    mapper's is the tower's patch grid plus the pooled vector."""
+    if settings.prefix_mapper == "tokens":
+        return 1 + patch_tokens(vision)
+    defaults = RESAMPLER_LENGTH if settings.prefix_mapper == "resampler" else PREFIX_LENGTH
+    return settings.prefix_length or defaults[settings.preset]
 
 
 def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_words: Sequence[str] = ()) -> Captioner:
@@ -29,9 +40,8 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_w
     if settings.preset == "tiny":
         tokenizer = train_bpe(captions, vocab_size=TINY_VOCAB)
         vision, vision_state = vision_spec_tiny(), None
-        decoder_spec = decoder_spec_tiny(
-            len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
+        decoder_spec = decoder_spec_tiny(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+                                         tokenizer.pad_token_id, prefix_length(settings, vision))
         pretrained_decoder = None
     else:
         vision, vision_state = vision_spec_open_clip("ViT-B-32", settings.vision_weights or "openai",
@@ -47,13 +57,14 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_w
     config = CaptionerConfig(
         preset=settings.preset,
         embed_dim=settings.embed_dim,
-        prefix_length=settings.prefix_length or PREFIX_LENGTH[settings.preset],
+        prefix_length=prefix_length(settings, vision),
         prefix_mapper=settings.prefix_mapper,
         temperature=settings.temperature,
         learn_temperature=settings.learn_temperature,
         vision=vision,
         decoder=decoder_spec,
         concept_words=list(concept_words),
+        concept_source=settings.concept_source,
     )
     model = Captioner(config, tokenizer)
     if vision_state is not None:

@@ -8,6 +8,7 @@ local path. A checkpoint therefore rebuilds with no network: its dicts say what 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,12 @@ def vision_spec_open_clip(model_name: str, weights: str | None,
     return spec, None if random_init else visual.state_dict()
 
 
+def patch_tokens(spec: dict[str, Any]) -> int:
+    """N, the number of patch tokens the described tower makes of an image (its grid side squared)."""
+    arch = spec["arch"]
+    return (arch["image_size"] // arch["patch_size"]) ** 2
+
+
 def build_vision(spec: dict[str, Any]) -> VisionTransformer:
     """A randomly initialised vision tower of the described shape; (B, 3, H, W) → (B, output_dim)."""
     act = QuickGELU if spec["quick_gelu"] else torch.nn.GELU
@@ -118,11 +125,17 @@ def conv_stem(patch_size: int, width: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
-def decoder_spec_tiny(vocab_size: int, bos_id: int, eos_id: int, pad_id: int) -> dict[str, Any]:
-    """The tiny preset's GPT-2: small and without dropout, so training is deterministic."""
+def decoder_spec_tiny(vocab_size: int, bos_id: int, eos_id: int, pad_id: int, prefix_length: int = 4) -> dict[str, Any]:
+    """The tiny preset's GPT-2: small and without dropout, so training is deterministic.
+
+    Its positions hold the prefix and a caption of 48 tokens and end-of-text (the default
+    ``data.max_caption_tokens``), in steps of 64: 64 for the short pooled prefixes, 128 for
+    a prefix of the token grid.
+    """
+    positions = max(TINY_DECODER["n_positions"], 64 * math.ceil((prefix_length + 49) / 64))
     config = GPT2Config(
-        vocab_size=vocab_size, **TINY_DECODER, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=vocab_size, **{**TINY_DECODER, "n_positions": positions}, bos_token_id=bos_id, eos_token_id=eos_id,
+        pad_token_id=pad_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
     return {"config": config.to_dict(), "weights": "scratch"}
 
