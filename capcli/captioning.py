@@ -45,6 +45,7 @@ class CaptionOptions:
     min_length: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram: int = 0
+    concept_guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -58,12 +59,15 @@ class CaptionOptions:
             raise ConfigError(f"--min-length ({self.min_length}) cannot exceed --max-length ({self.max_length})")
         if not math.isfinite(self.length_penalty):
             raise ConfigError(f"--length-penalty must be a finite number (got {self.length_penalty})")
+        if not (math.isfinite(self.concept_guidance) and self.concept_guidance >= 0):
+            raise ConfigError(f"--concept-guidance must be a finite number of at least 0 (got {self.concept_guidance})")
 
     def decode(self) -> DecodeSettings:
         from capcli.generation import DecodeSettings
 
         return DecodeSettings(beams=self.beams, max_length=self.max_length, min_length=self.min_length,
-                              length_penalty=self.length_penalty, no_repeat_ngram=self.no_repeat_ngram)
+                              length_penalty=self.length_penalty, no_repeat_ngram=self.no_repeat_ngram,
+                              concept_guidance=self.concept_guidance)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, open_clip) happen inside the commands so tha
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -195,14 +196,15 @@ MaxLength = Annotated[int, typer.Option(help="At most N new tokens, end-of-text 
 MinLength = Annotated[int, typer.Option(help="At least N caption tokens before end-of-text may be chosen.  \\[default: 1]", show_default=False)]
 LengthPenalty = Annotated[float, typer.Option(help="Beam search ranks finished captions by logprob / tokens^X; above 1 favours longer ones.  \\[default: 1.0]", show_default=False)]
 NoRepeatNgram = Annotated[int, typer.Option(help="Never repeat an n-gram of this size; 0 allows repeats.  \\[default: 0]", show_default=False)]
+ConceptGuidance = Annotated[float, typer.Option(help="Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it.  \\[default: 1.0]", show_default=False)]
 
 
 @app.command()
 def caption(
     images: Images = None, checkpoint: CaptionCheckpoint = None, beams: Beams = 5, batch_size: CaptionBatch = 16,
     fmt: Format = "text", max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
-    no_repeat_ngram: NoRepeatNgram = 0, config: Config = None, device: Device = None, precision: Precision = None,
-    quiet: Quiet = False,
+    no_repeat_ngram: NoRepeatNgram = 0, concept_guidance: ConceptGuidance = 1.0, config: Config = None,
+    device: Device = None, precision: Precision = None, quiet: Quiet = False,
 ) -> None:
     """Caption image files, folders, globs and stdin lists: one line per image on stdout, in input order, flushed batch by batch.
 
@@ -216,7 +218,8 @@ def caption(
 
         settings = load_settings(config, {"runtime.device": device, "runtime.precision": precision,
                                           "runtime.quiet": quiet or None})
-        options = CaptionOptions(fmt, batch_size, beams, max_length, min_length, length_penalty, no_repeat_ngram)
+        options = CaptionOptions(fmt, batch_size, beams, max_length, min_length, length_penalty, no_repeat_ngram,
+                                 concept_guidance)
         items = expand_inputs(images or [], sys.stdin)
         # torch and friends: only once the options are known to be good
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
@@ -234,7 +237,7 @@ def evaluate(
     checkpoint: CaptionCheckpoint = None,
     split: Annotated[str, typer.Option(help="train | val | test | test_novel  \\[default: test]", show_default=False)] = "test",
     beams: Beams = 5, max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
-    no_repeat_ngram: NoRepeatNgram = 0,
+    no_repeat_ngram: NoRepeatNgram = 0, concept_guidance: ConceptGuidance = 1.0,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images of the split only.", show_default=False)] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Checkpoint whose captions the win rate is against.  \\[default: shuffled captions]", show_default=False)] = None,
     save_captions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per image: image, caption, references, scores.", show_default=False)] = None,
@@ -255,13 +258,16 @@ def evaluate(
         })
         if beams < 1 or max_length < 1 or min_length < 0 or batch_size < 1 or (limit is not None and limit < 1):
             raise typer.BadParameter("--beams, --max-length, --batch-size and --limit must be at least 1")
+        if not (math.isfinite(concept_guidance) and concept_guidance >= 0):
+            raise typer.BadParameter("--concept-guidance must be a finite number of at least 0")
         from capcli import evaluation, results
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
         from capcli.generation import DecodeSettings
 
         options = evaluation.EvalOptions(
             checkpoint=resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint(), split=split,
-            decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram), limit=limit,
+            decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            limit=limit,
             baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions, report=report,
             batch_size=batch_size, judge=judge,
         )

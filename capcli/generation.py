@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from capcli.model import Captioner
 
@@ -27,6 +29,10 @@ class DecodeSettings:
     min_length: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram: int = 0
+    concept_guidance: float = 1.0
+    """λ: each concept word's next-token score gains λ·log σ(concept logit), so that a word the
+    concept head does not see in the image is hard to say (``ConceptGuidance``). No effect on a
+    model without a concept head; 0 turns it off."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,46 @@ def _transformers_errors_only() -> Iterator[None]:
         logger.setLevel(level)
 
 
+class ConceptGuidance(LogitsProcessor):
+    """Soft constraints from the concept head: the words it does not see in the image are penalised.
+
+    Each concept word (and its plural) that the tokenizer writes as one token gets
+    ``λ · log σ(logit)`` added to its next-token score at every step: about 0 for a word the
+    head sees, strongly negative for one it does not. It is the soft form of constrained beam
+    search on detected words (Anderson et al. 2017, "Guided open vocabulary image captioning
+    with constrained beam search"), which carried captioners to objects absent from their
+    caption data. Here it carries them to unseen colour-shape pairs: on test_novel the head
+    on the patch tokens tells the shape of a single object 76% of the time, the unguided
+    decoder names it 32% of the time, falling back on the pairs it has seen (docs/models.md).
+    """
+
+    def __init__(self, model: Captioner, features: torch.Tensor, weight: float, beams: int):
+        ids, columns = concept_token_ids(model)
+        bias = torch.zeros(features.shape[0], model.decoder.config.vocab_size, device=features.device)
+        if ids:
+            logits = model.concept_logits(features).float()  # (B, C)
+            bias[:, ids] = weight * F.logsigmoid(logits[:, columns])
+        self.bias = bias.repeat_interleave(beams, dim=0)  # generate expands each image into its beams in a row
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.bias.to(scores.dtype)
+
+
+def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:
+    """The vocabulary ids of the concept words that are single tokens after a space, singular and
+    plural, and for each the column of its word in the concept logits. Phrases are left out."""
+    ids, columns = [], []
+    for column, word in enumerate(model.config.concept_words):
+        if " " in word:
+            continue
+        for form in (word, word + "s", word + "es"):
+            token = model.tokenizer.encode(" " + form, add_special_tokens=False)
+            if len(token) == 1 and token[0] not in ids:
+                ids.append(token[0])
+                columns.append(column)
+    return ids, columns
+
+
 def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the search: (vision features, (B, new tokens) ids padded with pad after end-of-text)."""
     model.eval()
@@ -73,6 +119,9 @@ def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> t
     features = model.image_features(pixels.to(device))
     prefix = model.prefix(features)  # (B, K, D)
     tokenizer = model.tokenizer
+    guide = LogitsProcessorList()
+    if decode.concept_guidance and model.concept_head is not None:
+        guide.append(ConceptGuidance(model, features, decode.concept_guidance, decode.beams))
     with _transformers_errors_only():
         ids = model.decoder.generate(
             inputs_embeds=prefix,
@@ -86,6 +135,7 @@ def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> t
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
+            logits_processor=guide,
         )  # (B, new tokens), padded with pad after end-of-text
     return features, ids
 

@@ -57,7 +57,7 @@ class ModelSettings(Strict):
     learn_temperature: bool = False
     """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
     concept_words: list[str] | None = None
-    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels, and from the scene graph where an image has one; see `pretrain.concept_weight`. A phrase counts where the caption has its words together or the scene graph makes it true ("red circle", "small circle", "circle left of square"). Default: the data source's own (`synthetic`: its six shapes, its colour-shape pairs and its size-shape pairs), none for other sources."""
+    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels, and from the scene graph where an image has one; see `pretrain.concept_weight`. A phrase counts where the caption has its words together or the scene graph makes it true ("red circle", "small circle", "circle left of square"). Default: the data source's own (`synthetic`: its six shapes, eight colours and two sizes, each a word of its own), none for other sources."""
 
     concept_source: Literal["pooled", "patches"] = "pooled"
     """What the concept head reads: the `pooled` vector, or each of the tower's `patches`, an image showing a word where its most confident patch does (multiple-instance learning, Fang et al. 2015), so that every patch tells its own object's shape, colour and size."""
@@ -182,7 +182,7 @@ class PretrainSettings(Strict):
     caption_weight: float = Field(1.0, ge=0)
     """Weight of the captioning (language-model) loss."""
     concept_weight: float = Field(0.0, ge=0)
-    """Weight of the concept loss: a head on the pooled image features predicts which of `model.concept_words` each image shows. 0 leaves the model without the head."""
+    """Weight of the concept loss: a head on the image features (`model.concept_source`) predicts which of `model.concept_words` each image shows. 0 leaves the model without the head."""
 
     @model_validator(mode="after")
     def _some_loss(self) -> PretrainSettings:

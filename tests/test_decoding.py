@@ -230,3 +230,63 @@ def test_benchmark_times_both_decoders_on_the_same_captions(trained):
     assert figures["caption_beam5_speedup"] == pytest.approx(fast / naive)
     assert fast > naive > 0  # the cache and the batch pay: about 5x on 8 images here
     assert 0 < figures["caption_beam5_p50_ms"] <= figures["caption_beam5_p95_ms"]
+
+
+# --- concept guidance ----------------------------------------------------------------------------------------------
+
+
+def test_concept_guidance_adds_lambda_log_sigmoid_to_each_concept_token(trained) -> None:
+    """By hand: the score of " circle" and " circles" gains λ·log σ(circle's logit), of " red" λ·log σ(red's);
+    no other token moves; beams repeat their image's row."""
+    from capcli.generation import ConceptGuidance, concept_token_ids
+    from capcli.model import build_model
+    from capcli.settings import ModelSettings
+
+    _, pixels = trained
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(), ["a red circle", "two red circles", "a blue square"] * 10,
+                        ("circle", "red", "blue square")).eval()
+    tokenizer = model.tokenizer
+    ids, columns = concept_token_ids(model)
+    circle, circles, red = (tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in ("circle", "circles", "red"))
+    assert sorted(zip(ids, columns)) == sorted([(circle, 0), (circles, 0), (red, 1)])  # a phrase gets no token
+    with torch.no_grad():
+        features = model.image_features(pixels[:2])
+        logits = model.concept_logits(features)  # (2, 3)
+        guide = ConceptGuidance(model, features, weight=2.0, beams=3)
+    scores = torch.randn(6, model.decoder.config.vocab_size)
+    guided = guide(torch.zeros(6, 1, dtype=torch.long), scores.clone())
+    for row in range(6):
+        image = row // 3
+        want = scores[row].clone()
+        want[[circle, circles]] += 2.0 * torch.nn.functional.logsigmoid(logits[image, 0])
+        want[red] += 2.0 * torch.nn.functional.logsigmoid(logits[image, 1])
+        torch.testing.assert_close(guided[row], want)
+
+
+def test_concept_guidance_keeps_out_a_word_the_head_does_not_see(trained) -> None:
+    """Trained briefly, the model says "circle" for some image; with the head sure there is no circle
+    in any image, guided search never says it, and with λ = 0 the captions are the unguided ones."""
+    model, pixels = trained
+    words = [w for caption in generate_captions(model, pixels, BEAM) for w in caption.split()]
+    shape = max({"circle", "square", "triangle", "star", "diamond", "cross"}, key=words.count)
+    assert words.count(shape) > 0
+    guided = _with_concept_head(model, [shape], bias=-30.0)
+    assert generate_captions(guided, pixels, DecodeSettings(beams=5, concept_guidance=0.0)) == \
+        generate_captions(model, pixels, BEAM)
+    captions = generate_captions(guided, pixels, BEAM)
+    assert not any(w in (shape, shape + "s", shape + "es") for c in captions for w in c.split())
+
+
+def _with_concept_head(model: Captioner, words: list[str], bias: float) -> Captioner:
+    """A copy of ``model`` with a concept head for ``words`` whose every logit is ``bias``."""
+    import copy
+
+    guided = copy.deepcopy(model)
+    guided.config.concept_words = list(words)
+    width = guided.config.vision["arch"]["output_dim"]
+    guided.concept_head = torch.nn.Linear(width, len(words))
+    with torch.no_grad():
+        guided.concept_head.weight.zero_()
+        guided.concept_head.bias.fill_(bias)
+    return guided.eval()

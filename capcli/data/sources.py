@@ -42,19 +42,17 @@ def source(name: str):
 
 
 def concept_words(spec: str) -> tuple[str, ...]:
-    """The objects a source names in its captions, for the concept head; () when it does not know them.
+    """The words a source names in its captions for what an image shows, for the concept head; () when it does not know them.
 
-    ``synthetic``: its six shapes, and each colour-shape pair that its training split holds
-    ("red circle") and each size-shape pair ("small circle"), so that the pooled features must
-    say which colour and which size goes with which shape. The size pairs never stand in a
-    caption ("a small red circle"): their labels come from the scene graph
-    (``concepts.scene_concepts``).
+    ``synthetic``: its six shapes, eight colours and two sizes, each a word of its own. Separate
+    factors, not colour-shape pairs ("red circle"): a pair is a label of its own that the head
+    can only memorise, and test_novel's pairs never occur in training; read from each patch
+    (``model.concept_source`` patches), the factors of one object meet at its place in the image.
     """
     if spec == "synthetic":
-        from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES
+        from capcli.data.synthetic import COLOURS, SHAPES, SIZES
 
-        return (*SHAPES, *(f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in NOVEL_COMBOS),
-                *(f"{z} {s}" for z in SIZES for s in SHAPES))
+        return (*SHAPES, *COLOURS, *SIZES)
     return ()
 
 
