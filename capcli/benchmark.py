@@ -404,7 +404,8 @@ def bench_caption(report: Report, model: Captioner, pixels: torch.Tensor, batch:
 
     Returns the fast path's captions of every image (from its last repeat).
     """
-    decode = DecodeSettings(beams=beams)
+    # Unguided on both sides: the naive decoder knows no concept guidance, and the two must do equal work.
+    decode = DecodeSettings(beams=beams, concept_guidance=0.0)
     batches = list(pixels.split(batch))
     device = model.pixel_mean.device
     captions: list[str] = []

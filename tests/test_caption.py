@@ -442,7 +442,8 @@ def ending_model(checkpoint) -> Captioner:
 def test_scores_match_what_beam_search_ranks_by(model, ending_model, ends, beams, penalty):
     chosen = ending_model if ends else model
     pixels = torch.stack([resize_center_crop(picture(s), chosen.image_size) for s in range(4)])
-    decode = DecodeSettings(beams=beams, max_length=6, min_length=2, length_penalty=penalty)
+    # Unguided: transformers' own scores below know no concept guidance.
+    decode = DecodeSettings(beams=beams, max_length=6, min_length=2, length_penalty=penalty, concept_guidance=0.0)
     scored = generate_scored_captions(chosen, pixels, decode)
     assert [s.text for s in scored] == generate_captions(chosen, pixels, decode)  # the same search
     assert {s.tokens for s in scored} == ({3} if ends else {6})  # min_length 2, then end-of-text
