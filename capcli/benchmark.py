@@ -268,7 +268,8 @@ def bench_pretrain(report: Report, settings: Settings, model: Captioner, work: P
     """Pretrain steps as configured against the plain eager step, and MFU against the measured peak."""
     split = load_splits(settings.data)["train"]
     p = settings.pretrain
-    objective = PretrainObjective(p.contrastive_weight, p.caption_weight, concept_weight=p.concept_weight)
+    objective = PretrainObjective(p.contrastive_weight, p.caption_weight, concept_weight=p.concept_weight,
+                                  token_dropout=p.token_dropout)
     words = tuple(model.config.concept_words) if p.concept_weight else ()
     runs = []
     for name, s in (("fast", settings), ("eager", _eager(settings, "pretrain"))):
@@ -601,9 +602,9 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
         else:
             model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps),
                                 concept_words_for(settings)).to(device)
-        if {"pretrain", "align"} & set(sections) and model.config.prefix_mapper != "mlp":
-            raise ConfigError("benchmark: the MFU formula covers the mlp prefix mapper only; "
-                              "--sections data,caption,metrics times the rest")
+        if {"pretrain", "align"} & set(sections) and model.config.prefix_mapper == "transformer":
+            raise ConfigError("benchmark: the MFU formula covers the mlp, tokens and resampler prefix mappers, "
+                              "not transformer; --sections data,caption,metrics times the rest")
         start = work / "start"
         model.save_pretrained(start)
         size = b.matmul_size or (8192 if device.type == "cuda" else 2048)

@@ -59,12 +59,19 @@ class PretrainObjective:
     caption_weight: float = 1.0
     local_loss: bool = False  # under DDP: see ``contrastive``
     concept_weight: float = 0.0
+    token_dropout: float = 0.0
 
     def __call__(self, model: Captioner, batch: CaptionBatch, progress: float) -> dict[str, torch.Tensor]:
-        features = model.image_features(batch.pixels)  # (B, Dv)
+        features = model.image_features(batch.pixels)  # (B, S, Dv)
         out: dict[str, torch.Tensor] = {}
         if self.caption_weight:
-            logits = model.caption_logits(features, batch.caption_ids, batch.caption_mask)  # (B, T, V)
+            inputs = batch.caption_ids
+            if self.token_dropout and model.training:
+                # Word dropout (Bowman et al. 2016): the decoder reads some earlier words as the pad token,
+                # their targets unchanged, so it must take more from the image and less from the words.
+                drop = torch.rand(inputs.shape, device=inputs.device) < self.token_dropout
+                inputs = inputs.masked_fill(drop & (batch.caption_mask == 1), model.pad_id)
+            logits = model.caption_logits(features, inputs, batch.caption_mask)  # (B, T, V)
             targets = model.caption_targets(batch.caption_ids, batch.caption_mask)
             out["caption_loss"] = self.caption_weight * caption_loss(logits, targets)
         if self.concept_weight and batch.concepts is not None:

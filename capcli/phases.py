@@ -112,7 +112,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction,
     )
     objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight, settings.runtime.local_loss,
-                                  phase.concept_weight)
+                                  phase.concept_weight, phase.token_dropout)
     return Phase(model, objective, data)
 
 

@@ -183,6 +183,8 @@ class PretrainSettings(Strict):
     """Weight of the captioning (language-model) loss."""
     concept_weight: float = Field(0.0, ge=0)
     """Weight of the concept loss: a head on the image features (`model.concept_source`) predicts which of `model.concept_words` each image shows. 0 leaves the model without the head."""
+    token_dropout: float = Field(0.0, ge=0, lt=1)
+    """Share of the caption's words that the decoder reads as the pad token in the captioning loss during training, their targets unchanged (word dropout, Bowman et al. 2016): it must then take more from the image and less from the words before."""
 
     @model_validator(mode="after")
     def _some_loss(self) -> PretrainSettings:

@@ -229,6 +229,38 @@ def test_patch_concepts_are_the_most_confident_patch(captions: list[str]) -> Non
     torch.testing.assert_close(logits, per_patch.max(dim=1).values)
 
 
+def test_token_dropout_hides_words_from_the_decoder_in_training_only(captions: list[str]) -> None:
+    from capcli.data.batches import CaptionBatch
+    from capcli.losses import caption_loss
+    from capcli.objectives import PretrainObjective
+
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(), captions)
+    texts = ["a small red circle left of a blue square", "two green stars"]
+    ids, mask = _encode(model.tokenizer, texts)
+    batch = CaptionBatch(_pixels(2, model.image_size), ids, mask, texts)
+    read = []
+    original = model.caption_logits
+    model.caption_logits = lambda features, inputs, m: read.append(inputs.clone()) or original(features, inputs, m)
+    objective = PretrainObjective(contrastive_weight=0.0, token_dropout=0.5)
+
+    model.train()
+    torch.manual_seed(1)
+    loss = objective(model, batch, 0.0)["caption_loss"]
+    dropped = read[-1] != ids
+    assert dropped.any() and (read[-1][dropped] == model.pad_id).all() and not dropped[mask == 0].any()
+    assert dropped[mask == 1].float().mean() < 1
+    # The targets are the whole caption: the loss is that of the full targets on the dropped inputs.
+    with torch.no_grad():
+        by_hand = caption_loss(original(model.image_features(batch.pixels), read[-1], mask),
+                               model.caption_targets(ids, mask))
+    torch.testing.assert_close(loss.detach(), by_hand)
+
+    model.eval()  # validation and decoding read every word
+    objective(model, batch, 0.0)
+    assert torch.equal(read[-1], ids)
+
+
 def test_a_checkpoint_written_before_token_prefixes_loads_and_captions(tmp_path: Path, tiny: Captioner) -> None:
     """model.json of the earlier format has no ``concept_source``; it loads as the pooled model it was."""
     from capcli.generation import generate_captions

@@ -23,11 +23,14 @@ from capcli.data.preferences import (
     PAIR_FEATURES,
     PairReport,
     generate_pairs,
+    known_pairs,
     load_preferences,
     pairs_for_image,
 )
 from capcli.data.scene_text import Claims, Mention, RelationClaim, is_true, parse
 from capcli.data.synthetic import (
+    COLOURS,
+    NOVEL_COMBOS,
     SHAPE_PLURALS,
     SHAPES,
     Scene,
@@ -250,6 +253,29 @@ def test_colour_and_shape_corruptions_name_something_absent() -> None:
     assert "swap" not in scene_negatives("a red circle, a blue square and a blue circle", scene)
 
 
+def test_training_pairs_name_only_the_colour_shape_pairs_the_training_scenes_show(tmp_path: Path) -> None:
+    """A rejected caption never names a pair no training scene shows (test_novel's): such a pair would
+    be taught as wrong in itself. Held-out pairs follow the same rule; evaluation's are unrestricted."""
+    # By hand: a yellow square alone, with only yellow squares and red circles known.
+    scene = _scene(("square", "yellow", "small", 0.5, 0.5))
+    known = frozenset({("yellow", "square"), ("red", "circle"), ("red", "square")})
+    negatives = scene_negatives("a yellow square", scene, known=known)
+    assert negatives.get("object", []) == [] and negatives["colour"] == ["a red square"]
+    assert {"a yellow circle", "a red square"} <= set(scene_negatives("a yellow square", scene)["object"]
+                                                       + scene_negatives("a yellow square", scene)["colour"])
+
+    splits = {name: _caption_split(tmp_path, n, name) for name, n in (("train", 40), ("val", 10))}
+    known = known_pairs(splits["train"])
+    assert known and not known & NOVEL_COMBOS  # the training scenes hold no novel pair
+    pairs, _ = load_preferences(None, _data(), splits, pairs_per_image=5)
+    named = {(colour, shape) for split in pairs.values() for text in split["rejected"]
+             for colour in COLOURS for shape in SHAPES
+             if re.search(rf"\b{colour} ({shape}|{SHAPE_PLURALS[shape]})\b", text)}
+    assert named and named <= known
+    unrestricted = generate_pairs(splits["train"], seed=0, name="train", per_image=5)["rejected"]
+    assert any(re.search(rf"\b{c} {s}", text) for text in unrestricted for c, s in NOVEL_COMBOS)
+
+
 # --- free text ------------------------------------------------------------------------
 
 
@@ -320,10 +346,10 @@ def test_more_pairs_per_training_image_leave_the_held_out_pairs_as_they_were(tmp
     by_image: dict[str, list[str]] = {}
     for row in five["train"]:
         by_image.setdefault(row["image"]["path"], []).append(row["corruption"])
-    scenes = _scenes(30, "train")
+    scenes, known = _scenes(30, "train"), known_pairs(splits["train"])
     for path, kinds in by_image.items():
         scene, captions = scenes[int(Path(path).stem)]
-        allowed = {kind for caption in captions for kind in scene_negatives(caption, scene)}
+        allowed = {kind for caption in captions for kind in scene_negatives(caption, scene, known=known)}
         # Each kind the captions allow comes once before any comes twice.
         assert len(set(kinds)) == min(len(kinds), len(allowed)), (kinds, allowed)
 

@@ -98,8 +98,15 @@ def _retell(layout: Layout, span: MentionSpan, old: Mention, new: Mention) -> li
     return edits
 
 
-def scene_negatives(caption: str, scene: Scene, kinds: Iterable[str] = CORRUPTIONS) -> dict[str, list[str]]:
-    """Every corruption of ``caption`` of the given kinds that is false for ``scene``; {} if it does not parse."""
+def scene_negatives(caption: str, scene: Scene, kinds: Iterable[str] = CORRUPTIONS,
+                    known: frozenset[tuple[str, str]] | None = None) -> dict[str, list[str]]:
+    """Every corruption of ``caption`` of the given kinds that is false for ``scene``; {} if it does not parse.
+
+    ``known``: the colour-shape pairs a corruption may name (None: any). Training pairs name
+    only the pairs that the training scenes show: a rejected "yellow circle", where no yellow
+    circle is ever drawn, would teach that the pair itself is wrong, which nothing in the
+    images says, and the model would refuse it where one is (test_novel).
+    """
     parsed = parse_layout(caption)
     if parsed is None:
         return {}
@@ -108,6 +115,9 @@ def scene_negatives(caption: str, scene: Scene, kinds: Iterable[str] = CORRUPTIO
     found: dict[str, list[str]] = defaultdict(list)
     pairs = {(o.colour, o.shape) for o in scene.objects}  # "absent in that colour" ignores size
     triples = {(o.size, o.colour, o.shape) for o in scene.objects}
+
+    def nameable(*named: tuple[str, str]) -> bool:
+        return known is None or all(pair in known for pair in named)
 
     def offer(kind: str, changed: dict[int, Mention], edits: list[Edit] | None = None, **fields) -> None:
         mentions = tuple(changed.get(i, m) for i, m in enumerate(claims.mentions))
@@ -121,11 +131,11 @@ def scene_negatives(caption: str, scene: Scene, kinds: Iterable[str] = CORRUPTIO
     for i, m in enumerate(claims.mentions):
         if "object" in kinds:
             for shape in SHAPES:
-                if shape != m.shape and (m.colour, shape) not in pairs:
+                if shape != m.shape and (m.colour, shape) not in pairs and nameable((m.colour, shape)):
                     offer("object", {i: Mention(m.count, m.colour, shape, m.size)})
         if "colour" in kinds:
             for colour in COLOURS:
-                if colour != m.colour and (colour, m.shape) not in pairs:
+                if colour != m.colour and (colour, m.shape) not in pairs and nameable((colour, m.shape)):
                     offer("colour", {i: Mention(m.count, colour, m.shape, m.size)})
         if "size" in kinds:
             for size in SIZES:
@@ -152,7 +162,8 @@ def scene_negatives(caption: str, scene: Scene, kinds: Iterable[str] = CORRUPTIO
         for i, a in enumerate(claims.mentions):
             for j, b in enumerate(claims.mentions[i + 1:], start=i + 1):
                 if (a.colour != b.colour and a.shape != b.shape
-                        and (b.colour, a.shape) not in pairs and (a.colour, b.shape) not in pairs):
+                        and (b.colour, a.shape) not in pairs and (a.colour, b.shape) not in pairs
+                        and nameable((b.colour, a.shape), (a.colour, b.shape))):
                     offer("swap", {i: Mention(a.count, b.colour, a.shape, a.size),
                                    j: Mention(b.count, a.colour, b.shape, b.size)})
     return dict(found)

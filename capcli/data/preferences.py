@@ -20,8 +20,8 @@ It also returns a ``PairReport`` of the pairs kept and dropped. A spec names its
   one carved from the training pairs, below.) Chosen is one of the
   image's reference captions. Rejected is the same caption with one fact corrupted
   (``capcli.data.corrupt``). When the image has a scene graph, the corruption is proven
-  false; otherwise it is a lexicon word swap. Failing both, rejected is another image's
-  caption.
+  false, and names only colour-shape pairs that the training scenes show (``known_pairs``);
+  otherwise it is a lexicon word swap. Failing both, rejected is another image's caption.
 - ``jsonl:PATH``: JSON lines with ``chosen``, ``rejected`` and optionally ``image`` (a path,
   relative to the file's folder), ``prompt`` and ``split``. PATH may be one file, whose
   rows go to ``train`` unless their ``split`` says otherwise, or a folder holding
@@ -157,18 +157,29 @@ def _generated(arg: str, data: DataSettings, caption_splits: Splits, report: Pai
     if arg:
         raise ConfigError(f"generated preferences take no argument, got 'generated:{arg}'")
     per_image = {"train": train_per_image}
+    known = known_pairs(caption_splits["train"])
     splits = {name: _clean(generate_pairs(caption_splits[name], data.seed, name, report,
-                                          per_image.get(name, PAIRS_PER_IMAGE)), report)
+                                          per_image.get(name, PAIRS_PER_IMAGE), known), report)
               for name in ("train", "val", "test") if name in caption_splits}
     return _ensure_val(splits, data)
 
 
+def known_pairs(split: datasets.Dataset) -> frozenset[tuple[str, str]] | None:
+    """The colour-shape pairs that a split's scene graphs show; None for a split without scene graphs."""
+    if not isinstance(split, datasets.Dataset) or "scene" not in split.column_names:
+        return None
+    return frozenset((o["colour"], o["shape"]) for scene in split["scene"] if scene for o in scene["objects"])
+
+
 def generate_pairs(split: datasets.Dataset, seed: int, name: str, report: PairReport | None = None,
-                   per_image: int = PAIRS_PER_IMAGE) -> datasets.Dataset:
+                   per_image: int = PAIRS_PER_IMAGE,
+                   known: frozenset[tuple[str, str]] | None = None) -> datasets.Dataset:
     """Pairs for every image of a caption split (``image``, ``captions``, optional ``scene``).
 
     A pure function of ``(seed, name, row index)`` for each image. When no pair can be made
-    for an image, it is counted in ``report`` as "no negative".
+    for an image, it is counted in ``report`` as "no negative". ``known``: the colour-shape
+    pairs a rejected caption may name (``corrupt.scene_negatives``); align passes those of
+    its training scenes.
     """
     captions = list(split["captions"])
     images = list(split["image"])
@@ -177,7 +188,7 @@ def generate_pairs(split: datasets.Dataset, seed: int, name: str, report: PairRe
     for index, refs in enumerate(captions):
         rng = random.Random(f"{seed}:preferences:{name}:{index}")
         scene = Scene.from_dict(scenes[index]) if scenes[index] else None
-        for chosen, rejected, kind in pairs_for_image(refs, scene, rng, per_image):
+        for chosen, rejected, kind in pairs_for_image(refs, scene, rng, per_image, known):
             if rejected is None:
                 rejected = _other_caption(captions, index, chosen, rng)
             if rejected is None:
@@ -189,8 +200,8 @@ def generate_pairs(split: datasets.Dataset, seed: int, name: str, report: PairRe
     return datasets.Dataset.from_dict(rows, features=PAIR_FEATURES)
 
 
-def pairs_for_image(captions: list[str], scene: Scene | None, rng: random.Random,
-                    per_image: int = PAIRS_PER_IMAGE) -> list[tuple[str, str | None, str]]:
+def pairs_for_image(captions: list[str], scene: Scene | None, rng: random.Random, per_image: int = PAIRS_PER_IMAGE,
+                    known: frozenset[tuple[str, str]] | None = None) -> list[tuple[str, str | None, str]]:
     """Up to ``per_image`` ``(chosen, rejected, corruption)`` for one image's reference captions.
 
     Each pair draws a corruption kind first, uniformly among the kinds the image's captions
@@ -205,7 +216,7 @@ def pairs_for_image(captions: list[str], scene: Scene | None, rng: random.Random
     def options(caption: str, kind: str) -> list[str]:
         if (caption, kind) not in memo:
             if scene is not None and parse(caption) is not None:
-                memo[caption, kind] = scene_negatives(caption, scene, (kind,)).get(kind, [])
+                memo[caption, kind] = scene_negatives(caption, scene, (kind,), known).get(kind, [])
             else:
                 found = text_negatives(caption)
                 memo.update({(caption, k): found.get(k, []) for k in _KINDS})
