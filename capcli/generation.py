@@ -76,25 +76,54 @@ class ConceptGuidance(LogitsProcessor):
     """Soft constraints from the concept head: the words it does not see in the image are penalised.
 
     Each concept word (and its plural) that the tokenizer writes as one token gets
-    ``λ · log σ(logit)`` added to its next-token score at every step: about 0 for a word the
-    head sees, strongly negative for one it does not. It is the soft form of constrained beam
-    search on detected words (Anderson et al. 2017, "Guided open vocabulary image captioning
-    with constrained beam search"), which carried captioners to objects absent from their
-    caption data. Here it carries them to unseen colour-shape pairs: on test_novel the head
-    on the patch tokens tells the shape of a single object 76% of the time, the unguided
-    decoder names it 32% of the time, falling back on the pairs it has seen (docs/models.md).
+    ``λ · log σ(logit)`` added to its next-token score: about 0 for a word the head sees,
+    strongly negative for one it does not. It is the soft form of constrained beam search on
+    detected words (Anderson et al. 2017, "Guided open vocabulary image captioning with
+    constrained beam search"), which carried captioners to objects absent from their caption
+    data. Here it carries them to unseen colour-shape pairs: on test_novel the head on the
+    patch tokens tells the shape of a single object 76% of the time, the unguided decoder
+    names it 32% of the time, falling back on the pairs it has seen (docs/models.md).
+
+    Where the head reads each patch (``concept_source`` "patches"), a concept word that
+    follows another is scored by where they are: after "yellow", "circle" gets
+    ``λ · log P(circle | yellow)``, with P(b | a) = Σ_n σ(a_n)·σ(b_n) / Σ_n σ(a_n) over the
+    patches n, the share of the patches showing a that show b too. So the words of one
+    object are bound by its place in the image, from factors detected separately, and an
+    unseen pair binds as a seen one does.
     """
 
     def __init__(self, model: Captioner, features: torch.Tensor, weight: float, beams: int):
         ids, columns = concept_token_ids(model)
-        bias = torch.zeros(features.shape[0], model.decoder.config.vocab_size, device=features.device)
-        if ids:
-            logits = model.concept_logits(features).float()  # (B, C)
-            bias[:, ids] = weight * F.logsigmoid(logits[:, columns])
-        self.bias = bias.repeat_interleave(beams, dim=0)  # generate expands each image into its beams in a row
+        self.ids = torch.tensor(ids, dtype=torch.long, device=features.device)  # (K,) vocabulary ids
+        columns = torch.tensor(columns, dtype=torch.long, device=features.device)  # (K,) their concept words
+        self.follows = None
+        if not ids:
+            self.alone = torch.zeros(features.shape[0] * beams, 0, device=features.device)
+            return
+        self.alone = weight * F.logsigmoid(model.concept_logits(features).float()[:, columns])  # (B, K)
+        if model.config.concept_source == "patches":
+            shown = torch.sigmoid(model.concept_head(features[:, 1:]).float())  # (B, N, C)
+            # The most confident patch that shows both, over the most confident that shows the first.
+            both = (shown.unsqueeze(-1) * shown.unsqueeze(-2)).amax(dim=1)  # (B, C, C)
+            together = both / shown.amax(dim=1).unsqueeze(-1)
+            self.follows = weight * together[:, columns][:, :, columns].clamp_min(1e-6).log()  # (B, K, K)
+            self.follows = self.follows.repeat_interleave(beams, dim=0)
+            # The position of each vocabulary id among the concept tokens, -1 for any other token.
+            self.slot = torch.full((model.decoder.config.vocab_size,), -1, dtype=torch.long, device=features.device)
+            self.slot[self.ids] = torch.arange(len(ids), device=features.device)
+        self.alone = self.alone.repeat_interleave(beams, dim=0)  # generate expands each image into its beams in a row
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores + self.bias.to(scores.dtype)
+        bias = self.alone
+        if self.follows is not None and input_ids.shape[1]:
+            after = self.slot[input_ids[:, -1]]  # (B·beams,) the concept token just written, or -1
+            rows = (after >= 0).nonzero(as_tuple=True)[0]
+            if len(rows):
+                bias = bias.clone()
+                bias[rows] = self.follows[rows, after[rows]]
+        scores = scores.clone()
+        scores[:, self.ids] += bias.to(scores.dtype)
+        return scores
 
 
 def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:

@@ -264,6 +264,31 @@ def test_concept_guidance_adds_lambda_log_sigmoid_to_each_concept_token(trained)
         torch.testing.assert_close(guided[row], want)
 
 
+def test_concept_guidance_after_a_concept_word_binds_by_place(trained) -> None:
+    """By hand, with the head on the patches: after " red", the score of " circle" gains
+    λ·log(max_n σ(red_n)·σ(circle_n) / max_n σ(red_n)); after any other token, λ·log σ(circle's logit)."""
+    from capcli.generation import ConceptGuidance
+    from capcli.model import build_model
+    from capcli.settings import ModelSettings
+
+    _, pixels = trained
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(concept_source="patches"), ["a red circle", "a blue square"] * 10,
+                        ("circle", "red")).eval()
+    circle, red = (model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in ("circle", "red"))
+    with torch.no_grad():
+        features = model.image_features(pixels[:1])
+        shown = torch.sigmoid(model.concept_head(features[0, 1:]))  # (64, 2)
+        guide = ConceptGuidance(model, features, weight=1.5, beams=2)
+    scores = torch.zeros(2, model.decoder.config.vocab_size)
+    other = model.tokenizer.encode(" a", add_special_tokens=False)[0]
+    guided = guide(torch.tensor([[other, red], [red, other]]), scores)
+    bound = 1.5 * torch.log((shown[:, 1] * shown[:, 0]).max() / shown[:, 1].max())
+    torch.testing.assert_close(guided[0, circle], bound)
+    torch.testing.assert_close(guided[1, circle], 1.5 * torch.nn.functional.logsigmoid(shown[:, 0].logit().max()))
+    assert guided[0, other] == 0 and guided[1, other] == 0
+
+
 def test_concept_guidance_keeps_out_a_word_the_head_does_not_see(trained) -> None:
     """Trained briefly, the model says "circle" for some image; with the head sure there is no circle
     in any image, guided search never says it, and with λ = 0 the captions are the unguided ones."""
