@@ -600,8 +600,9 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
         if checkpoint is not None:
             model = Captioner.from_pretrained(resolve_checkpoint(checkpoint, "best"), device)
         else:
-            model = build_model(settings.model, (c for caps in splits["train"]["captions"] for c in caps),
-                                concept_words_for(settings)).to(device)
+            captions = splits["train"]["captions"]
+            model = build_model(settings.model, (c for caps in captions for c in caps),
+                                concept_words_for(settings, captions)).to(device)
         if {"pretrain", "align"} & set(sections) and model.config.prefix_mapper == "transformer":
             raise ConfigError("benchmark: the MFU formula covers the mlp, tokens and resampler prefix mappers, "
                               "not transformer; --sections data,caption,metrics times the rest")

@@ -82,10 +82,11 @@ Model = Annotated[Optional[str], typer.Option(help="Model preset: tiny | clip-gp
 VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip tag, local file, or none  \\[default: openai]", show_default=False)]
 Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  \\[default: gpt2]", show_default=False)]
 Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  \\[default: 10; tiny: 16]", show_default=False)]
-MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps (smoke runs).", show_default=False)]
+MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps, whatever --epochs says; the schedule is planned for this length.  \\[default: none; tiny: 1500]", show_default=False)]
+AlignMaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after N optimizer steps, whatever --epochs says; the schedule is planned for this length.  \\[default: none; tiny: 700]", show_default=False)]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per micro-batch.  \\[default: 64; tiny: 32]", show_default=False)]
 Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 1e-4; tiny: 1e-3]", show_default=False)]
-TrainSize = Annotated[Optional[int], typer.Option(help="At most N training images.  \\[default: 10000; tiny: 3000]", show_default=False)]
+TrainSize = Annotated[Optional[int], typer.Option(help="At most N training images.  \\[default: 10000; tiny: 10000]", show_default=False)]
 ValSize = Annotated[Optional[int], typer.Option(help="At most N validation images.  \\[default: 1000; tiny: 300]", show_default=False)]
 TestSize = Annotated[Optional[int], typer.Option(help="At most N test images.  \\[default: 1000; tiny: 300]", show_default=False)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")]
@@ -158,7 +159,7 @@ def align(
     margin: Annotated[Optional[float], typer.Option(help="Margin of the Bradley-Terry loss.  \\[default: 0.1]", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/align]", show_default=False)] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training pairs.  \\[default: 5; tiny: 3]", show_default=False)] = None,
-    max_steps: MaxSteps = None,
+    max_steps: AlignMaxSteps = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch.  \\[default: 32]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 3e-4]", show_default=False)] = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,

@@ -6,7 +6,7 @@ Nothing here loops over data; a phase only decides *what* is trained (DESIGN §2
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,6 +25,7 @@ from capcli.data.batches import (
     StreamingCaptions,
     caption_dataset,
 )
+from capcli.data.concepts import caption_words
 from capcli.data.preferences import load_preferences
 from capcli.data.sources import concept_words, load_splits
 from capcli.engine import FitResult, Objective, TrainData, fit
@@ -90,7 +91,8 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
         train = splits["train"]
         if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head's captions
             train = train.select_columns(["captions"]).take(TOKENIZER_ROWS)
-        model = build_model(settings.model, (c for row in train for c in row["captions"]), concept_words_for(settings))
+        model = build_model(settings.model, (c for row in train for c in row["captions"]),
+                            concept_words_for(settings, (row["captions"] for row in train)))
     _write_config(run_dir, settings)
     words = tuple(model.config.concept_words) if phase.concept_weight else ()
     if phase.concept_weight and not words and distributed.current().main:
@@ -116,13 +118,14 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     return Phase(model, objective, data)
 
 
-def concept_words_for(settings: Settings) -> tuple[str, ...]:
-    """A new model's concept words: none without the concept loss, else the settings', else the source's own."""
+def concept_words_for(settings: Settings, captions: Iterable[Sequence[str]] = ()) -> tuple[str, ...]:
+    """A new model's concept words: none without the concept loss, else the settings', else the source's
+    own, else the most common content words of ``captions``, the training images' captions."""
     if not settings.pretrain.concept_weight:
         return ()
     if settings.model.concept_words is not None:
         return tuple(word.lower() for word in settings.model.concept_words)
-    return concept_words(settings.data.source)
+    return concept_words(settings.data.source) or caption_words(captions)
 
 
 def pretrain(settings: Settings, overwrite: bool = False,

@@ -57,7 +57,7 @@ class ModelSettings(Strict):
     learn_temperature: bool = False
     """Learn τ instead of fixing it; the logit scale 1/τ is clamped at 100 as in CLIP."""
     concept_words: list[str] | None = None
-    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels, and from the scene graph where an image has one; see `pretrain.concept_weight`. A phrase counts where the caption has its words together or the scene graph makes it true ("red circle", "small circle", "circle left of square"). Default: the data source's own (`synthetic`: its six shapes, eight colours and two sizes, each a word of its own), none for other sources."""
+    """Words (singular, lower case) that the concept head learns to detect in the images, read from the captions as weak labels, and from the scene graph where an image has one; see `pretrain.concept_weight`. A phrase counts where the caption has its words together or the scene graph makes it true ("red circle", "small circle", "circle left of square"). Default: the data source's own (`synthetic`: its six shapes, eight colours and two sizes, each a word of its own); for other sources, the most common content words of the training captions (at most 64)."""
 
     concept_source: Literal["pooled", "patches"] = "pooled"
     """What the concept head reads: the `pooled` vector, or each of the tower's `patches`, an image showing a word where its most confident patch does (multiple-instance learning, Fang et al. 2015), so that every patch tells its own object's shape, colour and size."""
@@ -136,7 +136,7 @@ class EngineSettings(Strict):
     epochs: int = Field(10, ge=1)
     """Passes over the training data."""
     max_steps: int | None = Field(None, ge=1)
-    """Stop after this many optimizer steps (smoke runs); the schedule is planned for this length."""
+    """Stop after this many optimizer steps, whatever `epochs` says: a budget of steps, for smoke runs or so that one recipe costs the same on sources of any size. The schedule is planned for this length."""
     batch_size: int = Field(64, ge=1)
     """Images per micro-batch (per process)."""
     grad_accum: int = Field(2, ge=1)

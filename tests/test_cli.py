@@ -137,6 +137,7 @@ def test_pretrain_help_shows_defaults():
     ("pretrain", "--lr", "pretrain.optimizer.lr"), ("pretrain", "--train-size", "data.train_size"),
     ("pretrain", "--val-size", "data.val_size"), ("pretrain", "--test-size", "data.test_size"),
     ("align", "--epochs", "align.engine.epochs"), ("align", "--lr", "align.optimizer.lr"),
+    ("pretrain", "--max-steps", "pretrain.engine.max_steps"), ("align", "--max-steps", "align.engine.max_steps"),
 ])
 def test_help_states_the_defaults_the_settings_have(command, option, key):
     """Options print "[default: X; tiny: Y]" by hand (the value depends on the preset): check both."""
@@ -144,8 +145,9 @@ def test_help_states_the_defaults_the_settings_have(command, option, key):
     help_text = next(p.help for p in params if option in p.opts)
     general, tiny = re.search(r"default: ([^;\]]+); tiny: ([^\]]+)\]", help_text).groups()
     value = lambda settings: functools.reduce(getattr, key.split("."), settings)  # noqa: E731
-    assert float(general) == value(load_settings(cli={"model.preset": "clip-gpt2"}, environ={}))
-    assert float(tiny) == value(load_settings(environ={}))
+    number = lambda text: None if text == "none" else float(text)  # noqa: E731
+    assert number(general) == value(load_settings(cli={"model.preset": "clip-gpt2"}, environ={}))
+    assert number(tiny) == value(load_settings(environ={}))
 
 
 def test_python_m_capcli_prints_the_version(tmp_path):

@@ -18,7 +18,7 @@ from test_grounding import _scene
 from test_sources import _write_folder
 
 from capcli.data.batches import CaptionCollator, CaptionExample, _Examples
-from capcli.data.concepts import canonical, concept_targets, scene_concepts
+from capcli.data.concepts import canonical, caption_words, concept_targets, scene_concepts
 from capcli.data.sources import concept_words
 from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, generate, render
 from capcli.model import Captioner, build_model
@@ -187,9 +187,32 @@ def test_own_concept_words_override_the_sources(settings_factory) -> None:
     assert prepare_pretrain(settings).model.config.concept_words == ["red", "circle"]
 
 
+def test_a_source_without_words_of_its_own_takes_the_common_words_of_its_captions(settings_factory,
+                                                                                  tmp_path: Path) -> None:
+    folder = _write_folder(tmp_path / "photos", 12)
+    settings = settings_factory(**{"data.source": f"imagefolder:{folder}", "pretrain.concept_weight": 5.0,
+                                   "pretrain.engine.max_steps": 1})
+    phase = prepare_pretrain(settings)
+    captions = [[row["caption"]] for row in map(json.loads, (folder / "metadata.jsonl").read_text().splitlines())]
+    words = phase.model.config.concept_words  # read from the training split, carved from the 12
+    assert set(words) <= set(caption_words(captions, min_share=0)) and phase.model.concept_head is not None
+    assert set(words) & set(SHAPES) and not set(words) & {"a", "an", "the", "and", "of"}
+    fit_phase(settings, phase)
+    assert train_log(settings.pretrain.engine.output)[0]["concept_loss"] > 0
+
+
+def test_caption_words_are_the_common_content_words_plurals_folded() -> None:
+    captions = [["a red apple", "red apple on a table"], ["two green apples"], ["a blue cup"], ["the cup is blue"]]
+    # apple 2 images, blue 2, cup 2, green 1, red 1, table 1: ties by the word.
+    assert caption_words(captions) == ("apple", "blue", "cup", "green", "red", "table")
+    assert caption_words(captions, min_share=0.5) == ("apple", "blue", "cup")
+    assert caption_words(captions, limit=2) == ("apple", "blue")
+    assert caption_words([["there is one"], ["a the of"]]) == ()
+
+
 def test_concept_weight_on_a_source_without_words_warns_and_trains_without(settings_factory, tmp_path: Path,
                                                                            capsys) -> None:
-    folder = _write_folder(tmp_path / "photos", 12)
+    folder = _write_folder(tmp_path / "photos", 12, rows=[{"caption": "there is one"}] * 12)
     settings = settings_factory(**{"data.source": f"imagefolder:{folder}", "pretrain.concept_weight": 5.0,
                                    "pretrain.engine.max_steps": 1})
     phase = prepare_pretrain(settings)

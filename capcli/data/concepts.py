@@ -15,7 +15,8 @@ from the caption alone, such a concept would be marked absent where it is in the
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -51,6 +52,42 @@ def canonical(phrase: str) -> str:
         if found and subject and obj:
             return f"{obj} {converse} {subject}"
     return phrase
+
+
+# Words that name nothing in a picture: articles, prepositions, pronouns, auxiliaries, numbers.
+_FUNCTION_WORDS = frozenset("""
+a an the this that these those there here it its is are was were be been being has have had do does did
+of on in at to from by with without for into onto over under above below near next beside behind between
+and or but not no as than then so very some any each every all both other another one two three four five
+six seven eight nine ten his her their our your my he she they we you i who which what where while
+""".split())
+
+
+def caption_words(captions: Iterable[Sequence[str]], limit: int = 64, min_share: float = 0.01) -> tuple[str, ...]:
+    """Concept words read from a source's own captions: its most common content words.
+
+    The words (not function words) that at least ``min_share`` of the images' captions use, most
+    common first, at most ``limit``; a plural whose singular is also used counts as that
+    singular ("apples" is "apple"). For a source whose captions name what is in the picture
+    ("a red apple"), these are its objects and attributes, the labels the concept head needs
+    to learn them from scratch (docs/models.md).
+
+    Args:
+        captions: the reference captions of each training image.
+    """
+    images: Counter[str] = Counter()
+    n = 0
+    for refs in captions:
+        n += 1
+        images.update({w for caption in refs for w in _WORD.findall(caption.lower())} - _FUNCTION_WORDS)
+    merged: Counter[str] = Counter()
+    for word, count in images.items():
+        stem = next((word[: -len(end)] for end in ("es", "s") if word.endswith(end) and word[: -len(end)] in images),
+                    word)
+        merged[stem] += count
+    ranked = [w for w, count in sorted(merged.items(), key=lambda item: (-item[1], item[0]))
+              if len(w) > 1 and count >= min_share * n]
+    return tuple(ranked[:limit])
 
 
 def concept_targets(captions: Sequence[str], concepts: Sequence[str],
