@@ -45,8 +45,8 @@ def frozen_features(
     Returns:
         The pairs whose image could be read (a pair whose image cannot is dropped, with
         a warning, as a training step would drop it), the (N_images, S, Dv) features on the
-        CPU in the run's precision (float32 on the CPU, bf16 or fp16 under CUDA autocast: a
-        token prefix holds S = 1 + N vectors an image), and for each kept pair the row of its
+        CPU in the run's autocast precision (float32 by default on the CPU, bf16 or fp16 under
+        autocast: a token prefix holds S = 1 + N vectors an image), and for each kept pair the row of its
         image in the features.
     """
     images = pairs["image"]

@@ -65,8 +65,8 @@ class ModelSettings(Strict):
     @model_validator(mode="after")
     def _token_grid_sets_its_length(self) -> ModelSettings:
         if self.prefix_mapper == "tokens" and self.prefix_length is not None:
-            raise ValueError("prefix_length does not apply to the tokens mapper: its prefix is the tower's token grid "
-                             "(use the resampler for a prefix of a chosen length)")
+            raise ValueError("prefix_length does not apply to the tokens mapper (the tiny preset's): its prefix is the "
+                             "tower's token grid; set model.prefix_mapper to resampler or mlp for a prefix of a chosen length")
         return self
 
     @model_validator(mode="after")
@@ -136,7 +136,7 @@ class EngineSettings(Strict):
     epochs: int = Field(10, ge=1)
     """Passes over the training data."""
     max_steps: int | None = Field(None, ge=1)
-    """Stop after this many optimizer steps, whatever `epochs` says: a budget of steps, for smoke runs or so that one recipe costs the same on sources of any size. The schedule is planned for this length."""
+    """Stop after at most this many optimizer steps (`epochs` still bounds the run): a budget of steps, for smoke runs or so that one recipe costs about the same on sources of any size. The schedule is planned for the shorter of the two."""
     batch_size: int = Field(64, ge=1)
     """Images per micro-batch (per process)."""
     grad_accum: int = Field(2, ge=1)

@@ -429,3 +429,15 @@ def test_resamples_without_a_claim_are_left_out():
     # resamples draw the second twice and have no relation to score.
     scores = grounding_metrics(["a red circle is to the right of a blue square", "a red circle"], [PAIR, PAIR])
     assert grounding_intervals(scores, n_resamples=200)["relation_accuracy"] == (0.0, 0.0)
+
+
+def test_relations_stated_counts_only_scenes_that_have_a_relation():
+    # A relation said of a lone circle is wrong (an object error), but there was no relation to state:
+    # that caption counts in neither part of the rate, which stays a share of the relational scenes.
+    alone = _scene(("circle", "red", "small", 0.5, 0.5))
+    captions = ["a red circle to the left of a blue square", "a red circle to the left of a blue square",
+                "a red circle and a blue square"]
+    scores = grounding_metrics(captions, [alone, PAIR, PAIR])
+    assert math.isnan(scores.per_image["relations_stated"][0])
+    assert list(scores.per_image["relations_stated"][1:]) == [1.0, 0.0]
+    assert scores.corpus["relations_stated"] == 0.5

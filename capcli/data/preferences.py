@@ -157,7 +157,7 @@ def _generated(arg: str, data: DataSettings, caption_splits: Splits, report: Pai
     if arg:
         raise ConfigError(f"generated preferences take no argument, got 'generated:{arg}'")
     per_image = {"train": train_per_image}
-    known = known_pairs(caption_splits["train"])
+    known = known_pairs(caption_splits["train"]) if "train" in caption_splits else None
     splits = {name: _clean(generate_pairs(caption_splits[name], data.seed, name, report,
                                           per_image.get(name, PAIRS_PER_IMAGE), known), report)
               for name in ("train", "val", "test") if name in caption_splits}

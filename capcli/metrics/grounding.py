@@ -276,7 +276,8 @@ def _judge(reading: Reading, scene: Scene) -> tuple[Tally, list[str]]:
         errors.append(f"the background is {scene.background}, not {reading.background}")
 
     covered = set().union(*groups) if groups else set()
-    tally["relations_stated"] = [int(bool(reading.relations)), int(bool(scene.relations))]
+    relational = bool(scene.relations)  # a scene without one: nothing to state, counted nowhere
+    tally["relations_stated"] = [int(bool(reading.relations) and relational), int(relational)]
     tally["recall"] = [len(covered), len(scene.objects)]
     tally["hallucination_rate"] = [int(not reading.mentions or not all(groups)), 1]
     tally["caption_accuracy"] = [int(not errors), 1]

@@ -7,7 +7,7 @@ patch tokens, for a prefix mapper that reads where things are).
 - image → vision tower → features (B, S, Dv); features[:, 0] → image head → (B, E), L2-normalised
 - caption → decoder alone → hidden state at its last real token → text head → (B, E)
 - features → prefix mapper → (B, K, D) → decoder, caption tokens after it → next-token logits
-- features[:, 0] → concept head → (B, C) logits of the concept words the image shows (when it has any)
+- features[:, 0], or each patch token → concept head → (B, C) logits of the concept words the image shows
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ class Captioner(nn.Module):
         self.vision.output_tokens = self.reads_tokens
         self.image_head = nn.Linear(vision_dim, config.embed_dim, bias=False)
         self.text_head = nn.Linear(width, config.embed_dim, bias=False)
-        # Predicts which concept words the image shows from the pooled features alone: a direct,
+        # Predicts which concept words the image shows, from the pooled vector or each patch: a direct,
         # per-image signal that teaches the vision tower to tell objects apart (losses.concept_loss).
         words = len(config.concept_words)
         self.concept_head = nn.Linear(vision_dim, words) if words else None

@@ -97,7 +97,8 @@ def patch_tokens(spec: dict[str, Any]) -> int:
 
 
 def build_vision(spec: dict[str, Any]) -> VisionTransformer:
-    """A randomly initialised vision tower of the described shape; (B, 3, H, W) → (B, output_dim)."""
+    """A randomly initialised vision tower of the described shape; (B, 3, H, W) → (B, output_dim), or with
+    ``output_tokens`` set (the Captioner sets it for a token prefix) that and the (B, N, width) patch tokens."""
     act = QuickGELU if spec["quick_gelu"] else torch.nn.GELU
     tower = VisionTransformer(**spec["arch"], act_layer=act)
     if spec.get("stem") == "conv":  # absent from checkpoints written before the stem existed: a patch embedding
