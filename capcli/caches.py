@@ -46,8 +46,8 @@ def frozen_features(
         The pairs whose image could be read (a pair whose image cannot is dropped, with
         a warning, as a training step would drop it), the (N_images, S, Dv) features on the
         CPU in the run's autocast precision (float32 by default on the CPU, bf16 or fp16 under
-        autocast: a token prefix holds S = 1 + N vectors an image), and for each kept pair the row of its
-        image in the features.
+        autocast: a token prefix holds S = 1 + N vectors an image), and for each kept pair the
+        row of its image in the features.
     """
     images = pairs["image"]
     keys = [image_identity(v) for v in images]
@@ -71,7 +71,8 @@ def frozen_features(
             with autocast():
                 rows.append(model.image_features(torch.stack(pixels).to(device)).cpu())
     model.train(was_training)
-    features = torch.cat(rows) if rows else torch.empty(0, model.feature_tokens, model.config.vision["arch"]["output_dim"])
+    width = model.config.vision["arch"]["output_dim"]
+    features = torch.cat(rows) if rows else torch.empty(0, model.feature_tokens, width)
     slot = {key: n for n, key in enumerate(k for k in (keys[i] for i in unique) if k not in bad)}
     keep = [i for i, key in enumerate(keys) if key not in bad]
     if len(keep) < len(keys):

@@ -92,10 +92,11 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     for name, interval in caption_intervals(scores, options.resamples, seed=seed).items():
         put(name, scores.corpus[name], interval)
     # Length in words beside the grounding rates: an emptier caption must not pass for a better one.
-    for name, lengths in (("caption_length", [len(p.split()) for p in predictions]),
-                          ("reference_length", [float(np.mean([len(r.split()) for r in refs])) for refs in references])):
-        lengths = np.asarray(lengths, dtype=float)
-        put(name, float(lengths.mean()), bootstrap_interval(lengths, options.resamples, seed=seed))
+    lengths = {"caption_length": [len(p.split()) for p in predictions],
+               "reference_length": [np.mean([len(r.split()) for r in refs]) for refs in references]}
+    for name, words in lengths.items():
+        words = np.asarray(words, dtype=float)
+        put(name, float(words.mean()), bootstrap_interval(words, options.resamples, seed=seed))
 
     with autocast():
         image_emb = _batched(judge.embed_images, list(rows["image"]), options.batch_size)
@@ -132,7 +133,8 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         # By kind: relation pairs ask whether the model knows where things are, which its captions may never say.
         for kind in sorted(set(kinds)):
             hits = ranked[kinds == kind]
-            put(f"preference_accuracy_{kind}", float(hits.mean()), bootstrap_interval(hits, options.resamples, seed=seed))
+            put(f"preference_accuracy_{kind}", float(hits.mean()),
+                bootstrap_interval(hits, options.resamples, seed=seed))
 
     grounding = None
     if "scene" in rows.column_names:
@@ -229,7 +231,7 @@ def _shuffled(captions: list[str], seed: int) -> list[str]:
 
 
 def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> tuple[np.ndarray, np.ndarray]:
-    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong), and each pair's corruption kind."""
+    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong); and each pair's kind."""
     data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
     logps = pair_logps(model, data, collate, score_pairs, device, autocast, batch_size)

@@ -65,8 +65,8 @@ class ModelSettings(Strict):
     @model_validator(mode="after")
     def _token_grid_sets_its_length(self) -> ModelSettings:
         if self.prefix_mapper == "tokens" and self.prefix_length is not None:
-            raise ValueError("prefix_length does not apply to the tokens mapper (the tiny preset's): its prefix is the "
-                             "tower's token grid; set model.prefix_mapper to resampler or mlp for a prefix of a chosen length")
+            raise ValueError("prefix_length does not apply to the tokens mapper (the tiny preset's): its prefix "
+                             "is the tower's token grid; set model.prefix_mapper to resampler or mlp to choose one")
         return self
 
     @model_validator(mode="after")

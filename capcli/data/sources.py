@@ -42,7 +42,7 @@ def source(name: str):
 
 
 def concept_words(spec: str) -> tuple[str, ...]:
-    """The words a source names in its captions for what an image shows, for the concept head; () when it does not know them.
+    """The words a source's captions use for what an image shows, for the concept head; () when it does not know them.
 
     ``synthetic``: its six shapes, eight colours and two sizes, each a word of its own. Separate
     factors, not colour-shape pairs ("red circle"): a pair is a label of its own that the head

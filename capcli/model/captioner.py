@@ -106,7 +106,7 @@ class ResamplerLayer(nn.Module):
 
     def __init__(self, width: int, heads: int):
         super().__init__()
-        self.norm_tokens, self.norm_queries, self.norm_mlp = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.norm_tokens, self.norm_queries, self.norm_mlp = (nn.LayerNorm(width) for _ in range(3))
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
