@@ -12,6 +12,10 @@ that a busy machine slows both alike; the report gives the median and the min–
 | ``pretrain_samples_per_s`` | the engine as configured: fused AdamW, pixel cache, ``--compile`` if asked | the same engine as a plain eager step: no fused optimizer, no cache, no compile |
 | ``align_samples_per_s`` | align's frozen-feature and reference caches | the tower and a reference model run every step (:class:`LiveReference`) |
 | ``caption_beam{1,5}_images_per_s`` | batched ``generate`` with the KV cache | :func:`naive_generate`: one image at a time, no cache |
+| ``caption_onnx_images_per_s`` | greedy captions through onnxruntime on the CPU (``capcli export``) | PyTorch's batched ``generate``, same weights and images: ``caption_onnx_torch_images_per_s`` |
+| ``policy_pairs_per_s`` | on-policy pairs drawn and judged (align's ``draw_pairs``) | the judge alone on as many captions: ``policy_judge_share`` |
+| ``peer_*`` (only when named: ``--sections peers``) | capcli's caption path and pretrain step | transformers' VisionEncoderDecoder and open_clip's CoCa at the same sizes (:mod:`capcli.peers`) |
+| ``startup_caption_s`` (only when named: ``--sections startup``) | ``capcli caption`` of one image in a new process | ``python -c "import torch"`` (:mod:`capcli.startup`) |
 
 ``mfu`` is pretrain's model FLOPs per second (``capcli.flops``, counted from each step's
 real batch shapes) over the peak of a large matmul in the same precision, timed in the same
@@ -40,7 +44,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from capcli.caches import frozen_features, pair_logps
+from capcli.caches import caption_features, frozen_features, pair_logps
 from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import (
     CaptionBatch,
@@ -59,7 +63,9 @@ from capcli.metrics.captions import caption_metrics
 from capcli.model import Captioner, build_model
 from capcli.objectives import PretrainObjective, score_pairs
 from capcli.phases import concept_words_for, prepare_align
+from capcli.policy_pairs import DrawSettings, draw_pairs
 from capcli.precision import autocast_context, resolve_device, resolve_precision
+from capcli.rewards import GroundingJudge
 from capcli.sampler import in_order
 from capcli.settings import Settings, override
 
@@ -441,6 +447,55 @@ def bench_caption(report: Report, model: Captioner, pixels: torch.Tensor, batch:
     return list(captions)
 
 
+def bench_onnx(report: Report, start: Path, work: Path, test, settings: Settings,
+               log: Callable[[str], None]) -> None:
+    """Greedy captions through onnxruntime on the CPU (``capcli export``, ``serving.OnnxCaptioner``) against
+    PyTorch's batched ``generate`` on the runtime's device: the same weights, images, batches and search."""
+    from capcli.serving import require_onnx
+
+    try:
+        require_onnx()
+    except ConfigError as err:
+        log(f"benchmark: onnx skipped ({err})")
+        report.context["onnx"] = "not installed"
+        return
+    from capcli.export import export_onnx
+    from capcli.serving import OnnxCaptioner
+
+    b = settings.benchmark
+    log(f"benchmark: onnxruntime against PyTorch, greedy ({b.repeats} repeats after a warm-up)")
+    device = resolve_device(settings.runtime.device)
+    decode = DecodeSettings(beams=1)
+    export_onnx(start, work / "onnx", decode.max_length, decode.min_length, decode.concept_guidance)
+    session = OnnxCaptioner(work / "onnx", threads=torch.get_num_threads())
+    model = Captioner.from_pretrained(start, device).eval()
+    scenes = caption_dataset(test, model.image_size, settings.data)
+    pixels = torch.stack([scenes[(i, 0)].pixels for i in range(min(b.images, len(scenes)))])
+    batches = list(pixels.split(b.caption_batch))
+    captions: dict[str, list[str]] = {"onnx": [], "torch": []}
+
+    def run(side: str) -> float:
+        captions[side].clear()
+        start_time = time.perf_counter()
+        for chunk in batches:
+            if side == "onnx":
+                captions[side].extend(session.caption_pixels(chunk.numpy()))
+            else:
+                captions[side].extend(generate_captions(model, chunk, decode))
+                _synchronize(device)
+        return time.perf_counter() - start_time
+
+    onnx_times, torch_times = _interleaved([partial(run, "onnx"), partial(run, "torch")], b.repeats)
+    onnx_rate = [len(pixels) / t for t in onnx_times]
+    torch_rate = [len(pixels) / t for t in torch_times]
+    report.add("caption_onnx_images_per_s", onnx_rate)
+    report.add("caption_onnx_torch_images_per_s", torch_rate)
+    report.add("caption_onnx_speedup", [o / t for o, t in zip(onnx_rate, torch_rate, strict=True)])
+    report.add("caption_onnx_agreement", [statistics.fmean(a == b for a, b in zip(captions["onnx"], captions["torch"],
+                                                                                  strict=True))])
+    report.context["onnx"] = f"onnxruntime on the CPU, {torch.get_num_threads()} threads; PyTorch on {device}"
+
+
 def _percentile(sorted_values: list[float], q: float) -> float:
     """The ``q`` quantile by linear interpolation between the closest ranks (numpy's default)."""
     position = q * (len(sorted_values) - 1)
@@ -551,9 +606,54 @@ def bench_metrics(report: Report, references: list[list[str]], repeats: int) -> 
     report.context["metrics_tokenizer"] = scores[-1].tokenizer
 
 
+# --- on-policy pairs ------------------------------------------------------------------------------------------------
+
+
+def bench_policy(report: Report, settings: Settings, model: Captioner, split, repeats: int) -> None:
+    """On-policy pairs drawn and judged per second (``capcli align --preferences policy``), and the judge's share.
+
+    Draws from ``split``'s images exactly as align does (``draw_pairs``: batched KV-cache beam
+    candidates and samples, the grounding judge on the scene graphs, the pair builder), then
+    times the judge alone on the same captions, so the report says where the time goes.
+    """
+    device = next(model.parameters()).device
+    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    policy = settings.align.policy
+    draw = DrawSettings(policy.beams, policy.samples, policy.temperature, policy.min_gap, policy.per_image,
+                        policy.use_references, None, settings.runtime.seed)
+    decode = DecodeSettings(max_length=settings.data.max_caption_tokens)
+    features = partial(caption_features, model, split, settings.data.max_pixels, device, autocast)
+    judge = GroundingJudge(split)
+    drawn: list[Any] = []
+
+    def run() -> float:
+        start = time.perf_counter()
+        pairs, found = draw_pairs(model, split, features, judge, decode, draw, settings.benchmark.caption_batch)
+        _synchronize(device)
+        drawn.append(found)
+        return time.perf_counter() - start
+
+    texts = [[caps[0]] * (draw.beams + draw.samples) for caps in split["captions"]]  # as many captions as drawn
+    rows = list(range(len(split)))
+
+    def judged() -> float:
+        return _seconds(lambda: (judge.score(rows, texts), judge.references(rows)))
+
+    draws, judges = _interleaved([run, judged], repeats)
+    found = drawn[-1]
+    report.add("policy_pairs_per_s", [found.pairs / t for t in draws])
+    report.add("policy_captions_per_s", [found.captions / t for t in draws])
+    report.add("policy_judge_share", [j / d for j, d in zip(judges, draws, strict=True)])
+    report.context["policy_images"] = found.images
+    report.context["policy_candidates"] = draw.beams + draw.samples
+
+
 # --- the whole benchmark -------------------------------------------------------------------------------------------
 
-SECTIONS = ("data", "pretrain", "align", "caption", "metrics")
+SECTIONS = ("data", "pretrain", "align", "caption", "onnx", "policy", "metrics")
+# Run only when named: capcli beside the tools users would pick instead (capcli.peers); one image
+# in one `capcli caption` process against `import torch` (capcli.startup).
+OPT_IN_SECTIONS = ("peers", "startup")
 
 
 def benchmark_settings(settings: Settings) -> Settings:
@@ -582,12 +682,13 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
         settings: the benchmark's settings (``benchmark``, ``runtime``, ``model`` and the
             engines' batch sizes are read); synthetic data is made in a temporary folder.
         checkpoint: time these weights (and this architecture) instead of random ones.
-        sections: which of ``SECTIONS`` to measure.
+        sections: which of ``SECTIONS`` and ``OPT_IN_SECTIONS`` to measure.
         log: told, one line each, which section starts.
     """
-    unknown = set(sections) - set(SECTIONS)
+    unknown = set(sections) - set(SECTIONS + OPT_IN_SECTIONS)
     if unknown:
-        raise ConfigError(f"unknown benchmark section(s) {', '.join(sorted(unknown))} (allowed: {', '.join(SECTIONS)})")
+        raise ConfigError(f"unknown benchmark section(s) {', '.join(sorted(unknown))} "
+                          f"(allowed: {', '.join(SECTIONS + OPT_IN_SECTIONS)})")
     b = settings.benchmark
     device = resolve_device(settings.runtime.device)
     dtype = resolve_precision(settings.runtime.precision, device)
@@ -603,7 +704,7 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             captions = splits["train"]["captions"]
             model = build_model(settings.model, (c for caps in captions for c in caps),
                                 concept_words_for(settings, captions)).to(device)
-        if {"pretrain", "align"} & set(sections) and model.config.prefix_mapper == "transformer":
+        if {"pretrain", "align", "peers"} & set(sections) and model.config.prefix_mapper == "transformer":
             raise ConfigError("benchmark: the MFU formula covers the mlp, tokens and resampler prefix mappers, "
                               "not transformer; --sections data,caption,metrics times the rest")
         start = work / "start"
@@ -628,9 +729,24 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             model.eval()
             for beams in (1, 5):
                 bench_caption(report, model, pixels, b.caption_batch, beams, b.repeats)
+        if "onnx" in sections:
+            bench_onnx(report, start, work, test, settings, log)
+        if "policy" in sections:
+            log(f"benchmark: on-policy pairs ({b.repeats} repeats after a warm-up)")
+            bench_policy(report, settings, model, test.select(range(min(b.images, len(test)))), b.repeats)
         if "metrics" in sections:
             log(f"benchmark: metrics ({b.repeats} repeats after a warm-up)")
             bench_metrics(report, test["captions"][: b.metric_captions], b.repeats)
+        if "peers" in sections:
+            from capcli.peers import bench_peers  # imports capcli.benchmark
+
+            bench_peers(report, settings, model, test, work, b.repeats, peak, log)
+        if "startup" in sections:
+            from capcli.peers import image_files
+            from capcli.startup import bench_startup
+
+            image = image_files(test, 1, work / "startup-image")[0]
+            bench_startup(report, start, image, str(device), b.repeats, log)
     return report
 
 

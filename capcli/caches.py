@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 import torch
 
+from capcli import faults
 from capcli.data.batches import PreferenceCollator, PreferenceDataset, load_image_field
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.model import Captioner
@@ -70,6 +71,7 @@ def frozen_features(
         if pixels:
             with autocast():
                 rows.append(model.image_features(torch.stack(pixels).to(device)).cpu())
+            faults.point("caches.features")
     model.train(was_training)
     width = model.config.vision["arch"]["output_dim"]
     features = torch.cat(rows) if rows else torch.empty(0, model.feature_tokens, width)
@@ -85,15 +87,16 @@ def pair_logps(
     model: Captioner, dataset: PreferenceDataset, collate: PreferenceCollator, score: Callable,
     device: torch.device, autocast: Callable[[], Any], batch_size: int = 64,
 ) -> torch.Tensor:
-    """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``.
+    """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``; (N, 3) when
+    the pairs bring another image each, the third being the chosen caption given it.
 
     Align calls it once with the starting checkpoint: the cached reference log-probs.
-    ``score(model, batch) -> (chosen_logps, rejected_logps)`` is the objective's own scoring,
+    ``score(model, batch) -> (chosen_logps, rejected_logps[, other_logps])`` is the objective's own scoring,
     so the reference and the policy are measured identically.
     """
     was_training = model.training
     model.eval()
-    out = torch.full((len(dataset), 2), float("nan"))  # NaN stays only where a pair's image is unreadable
+    out = torch.full((len(dataset), 2 if dataset.other is None else 3), float("nan"))  # NaN stays only where a pair's image is unreadable
     for keys in in_order(len(dataset), batch_size):
         examples = [(key.index, dataset[key]) for key in keys]
         kept = [(i, e) for i, e in examples if e is not None]
@@ -101,7 +104,33 @@ def pair_logps(
             continue
         batch = collate([e for _, e in kept]).to(device)
         with autocast():
-            chosen, rejected = score(model, batch)
-        out[[i for i, _ in kept]] = torch.stack([chosen, rejected], dim=1).float().cpu()
+            columns = score(model, batch)
+        out[[i for i, _ in kept]] = torch.stack(columns, dim=1).float().cpu()
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def caption_features(model: Captioner, split: datasets.Dataset, max_pixels: int, device: torch.device,
+                     autocast: Callable[[], Any], rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The vision features of some rows of a caption split, for drawing on-policy pairs.
+
+    Returns:
+        (B, S, Dv) features on ``device`` of the rows whose image could be read, and those rows;
+        an unreadable image is skipped with a warning.
+    """
+    pixels, kept = [], []
+    for row, value in zip(rows, split.select(rows)["image"], strict=True):
+        try:
+            pixels.append(resize_center_crop(load_image_field(value, max_pixels), model.image_size))
+            kept.append(row)
+        except ImageLoadError as err:
+            print(f"warning: drawing no captions for an unreadable image: {err}", file=sys.stderr)
+    if not pixels:
+        return torch.empty(0, model.feature_tokens, model.config.vision["arch"]["output_dim"], device=device), kept
+    was_training = model.training
+    model.eval()
+    with autocast():
+        features = model.image_features(torch.stack(pixels).to(device))
+    model.train(was_training)
+    return features, kept

@@ -2,8 +2,9 @@
 
 :func:`expand_inputs` turns the command's arguments into an ordered list of images,
 :func:`caption_items` loads them through the safe loader and decodes them a batch at a
-time, and :func:`format_record` writes one result as text, TSV or JSON. Nothing here
-imports torch at module level, so option errors answer at once.
+time through the Python API (``api.ImageCaptioner``, one path for both), and
+:func:`format_record` writes one result as text, TSV or JSON. Nothing here imports torch at
+module level, so option errors answer at once.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import TYPE_CHECKING, TextIO
 from capcli.errors import CapcliError, ConfigError
 
 if TYPE_CHECKING:
+    from capcli.api import ImageCaptioner
     from capcli.generation import DecodeSettings, ScoredCaption
-    from capcli.model import Captioner
     from capcli.settings import Settings
 
 FORMATS = ("text", "jsonl", "tsv")
@@ -178,15 +179,15 @@ def report(message: str) -> None:
 
 
 def caption_items(
-    items: Sequence[Item], load_model: Callable[[], tuple[Captioner, Callable]], decode: DecodeSettings,
+    items: Sequence[Item], load_model: Callable[[], ImageCaptioner], decode: DecodeSettings,
     batch_size: int, max_pixels: int, on_error: Callable[[str], None],
 ) -> Iterator[list[tuple[str, ScoredCaption]]]:
     """Caption images a batch at a time, in input order.
 
     Each batch holds ``batch_size`` images that loaded; an item that fails to load, or that
     named no image, is passed to ``on_error`` as ``"PATH: reason"`` and skipped. The model
-    comes from ``load_model()`` (the Captioner and its autocast context), called once, when
-    the first image has loaded: a run where every input is bad never loads it. A last,
+    comes from ``load_model()`` (an ``ImageCaptioner``), called once, when the first image
+    has loaded: a run where every input is bad never loads it. A last,
     possibly empty, batch is always yielded, so a caller sees every failure reported.
 
     Yields:
@@ -195,15 +196,13 @@ def caption_items(
     import torch
 
     from capcli.data.images import ImageLoadError, load_image, resize_center_crop
-    from capcli.generation import generate_scored_captions
 
-    model, autocast = None, None
+    model = None
     paths: list[str] = []
     pixels: list[torch.Tensor] = []
 
     def decode_batch() -> list[tuple[str, ScoredCaption]]:
-        with autocast():
-            captions = generate_scored_captions(model, torch.stack(pixels), decode)
+        captions = model.caption_pixels(torch.stack(pixels), decode)
         out = list(zip(paths, captions, strict=True))
         paths.clear()
         pixels.clear()
@@ -219,7 +218,7 @@ def caption_items(
             on_error(f"{escape(item.path)}: {err.reason}")
             continue
         if model is None:
-            model, autocast = load_model()
+            model = load_model()
         paths.append(item.path)
         pixels.append(resize_center_crop(image, model.image_size))  # (3, S, S) uint8
         if len(pixels) == batch_size:
@@ -227,19 +226,12 @@ def caption_items(
     yield decode_batch() if pixels else []
 
 
-def load_captioner(checkpoint: Path, settings: Settings) -> tuple[Captioner, Callable]:
-    """The checkpoint's Captioner on the settings' device, in eval mode, and its autocast context."""
-    from capcli.model import Captioner
-    from capcli.precision import autocast_context, resolve_device, resolve_precision
+def load_captioner(checkpoint: Path, settings: Settings) -> ImageCaptioner:
+    """The checkpoint, loaded through the Python API on the settings' device and precision."""
+    from capcli.api import ImageCaptioner
 
-    device = resolve_device(settings.runtime.device)
-    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
-    try:
-        model = Captioner.from_pretrained(checkpoint, device)
-    except Exception as err:  # a damaged or foreign directory: say which, on one line
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise CapcliError(f"cannot load the checkpoint in {checkpoint}: {reason}") from err
-    return model.eval(), autocast
+    return ImageCaptioner.load(checkpoint, settings.runtime.device, settings.runtime.precision,
+                               max_pixels=settings.data.max_pixels)
 
 
 def write_captions(items: Sequence[Item], checkpoint: Path, options: CaptionOptions, settings: Settings,

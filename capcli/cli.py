@@ -7,6 +7,7 @@ Heavy imports (torch, transformers, open_clip) happen inside the commands so tha
 
 from __future__ import annotations
 
+import errno
 import math
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,17 @@ def exit_codes() -> Iterator[None]:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise typer.Exit(130) from None
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise  # anything else is a bug to see whole
+        verb = "access" if err.errno in (errno.EACCES, errno.EPERM) else "write"
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot {verb}{where}: {err.strerror}", file=sys.stderr)
+        raise typer.Exit(1) from None
+
+
+# A full disk, a quota, a read-only or forbidden folder: the user's to fix, one line, exit 1.
+STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG})
 
 
 def _runtime(device: str | None, precision: str | None, seed: int | None, quiet: bool) -> dict[str, object]:
@@ -83,12 +95,17 @@ VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip
 Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  \\[default: gpt2]", show_default=False)]
 Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  \\[default: 10; tiny: 16]", show_default=False)]
 MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after at most N optimizer steps (--epochs still bounds the run); the schedule is planned for the shorter.  \\[default: none; tiny: 1500]", show_default=False)]
-AlignMaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after at most N optimizer steps (--epochs still bounds the run); the schedule is planned for the shorter.  \\[default: none; tiny: 700]", show_default=False)]
+AlignMaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after at most N optimizer steps (--epochs still bounds the run); the schedule is planned for the shorter.  \\[default: none; tiny: 350]", show_default=False)]
 BatchSize = Annotated[Optional[int], typer.Option(help="Images per micro-batch.  \\[default: 64; tiny: 32]", show_default=False)]
 Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 1e-4; tiny: 1e-3]", show_default=False)]
 TrainSize = Annotated[Optional[int], typer.Option(help="At most N training images.  \\[default: 10000; tiny: 10000]", show_default=False)]
 ValSize = Annotated[Optional[int], typer.Option(help="At most N validation images.  \\[default: 1000; tiny: 300]", show_default=False)]
 TestSize = Annotated[Optional[int], typer.Option(help="At most N test images.  \\[default: 1000; tiny: 300]", show_default=False)]
+# evaluate and align on a checkpoint: the data settings default to the run's (carve.py).
+RunDataSource = Annotated[Optional[str], typer.Option("--data", help="Data source: synthetic | imagefolder:PATH | hf:NAME[:CONFIG] | disk:PATH | wds:PATTERN; another than the run's is read with a warning.  \\[default: the run's, recorded with the checkpoint]", show_default=False)]
+RunTrainSize = Annotated[Optional[int], typer.Option("--train-size", help="At most N training images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
+RunValSize = Annotated[Optional[int], typer.Option("--val-size", help="At most N validation images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
+RunTestSize = Annotated[Optional[int], typer.Option("--test-size", help="At most N test images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")]
 Compile = Annotated[bool, typer.Option("--compile", help="torch.compile each transformer block: slower start, faster steps (docs/performance.md).")]
@@ -151,9 +168,9 @@ def pretrain(
 @app.command()
 def align(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
-    quiet: Quiet = False, json: Json = False, data: Data = None,
+    quiet: Quiet = False, json: Json = False, data: RunDataSource = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Starting checkpoint, or a run directory (its best).  \\[default: runs/pretrain]", show_default=False)] = None,
-    preferences: Annotated[Optional[str], typer.Option(help="Preference pairs: generated | jsonl:PATH | hf:NAME[:CONFIG] | disk:PATH | ultrafeedback[:NAME]  \\[default: generated from --data]", show_default=False)] = None,
+    preferences: Annotated[Optional[str], typer.Option(help="Preference pairs: generated | jsonl:PATH | hf:NAME[:CONFIG] | disk:PATH | ultrafeedback[:NAME] | policy[:grounding|cider|clip[:WEIGHTS]] (the model's own captions, judged)  \\[default: generated from --data]", show_default=False)] = None,
     freeze_vision: Annotated[Optional[bool], typer.Option("--freeze-vision/--no-freeze-vision", help="Keep the vision tower frozen, its features cached.  \\[default: freeze]", show_default=False)] = None,
     beta: Annotated[Optional[float], typer.Option(help="β, the scale of the implicit reward.  \\[default: 0.1]", show_default=False)] = None,
     margin: Annotated[Optional[float], typer.Option(help="Margin of the Bradley-Terry loss.  \\[default: 0.1]", show_default=False)] = None,
@@ -162,17 +179,21 @@ def align(
     max_steps: AlignMaxSteps = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch.  \\[default: 32]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 3e-4]", show_default=False)] = None,
-    train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
+    train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
     image_column: ImageColumn = None, caption_column: CaptionColumn = None, split: SourceSplit = None,
     log: Log = None,
 ) -> None:
-    """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen."""
+    """Phase 2: Bradley-Terry preference alignment (DPO-style, with a margin), vision encoder frozen.
+
+    The caption data (the source of generated pairs, and the val split) are the starting run's, as
+    recorded with its checkpoint: the same source and the same carve.
+    """
     with exit_codes():
         from capcli.settings import load_settings
 
-        settings = load_settings(config, {
+        cli = {
             **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss, log),
             **_columns(image_column, caption_column, split), "data.source": data, "align.checkpoint": checkpoint,
             "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
@@ -180,10 +201,17 @@ def align(
             "align.engine.max_steps": max_steps, "align.engine.batch_size": batch_size,
             "align.optimizer.lr": lr, "data.train_size": train_size, "data.val_size": val_size,
             "data.test_size": test_size, "align.engine.resume": resume or None,
-        })
+        }
+        settings = load_settings(config, cli)
         from capcli import phases, results
+        from capcli.carve import follow_run
+        from capcli.checkpoint import resolve_checkpoint
 
-        result = phases.align(settings, overwrite=overwrite)
+        start = resolve_checkpoint(settings.align.checkpoint or phases.DEFAULT_START, "best")
+        run = follow_run(start, config, cli)
+        if (warning := run.warning(start)) is not None and _main_process():
+            print(f"warning: {warning}", file=sys.stderr)
+        result = phases.align(run.settings, overwrite=overwrite)
         if _main_process():
             results.print_align(results.align_summary(result), json)
 
@@ -234,7 +262,7 @@ def caption(
 @app.command()
 def evaluate(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
-    quiet: Quiet = False, json: Json = False, data: Data = None,
+    quiet: Quiet = False, json: Json = False, data: RunDataSource = None,
     checkpoint: CaptionCheckpoint = None,
     split: Annotated[str, typer.Option(help="train | val | test | test_novel  \\[default: test]", show_default=False)] = "test",
     beams: Beams = 5, max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
@@ -246,37 +274,56 @@ def evaluate(
     output: Annotated[Path, typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = Path("results/evaluation_metrics.json"),
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = 64,
     judge: Annotated[str, typer.Option(help="Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE.  \\[default: auto]", show_default=False)] = "auto",
-    train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
+    train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
+    allow_train_images: Annotated[bool, typer.Option("--allow-train-images", help="Score a held-out split even when it holds images the run trained on (refused otherwise, exit 2).")] = False,
 ) -> None:
     """Captions of a split, scored: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIP score, win rate, preference
-    accuracy and (on synthetic) grounding, each with a bootstrap 95% interval."""
-    with exit_codes():
-        from capcli.settings import load_settings
+    accuracy and (on synthetic) grounding, each with a bootstrap 95% interval.
 
-        settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
-            "data.val_size": val_size, "data.test_size": test_size,
-        })
+    The data are the run's, as recorded with the checkpoint: the same source and the same carve
+    of val and test. The evaluated images are checked against the run's training images.
+    """
+    with exit_codes():
         if beams < 1 or max_length < 1 or min_length < 0 or batch_size < 1 or (limit is not None and limit < 1):
             raise typer.BadParameter("--beams, --max-length, --batch-size and --limit must be at least 1")
         if not (math.isfinite(concept_guidance) and concept_guidance >= 0):
             raise typer.BadParameter("--concept-guidance must be a finite number of at least 0")
         from capcli import evaluation, results
+        from capcli.carve import follow_run
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
         from capcli.generation import DecodeSettings
 
+        directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
+        run = follow_run(directory, config, {
+            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
+            "data.val_size": val_size, "data.test_size": test_size,
+        })
+        settings = run.settings
+        if (warning := run.warning(directory)) is not None:
+            print(f"warning: {warning}", file=sys.stderr)
         options = evaluation.EvalOptions(
-            checkpoint=resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint(), split=split,
+            checkpoint=directory, split=split,
             decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
             limit=limit,
             baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions, report=report,
-            batch_size=batch_size, judge=judge,
+            batch_size=batch_size, judge=judge, trained_on=run.recorded, allow_train_images=allow_train_images,
         )
         log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))
         outcome = evaluation.evaluate(settings, options, log)
         results.write_json(outcome, output)
         results.print_evaluation(outcome, json)
         log(f"results written to {output}")
+        _add_to_card(directory, outcome, log)
+
+
+def _add_to_card(checkpoint: Path, outcome: dict, log) -> None:
+    """evaluate's results into the checkpoint's model card; a read-only checkpoint only warns."""
+    from capcli.card import add_evaluation
+
+    try:
+        log(f"results added to the model card {add_evaluation(checkpoint, outcome)}")
+    except OSError as err:
+        print(f"warning: cannot add the results to {checkpoint}'s model card ({err.strerror or err})", file=sys.stderr)
 
 
 @app.command()
@@ -292,6 +339,34 @@ def report(
 
 
 @app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint, or a run directory (its best).", show_default=False)],
+    output: Annotated[Path, typer.Option(help="Folder for the graphs, the tokenizer and decoding.json.", show_default=False)],
+    fmt: Annotated[str, typer.Option("--format", help="onnx  \\[default: onnx]", show_default=False)] = "onnx",
+    max_length: MaxLength = 32, min_length: MinLength = 1, concept_guidance: ConceptGuidance = 1.0,
+) -> None:
+    """Export a checkpoint for serving without PyTorch: the vision tower with the prefix mapper as one ONNX
+    graph, the decoder with its key/value cache as another (dynamic batch and sequence axes), the tokenizer,
+    and decoding.json, the greedy search settings (docs/serving.md). Needs the onnx extra:
+    pip install "capcli[onnx]"."""
+    with exit_codes():
+        from capcli.errors import ConfigError
+        from capcli.serving import require_onnx
+
+        if fmt != "onnx":
+            raise ConfigError(f"unknown --format {fmt!r} (allowed: onnx)")
+        if max_length < 1 or min_length < 0 or not (math.isfinite(concept_guidance) and concept_guidance >= 0):
+            raise ConfigError("--max-length must be at least 1, --min-length and --concept-guidance at least 0")
+
+        require_onnx()  # before torch is imported: a missing extra answers at once
+        from capcli.checkpoint import resolve_checkpoint
+        from capcli.export import export_onnx
+
+        export_onnx(resolve_checkpoint(checkpoint), output, max_length, min_length, concept_guidance)
+        print(output)
+
+
+@app.command()
 def benchmark(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, model: Model = None,
@@ -299,7 +374,7 @@ def benchmark(
     repeats: Annotated[Optional[int], typer.Option(help="Timed repeats of each figure after one warm-up; the median and min-max are reported.  \\[default: 3]", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per timed training run, the first untimed.  \\[default: 6]", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Time this checkpoint's architecture and weights.  \\[default: random weights of --model]", show_default=False)] = None,
-    sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, metrics.  \\[default: all]", show_default=False)] = "data,pretrain,align,caption,metrics",
+    sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, onnx, policy, metrics; and, run only when named, peers (capcli beside transformers' VisionEncoderDecoder and open_clip's CoCa) and startup (one image in one `capcli caption` process against `import torch`).  \\[default: all but peers and startup]", show_default=False)] = "data,pretrain,align,caption,onnx,policy,metrics",
     out: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.", show_default=False)] = None,
     compile: Compile = False,
 ) -> None:

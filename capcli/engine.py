@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,8 +31,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from capcli import distributed
-from capcli.checkpoint import load_state, resolve_checkpoint, save_checkpoint
-from capcli.errors import CapcliError, ConfigError, DataError, TrainingInterrupted
+from capcli.checkpoint import first_line, load_state, resume_checkpoint, save_checkpoint
+from capcli.errors import (
+    CapcliError,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    TrainingInterrupted,
+)
 from capcli.optim import build_optimizer, build_scheduler
 from capcli.precision import (
     autocast_context,
@@ -103,6 +110,7 @@ def fit(
     *,
     title: str = "train",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    describe: Callable[[Path, dict[str, Any]], None] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``objective`` and write the run directory ``engine.output``.
 
@@ -114,12 +122,14 @@ def fit(
         engine, optimizer, runtime: the settings groups this function reads.
         title: the name shown on the progress display.
         on_step: called after every optimizer step with the step number and its losses.
+        describe: called with each checkpoint's folder, before it is swapped in, and its training
+            state: writes the files that describe it (the phase's settings, the model card).
 
     Raises:
         TrainingInterrupted: after Ctrl-C, once a resumable checkpoint is written.
         CapcliError: on a non-finite loss or gradient, or too many unreadable samples.
     """
-    return _Training(model, objective, data, engine, optimizer, runtime, title, on_step).run()
+    return _Training(model, objective, data, engine, optimizer, runtime, title, on_step, describe).run()
 
 
 def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -160,9 +170,10 @@ def validate(model: nn.Module, objective: Objective, loader: DataLoader, device:
 class _Training:
     """One call of ``fit``: the live objects and the counters that a checkpoint saves."""
 
-    def __init__(self, model, objective, data, engine, optimizer, runtime, title, on_step):
+    def __init__(self, model, objective, data, engine, optimizer, runtime, title, on_step, describe=None):
         self.model, self.objective, self.data = model, objective, data
         self.engine, self.runtime, self.title, self.on_step = engine, runtime, title, on_step
+        self.describe = describe
         self.run_dir = Path(engine.output)
         self.world, self.device = distributed.setup(resolve_device(runtime.device))
         dtype = resolve_precision(runtime.precision, self.device)
@@ -193,7 +204,8 @@ class _Training:
 
         # Everything the loop counts; saved in state.pt and restored by --resume.
         self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skipped": 0,
-                                      "best_val_loss": math.inf, "bad_validations": 0, "first_val": {}}
+                                      "best_val_loss": math.inf, "bad_validations": 0, "first_val": {},
+                                      "bad_steps": 0}
         if engine.resume:
             self._restore()
         else:
@@ -333,17 +345,41 @@ class _Training:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         clip = self.engine.clip_grad or math.inf  # with inf this only measures the norm
         sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not math.isfinite(sums["grad_norm"]) and not self.scaler.is_enabled():
-            # Stop before the update: the weights, and every checkpoint on disk, stay good.
-            shown = {k: round(v, 4) for k, v in sums.items()}
-            raise CapcliError(f"non-finite gradient at step {self.state['step'] + 1} (losses: {shown}); "
-                              f"the last good checkpoint is in {self.run_dir / 'checkpoints'}; "
-                              f"try a lower --lr or --precision fp32")
+        # fp16's scaler expects overflowing gradients now and then and skips those steps itself.
+        bad = [k for k, v in sums.items() if not math.isfinite(v)
+               and (k == "loss" or k.endswith("_loss") or (k == "grad_norm" and not self.scaler.is_enabled()))]
+        if bad:
+            self._bad_step(bad, sums)  # stops the run, or drops this update
+            return sums, int(total)
         self.scaler.step(self.optimizer)  # with fp16, skips the step when gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return sums, int(total)
+
+    def _bad_step(self, bad: list[str], sums: dict[str, float]) -> None:
+        """A step whose loss or gradient is not finite: stop before the update (the weights, and every
+        checkpoint on disk, stay good), or with ``max_bad_steps`` drop its update and go on."""
+        step = self.state["step"] + 1
+        parts = [k for k in bad if k.endswith("_loss")] or [k for k in bad if k != "loss"] or bad
+        what = (f"non-finite {', '.join(parts)} at step {step}" if parts != ["grad_norm"]
+                else f"non-finite gradient at step {step} (first in {_first_nonfinite_grad(self.model)}; "
+                     f"the losses were finite)")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state["bad_steps"] = self.state.get("bad_steps", 0) + 1
+        if self.state["bad_steps"] > self.engine.max_bad_steps:
+            shown = {k: round(v, 4) for k, v in sums.items()}
+            allowed = (f"after {self.engine.max_bad_steps} skipped bad step(s) " if self.engine.max_bad_steps else "")
+            raise CapcliError(f"{what} {allowed}(losses: {shown}); the last good checkpoint is in "
+                              f"{self.run_dir / 'checkpoints'}; try a lower --lr or --precision fp32, or set "
+                              f"engine.max_bad_steps to skip such steps")
+        if self.world.main:
+            print(f"warning: {what}: its update was skipped ({self.state['bad_steps']} of at most "
+                  f"{self.engine.max_bad_steps})", file=sys.stderr)
+        self.scaler.update()
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant so here
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # the step counts, as one fp16 skips does: the schedule keeps its length
 
     def _end_of_epoch(self) -> None:
         state = self.state
@@ -402,7 +438,8 @@ class _Training:
         state = {**self.state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0],
                  "world_size": self.world.size}
-        return save_checkpoint(self.run_dir / "checkpoints" / name, self.model, state)
+        described = _Described(self.model, self.describe, state)
+        return save_checkpoint(self.run_dir / "checkpoints" / name, described, state)
 
     def _stop_agreed(self) -> bool:
         """Ctrl-C on any rank stops every rank after the same step (torchrun forwards the signal)."""
@@ -410,14 +447,13 @@ class _Training:
 
     def _restore(self) -> None:
         """Load ``last/`` into the live objects and take over its counters."""
-        try:
-            directory = resolve_checkpoint(self.run_dir, "last")
-        except ConfigError:
-            raise ConfigError(f"--resume: no checkpoint to resume in {self.run_dir / 'checkpoints' / 'last'}") from None
+        directory = resume_checkpoint(self.run_dir)
         try:
             self.model.load_weights(directory)
         except ValueError as err:
             raise ConfigError(f"--resume: {err}; start a new --output or match the model settings") from None
+        except Exception as err:  # noqa: BLE001 - safetensors' own errors: damaged data past a sound header
+            raise CheckpointError(f"--resume: cannot read {directory / 'model.safetensors'} ({first_line(err)})") from None
         saved = load_state(directory)
         # The position in the epoch counts each rank's micro-batches, and the schedule's length
         # the global steps: both mean something else with another number of processes.
@@ -455,6 +491,19 @@ class _ObjectiveRunner(nn.Module):
 
     def forward(self, objective: Objective, batch: Any, progress: float) -> dict[str, torch.Tensor]:
         return objective(self.model, batch, progress)
+
+
+class _Described:
+    """The model as ``save_checkpoint`` writes it, with the phase's own files added to each checkpoint."""
+
+    def __init__(self, model: nn.Module, describe: Callable[[Path, dict[str, Any]], None] | None,
+                 state: dict[str, Any]):
+        self.model, self.describe, self.state = model, describe, state
+
+    def save_pretrained(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        if self.describe is not None:
+            self.describe(Path(directory), self.state)
 
 
 class _NoLog:
@@ -497,6 +546,14 @@ def _check_unreadable(state: dict[str, Any], max_fraction: float, at_least: int)
     if state["skipped"] and total >= at_least and state["skipped"] > max_fraction * total:
         raise DataError(f"{state['skipped']} of {total} training samples could not be read, more than "
                         f"max_bad_fraction {max_fraction}; the warnings above name the files")
+
+
+def _first_nonfinite_grad(model: nn.Module) -> str:
+    """The name of the first parameter whose gradient holds a NaN or an Inf."""
+    for name, param in model.named_parameters():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            return name
+    return "no parameter"
 
 
 def _require(model: nn.Module, method: str, setting: str) -> Callable:

@@ -23,6 +23,14 @@ class DataError(CapcliError):
     """Input data that cannot be used: unreadable images, too many bad files, empty splits."""
 
 
+class CheckpointError(CapcliError):
+    """A checkpoint that cannot be written or read: the message names the file and what is wrong."""
+
+
+class RunLocked(ConfigError):
+    """Another capcli process is training into the same run directory. Exit 2."""
+
+
 class TrainingInterrupted(CapcliError):
     """Ctrl-C during training, after a resumable checkpoint was written. Exit 130."""
 

@@ -22,8 +22,9 @@ import datasets
 import numpy as np
 import torch
 
-from capcli import __version__
+from capcli import __version__, faults
 from capcli.caches import pair_logps
+from capcli.carve import CARVE_KEYS, carve_changes, train_overlap
 from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
@@ -48,7 +49,7 @@ from capcli.metrics import (
 from capcli.model import Captioner
 from capcli.objectives import score_pairs
 from capcli.precision import autocast_context, resolve_device, resolve_precision
-from capcli.settings import Settings
+from capcli.settings import DataSettings, Settings
 
 RESULTS_FILE = Path("results/evaluation_metrics.json")
 
@@ -67,6 +68,11 @@ class EvalOptions:
     batch_size: int = 64
     resamples: int = 1000
     judge: str = "auto"
+    trained_on: DataSettings | None = None
+    """The data settings recorded with the checkpoint's run: its training split is checked against the
+    evaluated images. None: not recorded, and the given settings' own training split is checked."""
+    allow_train_images: bool = False
+    """Score a held-out split even when it holds images the run trained on (refused otherwise)."""
 
 
 def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -75,7 +81,7 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
     model = Captioner.from_pretrained(options.checkpoint, device).eval()
     judge = load_judge(options.judge, model, options.checkpoint, device, settings.data.max_pixels)
-    rows, pixels, skipped = _load_split(settings, options, model.image_size)
+    rows, pixels, skipped, overlap = _load_split(settings, options, model.image_size)
     n = len(rows)
     seed = settings.runtime.seed
     log(f"evaluate: captioning {n} {options.split} images with beams={options.decode.beams}")
@@ -165,6 +171,9 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         "n": n,
         "skipped_images": skipped,
         "data": settings.data.source,
+        "data_settings": {key: getattr(settings.data, key) for key in CARVE_KEYS},
+        "carve": _carve_note(settings.data, options.trained_on),
+        "train_overlap": overlap,
         "tokenizer": scores.tokenizer,
         "judge": judge.name,
         "baseline": baseline_name,
@@ -192,6 +201,7 @@ def _load_split(settings: Settings, options: EvalOptions, image_size: int):
                           f"(it has: {', '.join(have)})")
     if options.limit is not None:
         rows = rows.select(range(min(options.limit, len(rows))))
+    overlap = _checked_overlap(settings, options, splits, rows)
     images, keep = [], []
     for i, value in enumerate(rows["image"]):
         try:
@@ -204,7 +214,41 @@ def _load_split(settings: Settings, options: EvalOptions, image_size: int):
     skipped = len(rows) - len(keep)
     if skipped:
         rows = rows.select(keep)
-    return rows, torch.stack(images), skipped
+    return rows, torch.stack(images), skipped, overlap
+
+
+def _carve_note(data: DataSettings, trained_on: DataSettings | None) -> str:
+    """Whose carve the split is: the run's, another (and how), or unknown (nothing recorded)."""
+    if trained_on is None:
+        return "not recorded with the checkpoint"
+    changes = carve_changes(trained_on, data)
+    return f"changed: {'; '.join(changes)}" if changes else "the run's"
+
+
+def _checked_overlap(settings: Settings, options: EvalOptions, splits, rows) -> int | None:
+    """How many evaluated images the run trained on; a held-out split holding any is refused unless allowed.
+
+    None where it cannot be known: a streamed training split (a stream is never carved), or
+    the run's recorded data that can no longer be read.
+    """
+    trained_on = options.trained_on
+    train = splits.get("train")
+    if trained_on is not None and carve_changes(trained_on, settings.data):
+        try:
+            train = load_splits(trained_on).get("train")
+        except (ConfigError, DataError) as err:
+            print(f"warning: cannot read the run's training data to check the split against it ({err})",
+                  file=sys.stderr)
+            return None
+    if train is None or isinstance(train, datasets.IterableDataset):
+        return None
+    overlap = train_overlap(train["image"], rows["image"])
+    if overlap and options.split != "train" and not options.allow_train_images:
+        raise ConfigError(f"the {options.split} split holds {overlap} of the {len(rows)} images evaluated that the "
+                          f"run trained on ({_carve_note(settings.data, trained_on)}); evaluate on the run's own "
+                          f"carve (drop the data options that change it), or pass --allow-train-images to score "
+                          f"them anyway")
+    return overlap
 
 
 def _decode(model: Captioner, pixels: torch.Tensor, options: EvalOptions) -> list[str]:
@@ -243,15 +287,19 @@ def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -
 def _save_captions(path: Path, rows, predictions, references, judged: dict[str, np.ndarray], scores,
                    grounding) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for i, caption in enumerate(predictions):
-            image = rows[i]["image"]
-            record = {"image": image.get("path") if isinstance(image, dict) else str(image), "caption": caption,
-                      "references": references[i], **{k: float(v[i]) for k, v in judged.items()},
-                      "cider_d": float(scores.per_image["cider_d"][i])}
-            if grounding is not None:
-                record["grounding_errors"] = grounding.errors[i]
-            f.write(json.dumps(record) + "\n")
+    try:
+        faults.point("results.write", path)
+        with path.open("w", encoding="utf-8") as f:
+            for i, caption in enumerate(predictions):
+                image = rows[i]["image"]
+                record = {"image": image.get("path") if isinstance(image, dict) else str(image), "caption": caption,
+                          "references": references[i], **{k: float(v[i]) for k, v in judged.items()},
+                          "cider_d": float(scores.per_image["cider_d"][i])}
+                if grounding is not None:
+                    record["grounding_errors"] = grounding.errors[i]
+                f.write(json.dumps(record) + "\n")
+    except OSError as err:  # a full disk or a forbidden folder: the CLI's one line names the file
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def _clean(value: float) -> float | None:

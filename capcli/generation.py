@@ -146,29 +146,72 @@ def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:
 def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the search: (vision features, (B, new tokens) ids padded with pad after end-of-text)."""
     model.eval()
-    device = model.pixel_mean.device
-    features = model.image_features(pixels.to(device))
+    features = model.image_features(pixels.to(model.pixel_mean.device))
+    return features, _generate(model, features, decode, decode.beams)
+
+
+def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, copies: int,
+              **search: object) -> torch.Tensor:
+    """``generate`` from image features: (B·copies, new tokens) ids, padded with pad after end-of-text.
+
+    ``copies`` is how many rows ``generate`` makes of each image (beams, or samples drawn);
+    ``search`` overrides the search arguments (sampling, returned sequences).
+    """
     prefix = model.prefix(features)  # (B, K, D)
     tokenizer = model.tokenizer
     guide = LogitsProcessorList()
     if decode.concept_guidance and model.concept_head is not None:
-        guide.append(ConceptGuidance(model, features, decode.concept_guidance, decode.beams))
+        guide.append(ConceptGuidance(model, features, decode.concept_guidance, copies))
+    arguments = dict(
+        inputs_embeds=prefix,
+        attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),
+        max_new_tokens=decode.max_length,
+        min_new_tokens=decode.min_length,
+        num_beams=decode.beams,
+        length_penalty=decode.length_penalty,
+        no_repeat_ngram_size=decode.no_repeat_ngram,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        logits_processor=guide,
+    )
     with _transformers_errors_only():
-        ids = model.decoder.generate(
-            inputs_embeds=prefix,
-            attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=device),
-            max_new_tokens=decode.max_length,
-            min_new_tokens=decode.min_length,
-            num_beams=decode.beams,
-            length_penalty=decode.length_penalty,
-            no_repeat_ngram_size=decode.no_repeat_ngram,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            logits_processor=guide,
-        )  # (B, new tokens), padded with pad after end-of-text
-    return features, ids
+        return model.decoder.generate(**{**arguments, **search})
+
+
+@torch.no_grad()
+def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeSettings, beams: int,
+                       samples: int, temperature: float = 1.0) -> list[list[str]]:
+    """Several captions of each image, as the model writes them: the material of on-policy pairs.
+
+    Args:
+        model: a Captioner (in eval mode for this call).
+        features: (B, S, Dv) the images' vision features (``model.image_features``, or align's cache).
+        decode: length limits and concept guidance, as ``capcli evaluate`` decodes.
+        beams: the ``beams`` best finished captions of a beam search of that width (0 for none).
+        samples: captions drawn by ancestral sampling at ``temperature`` (0 for none); the draw
+            follows torch's global generator, so seed it for a reproducible draw.
+
+    Returns:
+        For each image, its ``beams + samples`` captions (beam candidates first), duplicates kept.
+    """
+    was_training = model.training
+    model.eval()
+    runs = []
+    if beams:
+        runs.append((beams, dict(num_beams=beams, num_return_sequences=beams)))
+    if samples:
+        runs.append((samples, dict(num_beams=1, do_sample=True, temperature=temperature, top_k=0,
+                                   num_return_sequences=samples)))
+    out: list[list[str]] = [[] for _ in range(len(features))]
+    for copies, search in runs:
+        ids = _generate(model, features, decode, copies, **search)  # (B·copies, T), an image's rows together
+        texts = [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        for i, text in enumerate(texts):
+            out[i // copies].append(text)
+    model.train(was_training)
+    return out
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from capcli import distributed
 from capcli.data.batches import CaptionBatch, PreferenceBatch
@@ -85,25 +86,32 @@ class PretrainObjective:
 
 
 def score_pairs(model: Captioner, batch: PreferenceBatch,
-                length_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-probs of each pair's chosen and rejected caption: two (B,) tensors.
+                length_normalize: bool = False) -> tuple[torch.Tensor, ...]:
+    """Sequence log-probs of each pair's chosen and rejected caption: two (B,) tensors, and a
+    third, the chosen caption given the pair's other image, when the batch brings one.
 
-    Chosen and rejected go through the decoder in one forward pass: they are padded to
-    one width, stacked, and conditioned on the same image features twice.
+    The captions go through the decoder in one forward pass: they are padded to one width,
+    stacked, and conditioned on their image features.
     """
-    logits, targets = _pair_logits(model, batch, _features(model, batch))
-    logps = sequence_logps(logits, targets, length_normalize)  # (2B,)
-    return logps[: len(batch)], logps[len(batch) :]
+    logits, targets = _pair_logits(model, batch, _features(model, batch), _other_features(model, batch))
+    logps = sequence_logps(logits, targets, length_normalize)  # (2B,) or (3B,)
+    return logps.split(len(batch))
 
 
-def _pair_logits(model: Captioner, batch: PreferenceBatch, features: torch.Tensor | None):
+def _pair_logits(model: Captioner, batch: PreferenceBatch, features: torch.Tensor | None,
+                 other: torch.Tensor | None = None):
+    """Logits of [chosen; rejected] given the pair's image, then of chosen given ``other`` if set."""
     width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
-    ids = torch.cat([_pad(batch.chosen_ids, width, model.pad_id), _pad(batch.rejected_ids, width, model.pad_id)])
-    mask = torch.cat([_pad(batch.chosen_mask, width, 0), _pad(batch.rejected_mask, width, 0)])
+    ids = [_pad(batch.chosen_ids, width, model.pad_id), _pad(batch.rejected_ids, width, model.pad_id)]
+    mask = [_pad(batch.chosen_mask, width, 0), _pad(batch.rejected_mask, width, 0)]
     if features is None:  # text-only pairs: the decoder alone
-        logits = model.text_logits(ids, mask)
-    else:
-        logits = model.caption_logits(torch.cat([features, features]), ids, mask)  # (2B, T, V)
+        logits = model.text_logits(torch.cat(ids), torch.cat(mask))
+        return logits, model.caption_targets(torch.cat(ids), torch.cat(mask))
+    images = [features, features]
+    if other is not None:
+        ids, mask, images = ids + ids[:1], mask + mask[:1], images + [other]
+    ids, mask = torch.cat(ids), torch.cat(mask)
+    logits = model.caption_logits(torch.cat(images), ids, mask)  # (2B or 3B, T, V)
     return logits, model.caption_targets(ids, mask)
 
 
@@ -119,12 +127,26 @@ def _features(model: Captioner, batch: PreferenceBatch) -> torch.Tensor | None:
     return None
 
 
+def _other_features(model: Captioner, batch: PreferenceBatch) -> torch.Tensor | None:
+    if batch.other_features is not None:
+        return batch.other_features.to(model.pixel_mean.dtype)
+    if batch.other_pixels is not None:
+        return model.image_features(batch.other_pixels)
+    return None
+
+
 @dataclass
 class AlignObjective:
     """Phase 2: ``α(t)·L_con + (1−α(t))·L_pref`` (+ ``lm_weight·L_lm`` on the chosen caption), DESIGN §4.
 
     The reward of a caption is β·(log π − log π_ref); the reference log-probs come with the
-    batch, cached once per pair. ``loss_unweighted`` (L_con + L_pref, without α) is what
+    batch, cached once per pair. Two optional terms of mDPO (Wang et al. 2024, "mDPO:
+    Conditional Preference Optimization for Multimodal Large Language Models") share the
+    preference's (1 − α): with ``image_weight``, the chosen caption given its own image is
+    preferred over the same caption given another image (``image_preference_loss``), so the
+    reward cannot be won on the caption's words alone; with ``anchor_weight``, ``−log σ(r_c)``
+    keeps the chosen caption's reward above zero (``anchor_loss``), where plain DPO lets both
+    rewards fall. ``loss_unweighted`` (L_con + L_pref, without α) is what
     validation ranks checkpoints by: the weighted total moves with α(t), so its values at
     different epochs are not comparable.
     """
@@ -136,21 +158,37 @@ class AlignObjective:
     length_normalize: bool = False
     lm_weight: float = 0.0
     local_loss: bool = False  # under DDP: see ``contrastive``
+    image_weight: float = 0.0
+    anchor_weight: float = 0.0
     monitor: str = "loss_unweighted"
 
     def __call__(self, model: Captioner, batch: PreferenceBatch, progress: float) -> dict[str, torch.Tensor]:
         alpha = alpha_schedule(progress, 1.0, self.alpha_init, self.alpha_final)
         features = _features(model, batch)
-        logits, targets = _pair_logits(model, batch, features)
+        other = _other_features(model, batch) if self.image_weight and features is not None else None
+        logits, targets = _pair_logits(model, batch, features, other)
         logps = sequence_logps(logits, targets, self.length_normalize)
         n = len(batch)
-        policy_chosen, policy_rejected = logps[:n], logps[n:]
+        policy_chosen, policy_rejected = logps[:n], logps[n : 2 * n]
         ref_chosen = ref_rejected = None
         if batch.reference is not None:
             ref_chosen, ref_rejected = batch.reference[:, 0], batch.reference[:, 1]
         preference = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.margin)
         out: dict[str, torch.Tensor] = {"preference_loss": (1 - alpha) * preference}
         unweighted = preference.detach()
+        chosen_reward = self.beta * (policy_chosen - (0 if ref_chosen is None else ref_chosen))
+        if other is not None:
+            if batch.reference is not None and batch.reference.shape[1] < 3:
+                raise ValueError("image_weight needs the reference log-prob of each chosen caption given "
+                                 "its other image: build the pairs with other images")
+            ref_other = None if batch.reference is None else batch.reference[:, 2]
+            image_term = preference_loss(policy_chosen, logps[2 * n :], ref_chosen, ref_other, self.beta, 0.0)
+            out["image_preference_loss"] = (1 - alpha) * self.image_weight * image_term
+            unweighted = unweighted + self.image_weight * image_term.detach()
+        if self.anchor_weight:
+            anchor = -F.logsigmoid(chosen_reward).mean()
+            out["anchor_loss"] = (1 - alpha) * self.anchor_weight * anchor
+            unweighted = unweighted + self.anchor_weight * anchor.detach()
         if features is not None:  # text-only pairs have no image to contrast with
             image = model.embed_image(features)
             text = model.embed_text(batch.chosen_ids, batch.chosen_mask)
@@ -162,6 +200,8 @@ class AlignObjective:
         with torch.no_grad():
             reward_chosen = self.beta * (policy_chosen - (0 if ref_chosen is None else ref_chosen))
             reward_rejected = self.beta * (policy_rejected - (0 if ref_rejected is None else ref_rejected))
+            if other is not None:
+                out["logp_chosen_other_image"] = logps[2 * n :].mean()
             out.update(
                 loss_unweighted=unweighted,
                 reward_accuracy=_ranked(reward_chosen, reward_rejected),

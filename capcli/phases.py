@@ -5,6 +5,8 @@ Nothing here loops over data; a phase only decides *what* is trained (DESIGN §2
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -14,9 +16,10 @@ from pathlib import Path
 import datasets
 import torch
 
-from capcli import distributed
-from capcli.caches import frozen_features, pair_logps
-from capcli.checkpoint import resolve_checkpoint
+from capcli import distributed, runlock
+from capcli.caches import caption_features, frozen_features, image_identity, pair_logps
+from capcli.card import describer
+from capcli.checkpoint import has_checkpoint, resolve_checkpoint, resume_checkpoint
 from capcli.data.batches import (
     CaptionCollator,
     CaptionDataset,
@@ -24,24 +27,31 @@ from capcli.data.batches import (
     PreferenceDataset,
     StreamingCaptions,
     caption_dataset,
+    other_images,
 )
 from capcli.data.concepts import caption_words
 from capcli.data.preferences import load_preferences
 from capcli.data.sources import concept_words, load_splits
 from capcli.engine import FitResult, Objective, TrainData, fit
-from capcli.errors import ConfigError
+from capcli.errors import ConfigError, DataError, TrainingInterrupted
+from capcli.generation import DecodeSettings
 from capcli.heldout import heldout_metrics
 from capcli.model import Captioner, build_model
 from capcli.objectives import AlignObjective, PretrainObjective, score_pairs
+from capcli.policy_pairs import DrawSettings, draw_pairs
 from capcli.precision import autocast_context, resolve_device, resolve_precision
+from capcli.rewards import JUDGES, load_judge
+from capcli.runlog import RunLog
 from capcli.settings import EngineSettings, Settings, to_yaml
 
 
 def prepare_run_dir(engine: EngineSettings, overwrite: bool = False) -> Path:
     """Refuse to train over an existing run unless told to resume or overwrite: nothing is lost silently."""
     run_dir = Path(engine.output)
+    if distributed.launched().main:
+        runlock.acquire(run_dir)  # one run per run directory: a second one refuses here, naming the first
     if engine.resume:
-        resolve_checkpoint(run_dir, "last")  # fail now, before any data is loaded, if there is nothing to resume
+        resume_checkpoint(run_dir)  # fail now, before any data is loaded, if there is nothing to resume
     elif (run_dir / "checkpoints").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, "
                           f"--overwrite to start it again, or --output DIR for a new one")
@@ -86,7 +96,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     torch.manual_seed(settings.runtime.seed)
     if phase.engine.resume:
         # Architecture and tokenizer only: the engine's resume loads the weights with the rest of the state.
-        model = Captioner.from_pretrained(resolve_checkpoint(run_dir, "last"), weights=False)
+        model = Captioner.from_pretrained(resume_checkpoint(run_dir), weights=False)
     else:
         train = splits["train"]
         if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head's captions
@@ -134,8 +144,9 @@ def pretrain(settings: Settings, overwrite: bool = False,
     run = prepare_pretrain(settings, overwrite)
     phase = settings.pretrain
     result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
-                 title="pretrain", on_step=on_step)
+                 title="pretrain", on_step=on_step, describe=describer(settings, "pretrain", phase.engine.output))
     _draw_curves(result.run_dir)
+    runlock.release(result.run_dir)
     return result
 
 
@@ -154,36 +165,57 @@ def _draw_curves(run_dir: Path) -> None:
 DEFAULT_START = Path("runs/pretrain")
 
 
-def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
+@dataclass(frozen=True)
+class AlignRound:
+    """One round of align: where it trains, from which weights, against which reference."""
+
+    number: int  # 1-based
+    rounds: int
+    engine: EngineSettings  # its ``output`` is this round's run directory
+    policy: Path  # the checkpoint that trains, and draws the round's on-policy pairs
+    reference: Path  # the checkpoint whose log-probs are the DPO reference
+
+
+def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRound | None = None) -> AlignPhase:
     """Phase 2's model (the starting checkpoint), objective, pairs and caches; writes ``config.yaml``.
 
     The starting checkpoint is also the reference model: its log-probs of every pair are
     computed here, once, and so are the frozen tower's features. On ``--resume`` the
     caches are rebuilt from the same starting checkpoint, then the engine loads the
-    run's last weights over it.
+    run's last weights over it. ``round_`` (from ``align``) names another policy and
+    reference for a later round of on-policy pairs.
     """
     phase = settings.align
-    run_dir = prepare_run_dir(phase.engine, overwrite)
     if settings.data.streaming:
         raise ConfigError("align reads its preference pairs whole: data.streaming applies to pretrain only")
     start = resolve_checkpoint(phase.checkpoint or DEFAULT_START, "best")
+    round_ = round_ or AlignRound(1, 1, phase.engine, start, start)
+    run_dir = prepare_run_dir(round_.engine, overwrite)
     world, device = distributed.setup(resolve_device(settings.runtime.device))
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
-    model = Captioner.from_pretrained(start, device)
-    with distributed.main_first():
-        caption_splits = load_splits(settings.data)
-        pairs, report = load_preferences(phase.preferences, settings.data, caption_splits, phase.pairs_per_image)
-    if world.main:
-        print(report.summary(), file=sys.stderr)
-    _write_config(run_dir, settings)
+    model = Captioner.from_pretrained(round_.policy, device)
     if phase.freeze_vision:
         model.freeze_vision()
+    batch = phase.engine.batch_size
+    policy = policy_spec(phase.preferences)
+    with distributed.main_first():
+        caption_splits = load_splits(settings.data)
+        if policy is None:
+            pairs, report = load_preferences(phase.preferences, settings.data, caption_splits, phase.pairs_per_image)
+            summary = report.summary()
+        else:
+            pairs, summary = _policy_pairs(settings, policy, caption_splits, model, run_dir, round_, device,
+                                           autocast)
+    if world.main:
+        print(summary, file=sys.stderr)
+    _write_config(run_dir, settings)
 
     objective = AlignObjective(phase.beta, phase.margin, phase.alpha_init, phase.alpha_final,
-                               phase.length_normalize, phase.lm_weight, settings.runtime.local_loss)
+                               phase.length_normalize, phase.lm_weight, settings.runtime.local_loss,
+                               phase.image_weight, phase.anchor_weight)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
     score = partial(score_pairs, length_normalize=phase.length_normalize)
-    batch = phase.engine.batch_size
+    reference = model if round_.reference == round_.policy else Captioner.from_pretrained(round_.reference, device)
 
     def dataset(name: str) -> PreferenceDataset | None:
         if name not in pairs or len(pairs[name]) == 0:
@@ -192,9 +224,11 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
         has_images = "image" in split.column_names and any(v is not None for v in split["image"])
         if phase.freeze_vision and has_images:
             split, features, index = frozen_features(model, split, settings.data.max_pixels, device, autocast, batch)
-        data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index)
+        other = other_images([image_identity(v) for v in split["image"]], settings.data.seed) \
+            if phase.image_weight and has_images else None
+        data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index, other=other)
         if phase.reference == "checkpoint":
-            data.reference = pair_logps(model, data, collate, score, device, autocast, batch)
+            data.reference = pair_logps(reference, data, collate, score, device, autocast, batch)
         return data
 
     val_captions = caption_splits.get("val")
@@ -203,7 +237,66 @@ def prepare_align(settings: Settings, overwrite: bool = False) -> AlignPhase:
     captions = None if val_captions is None else caption_dataset(val_captions, model.image_size, settings.data)
     measure = partial(heldout_metrics, objective=objective, pairs=data.val, captions=captions, device=device,
                       autocast=autocast, batch_size=batch, max_tokens=settings.data.max_caption_tokens)
-    return AlignPhase(model, objective, data, start=start, measure=measure, pairs=report.summary())
+    return AlignPhase(model, objective, data, start=start, measure=measure, pairs=summary)
+
+
+PAIRS_DIR = "pairs"  # a round's drawn pairs, kept so that --resume trains on the same ones
+ROUNDS_DIR = "rounds"  # rounds before the last: runs/align/rounds/1, ...; the last round is the run itself
+ROUND_FILE = "round.json"  # what a finished round drew and how long it took; marks it done
+DRAW_FILE = "draw.json"  # what a round's draw found, written with its pairs
+
+
+def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, model: Captioner, run_dir: Path,
+                  round_: AlignRound, device: torch.device, autocast) -> tuple[dict[str, datasets.Dataset], str]:
+    """On-policy training pairs (drawn now, or read back on --resume), and generated held-out ones."""
+    phase, data = settings.align, settings.data
+    if "train" not in caption_splits:
+        raise ConfigError("policy preferences draw from the caption source's train split, and it has none")
+    generated, report = load_preferences("generated", data, caption_splits, max(1, phase.policy.corruption_pairs))
+    saved = run_dir / PAIRS_DIR
+    # A resumed round trains on the pairs it drew; under torchrun the other ranks read rank 0's draw.
+    if (round_.engine.resume or not distributed.current().main) and (saved / "dataset_info.json").exists():
+        drawn = datasets.load_from_disk(str(saved))
+        summary = f"on-policy pairs of round {round_.number}: {len(drawn)}, read back from {saved}"
+    else:
+        train = caption_splits["train"]
+        judge = load_judge(policy[0] or ("grounding" if "scene" in train.column_names else "cider"), policy[1],
+                           train, device, data.max_pixels)
+        draw = phase.policy
+        decode = DecodeSettings(max_length=data.max_caption_tokens)  # guided, as evaluate decodes
+        drawn, drawn_report = draw_pairs(
+            model, train, partial(caption_features, model, train, data.max_pixels, device, autocast), judge,
+            decode, DrawSettings(draw.beams, draw.samples, draw.temperature, draw.min_gap, draw.per_image,
+                                 draw.use_references, draw.images, data.seed + round_.number),
+            batch_size=phase.engine.batch_size)
+        if distributed.current().main:
+            drawn.save_to_disk(str(saved))
+            record = {"round": round_.number, **drawn_report.record()}
+            (run_dir / DRAW_FILE).write_text(json.dumps(record), encoding="utf-8")
+        summary = f"round {round_.number} of {round_.rounds}: {drawn_report.summary()}"
+    train = drawn
+    if phase.policy.corruption_pairs:
+        train = datasets.concatenate_datasets([drawn, generated["train"]])
+    if len(train) == 0:
+        raise DataError("policy preferences: no pair was drawn (every image's captions scored alike); "
+                        "lower align.policy.min_gap or draw more candidates (align.policy.beams, samples)")
+    summary += f"; held out: {report.summary()}"
+    return {**generated, "train": train}, summary
+
+
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def policy_spec(spec: str | None) -> tuple[str, str] | None:
+    """``policy[:JUDGE[:ARG]]`` → (judge, arg), "" where not given; None for any other source."""
+    kind, _, rest = (spec or "").partition(":")
+    if kind != "policy":
+        return None
+    judge, _, arg = rest.partition(":")
+    if judge and judge not in JUDGES:
+        raise ConfigError(f"unknown judge in '{spec}' (allowed: policy, policy:{', policy:'.join(JUDGES)})")
+    return judge, arg
 
 
 @dataclass
@@ -221,15 +314,68 @@ class AlignResult:
 
 def align(settings: Settings, overwrite: bool = False,
           on_step: Callable[[int, dict[str, float]], None] | None = None) -> AlignResult:
-    """Phase 2: preference alignment from the pretrain checkpoint, with the before/after numbers."""
-    run = prepare_align(settings, overwrite)
+    """Phase 2: preference alignment from the pretrain checkpoint, with the before/after numbers.
+
+    With on-policy pairs (``--preferences policy``) and ``align.policy.rounds`` R > 1, align
+    runs R rounds, each drawing its pairs from the policy the last one left and training on
+    them (iterative DPO); rounds before the last train into ``RUN/rounds/N``, the last one into
+    the run directory itself, so its checkpoints are the run's. ``--resume`` skips the rounds
+    that finished and resumes the one that was stopped, on the pairs it had drawn.
+    """
     phase = settings.align
-    before = run.measure(run.model)
-    result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
-                 title="align", on_step=on_step)
-    _draw_curves(result.run_dir)
-    best = result.best_checkpoint or resolve_checkpoint(result.run_dir, "last")
-    model = Captioner.from_pretrained(best, next(run.model.parameters()).device)
+    run_dir = Path(phase.engine.output)
+    start = resolve_checkpoint(phase.checkpoint or DEFAULT_START, "best")
+    rounds = phase.policy.rounds if policy_spec(phase.preferences) else 1
+    if rounds > 1 and distributed.launched().main:
+        runlock.acquire(run_dir)
+        if phase.engine.resume and not any((run_dir / d).exists() for d in (ROUNDS_DIR, "checkpoints")):
+            resume_checkpoint(run_dir)  # nothing to resume: the usual error
+        if not phase.engine.resume and (run_dir / ROUNDS_DIR).exists():
+            if not overwrite:
+                prepare_run_dir(phase.engine, overwrite)  # refuses, as for a run's checkpoints
+            shutil.rmtree(run_dir / ROUNDS_DIR)
+    policy, reference, records = start, start, []
+    before: dict[str, float] | None = None
+    for number in range(1, rounds + 1):
+        output = run_dir if number == rounds else run_dir / ROUNDS_DIR / str(number)
+        done = output / ROUND_FILE
+        if phase.engine.resume and number < rounds and done.exists():
+            records.append(json.loads(done.read_text(encoding="utf-8")))
+            policy = resolve_checkpoint(output, "best")
+            reference = policy if phase.policy.reference == "previous" else start
+            continue
+        resume = phase.engine.resume and has_checkpoint(output)  # also one a kill left as .old-last
+        engine = phase.engine.model_copy(update={"output": output, "resume": resume})
+        run = prepare_align(settings, overwrite, AlignRound(number, rounds, engine, policy, reference))
+        if before is None:
+            before = run.measure(run.model if policy == start else Captioner.from_pretrained(start, device_of(run.model)))
+        try:
+            result = fit(run.model, run.objective, run.data, engine, phase.optimizer, settings.runtime,
+                         title="align" if rounds == 1 else f"align round {number}/{rounds}", on_step=on_step,
+                         describe=describer(settings, "align", output, run.start))
+        except TrainingInterrupted as err:
+            if rounds == 1:
+                raise
+            raise TrainingInterrupted(f"round {number} of {rounds} interrupted ({err}); "
+                                      f"continue with --resume --output {run_dir}") from None
+        _draw_curves(result.run_dir)
+        if output != run_dir:
+            runlock.release(output)
+        draw = output / DRAW_FILE
+        record = {**(json.loads(draw.read_text(encoding="utf-8")) if draw.exists() else {"round": number}),
+                  "steps": result.steps, "train_seconds": round(result.seconds, 2),
+                  "best_val_loss": result.best_val_loss}
+        if distributed.current().main:
+            done.write_text(json.dumps(record), encoding="utf-8")
+        records.append(record)
+        policy = result.best_checkpoint or resolve_checkpoint(output, "last")
+        reference = policy if phase.policy.reference == "previous" else start
+    if rounds > 1 and distributed.current().main:
+        log = RunLog(run_dir, resume_step=result.steps)  # keeps the last round's lines, appends the rounds'
+        for record in records:
+            log.write({"split": "round", **record})
+    runlock.release(run_dir)
+    model = Captioner.from_pretrained(policy, device_of(run.model))
     after = run.measure(model)
     out = AlignResult(result, run.start, before, after, run.pairs)
     if "retrieval_r1" in before and "retrieval_r1" in after:

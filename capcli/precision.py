@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
@@ -35,7 +37,29 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
+    if name == "bf16" and device.type == "cpu" and not _warned and not cpu_has_fast_bf16():
+        _warn_slow_bf16()
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+_warned = False
+
+
+def _warn_slow_bf16() -> None:
+    global _warned
+    _warned = True
+    print("warning: --precision bf16 on a CPU without AVX512-BF16 or AMX: bf16 matmuls are emulated there, "
+          "often many times slower than fp32; --precision fp32 (the CPU's auto) is faster", file=sys.stderr)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (x86: AVX512-BF16 or AMX). Other CPUs
+    (ARM's BF16 extension) and PyTorch builds that cannot tell count as yes: no false alarm."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    probes = [probe for probe in probes if callable(probe)]
+    return not probes or any(probe() for probe in probes)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from capcli import faults
 from capcli.engine import FitResult
 
 stdout = Console(highlight=False)
@@ -112,8 +113,13 @@ def write_json(document: dict[str, Any], path: Path) -> Path:
     """Write a results document atomically (a reader never sees half a file), creating its folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    try:
+        faults.point("results.write", path)
+        tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError as err:  # a full disk or a read-only folder: no half file left, the error names the file
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
     return path
 
 

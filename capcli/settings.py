@@ -61,6 +61,8 @@ class ModelSettings(Strict):
 
     concept_source: Literal["pooled", "patches"] = "pooled"
     """What the concept head reads: the `pooled` vector, or each of the tower's `patches`, an image showing a word where its most confident patch does (multiple-instance learning, Fang et al. 2015), so that every patch tells its own object's shape, colour and size."""
+    concept_tags: bool = False
+    """Add to each patch's prefix vector the decoder's embeddings of the concept words the head sees on that patch (weighted by its confidence), so the decoder can copy a word from where it is seen (object tags, as OSCAR). Takes effect with prefix_mapper `tokens`, concept_source `patches` and a concept head (`pretrain.concept_weight` > 0); the checkpoint's model.json records whether it did."""
 
     @model_validator(mode="after")
     def _token_grid_sets_its_length(self) -> ModelSettings:
@@ -153,6 +155,8 @@ class EngineSettings(Strict):
     """Continue from the run directory's last checkpoint."""
     save_checkpoints: bool = True
     """Write `checkpoints/best` and `last`. Off only for runs that keep nothing (`capcli benchmark`)."""
+    max_bad_steps: int = Field(0, ge=0)
+    """Skip up to this many optimizer steps whose loss or gradients are not finite (the update is dropped, the step still counts) before stopping; 0 stops the run at the first."""
 
 
 class RuntimeSettings(Strict):
@@ -193,6 +197,31 @@ class PretrainSettings(Strict):
         return self
 
 
+class PolicySettings(Strict):
+    """On-policy pairs (`--preferences policy[:JUDGE]`): captions the model writes, judged, the better against the worse."""
+
+    beams: int = Field(4, ge=0)
+    """Beam-search candidates per image: the best `beams` captions of a search that wide."""
+    samples: int = Field(4, ge=0)
+    """Captions per image drawn by sampling at `temperature`."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the drawn captions."""
+    min_gap: float = Field(0.5, ge=0)
+    """Least judge-score difference between a pair's chosen and rejected caption (equal scores are never paired)."""
+    per_image: int = Field(2, ge=1)
+    """Most pairs per image: the best caption against the worst ones that are `min_gap` below it."""
+    images: int | None = Field(2000, ge=1)
+    """Training images drawn for in each round (a seeded choice); null: every training image."""
+    use_references: bool = True
+    """Let a reference caption be chosen where it scores above every caption the model wrote."""
+    corruption_pairs: int = Field(0, ge=0)
+    """Also this many generated corruption pairs per training image (today's pairs), mixed in; 0 for none."""
+    rounds: int = Field(1, ge=1)
+    """Rounds of draw-then-train (iterative DPO): each round draws its pairs from the policy the last one left, and trains `align.engine`'s budget on them."""
+    reference: Literal["start", "previous"] = "start"
+    """The reference model of each round: the starting checkpoint throughout, or the policy at the start of that round."""
+
+
 class AlignSettings(Strict):
     engine: EngineSettings = EngineSettings(epochs=5, batch_size=32, output=Path("runs/align"))
     optimizer: OptimizerSettings = OptimizerSettings(lr=3e-5)
@@ -218,6 +247,12 @@ class AlignSettings(Strict):
     """Use per-token mean log-probabilities as rewards."""
     lm_weight: float = Field(0.0, ge=0)
     """Optional LM loss on the chosen caption, to keep its likelihood from falling."""
+    image_weight: float = Field(0.0, ge=0)
+    """Weight of mDPO's image-conditional term: the chosen caption with its own image preferred over the same caption with another image, so that the reward cannot be won on the caption alone."""
+    anchor_weight: float = Field(0.0, ge=0)
+    """Weight of mDPO's anchor: −log σ(chosen reward), which keeps the chosen caption's reward above zero."""
+    policy: PolicySettings = PolicySettings()
+    """On-policy pairs and rounds; used with `--preferences policy[:JUDGE]`."""
     max_retrieval_drop: float = Field(0.05, ge=0, le=1)
     """Warn of an alignment tax when val image→text R@1 falls by more than this (absolute) during align."""
 
@@ -281,8 +316,12 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a YAML text file (byte {err.start} is not UTF-8)") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({(str(err).splitlines() or ['?'])[0]})") from None
+    except (OSError, RecursionError) as err:
+        raise ConfigError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -338,6 +377,7 @@ def load_settings(
     config: Path | None = None,
     cli: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
+    recorded: dict[str, Any] | None = None,
 ) -> Settings:
     """Resolve the settings from every layer; raises ConfigError with a one-line message.
 
@@ -348,6 +388,8 @@ def load_settings(
         config: an optional YAML file with the same shape as ``configs/default.yaml``.
         cli: dotted keys to values, e.g. ``{"pretrain.engine.epochs": 3}``; None means "not given".
         environ: the environment to read (default ``os.environ``).
+        recorded: groups recorded with a run (its ``config.yaml``'s ``data``, say), standing in for
+            the defaults and the preset's profile: environment, file and CLI still override them.
     """
     upper = deep_merge(env_overrides(environ), read_yaml(shipped_or_file(config)) if config else {})
     upper = deep_merge(upper, unflatten(cli or {}))
@@ -355,7 +397,8 @@ def load_settings(
     preset = model.get("preset", ModelSettings().preset) if isinstance(model, dict) else ModelSettings().preset
     profile = read_yaml(config_path(f"presets/{preset}.yaml")) if preset in PRESETS else {}
     try:
-        return Settings.model_validate(deep_merge(deep_merge(Settings().model_dump(), profile), upper))
+        base = deep_merge(deep_merge(Settings().model_dump(), profile), recorded or {})
+        return Settings.model_validate(deep_merge(base, upper))
     except ValidationError as err:
         raise ConfigError(describe_error(err)) from None
 

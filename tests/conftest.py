@@ -58,6 +58,17 @@ class SameCaptionEveryEpoch(torch.utils.data.Dataset):
         return self.inner[(key[0], 0)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    tiny model's ops are too small to share, and a second thread that waits on a busy CPU made such
+    runs 40× slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def data_cache() -> Path:
     """The session's cache root for materialised synthetic data."""

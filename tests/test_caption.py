@@ -51,14 +51,7 @@ FAST = ["--max-length", "6", "--quiet"]  # short captions keep beam search quick
 JSON_KEYS = {"path", "caption", "score", "logprob", "tokens"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: the tiny model's ops are too small to share, and a
-    second thread that waits on a busy CPU made these runs 40× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny ops, one thread
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +374,7 @@ def test_unloadable_checkpoint_exits_1_with_one_line(tmp_path):
     (good,) = write_images(tmp_path, ["a.png"])
     result = invoke(str(good), "--checkpoint", str(tmp_path / "broken"), *FAST)
     assert result.exit_code == 1
-    assert result.stderr.startswith(f"error: cannot load the checkpoint in {tmp_path / 'broken'}")
+    assert result.stderr.startswith(f"error: damaged checkpoint {tmp_path / 'broken'}: model.json lacks preset")
     assert len(result.stderr.splitlines()) == 1
 
 

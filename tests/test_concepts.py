@@ -220,3 +220,28 @@ def test_concept_weight_on_a_source_without_words_warns_and_trains_without(setti
     assert phase.model.concept_head is None
     fit_phase(settings, phase)
     assert "concept_loss" not in train_log(settings.pretrain.engine.output)[0]
+
+
+def test_concept_tags_add_each_patchs_seen_words_to_its_prefix_vector(tmp_path: Path, captions: list[str]) -> None:
+    """prefix_n = mapper_n + Σ_c σ(head_nc)·E[word_c] on the patch positions; the pooled position is unchanged;
+    the confidences are detached, so the caption loss does not train the head; the setting round-trips."""
+    torch.manual_seed(0)
+    settings = ModelSettings(prefix_mapper="tokens", concept_source="patches", concept_tags=True)
+    words = ("circle", "red circle", "square")
+    model = build_model(settings, captions, words)
+    features = model.image_features(_pixels(2, model.image_size))
+    plain = model.prefix_mapper(features)
+    wte = model.decoder.transformer.wte.weight
+    embeddings = torch.stack([wte[model.tokenizer.encode(" " + w, add_special_tokens=False)].mean(0) for w in words])
+    tags = torch.sigmoid(model.concept_head(features[:, 1:])) @ embeddings  # (B, N, D)
+    prefix = model.prefix(features)
+    torch.testing.assert_close(prefix[:, 0], plain[:, 0])
+    torch.testing.assert_close(prefix[:, 1:], plain[:, 1:] + tags)
+    ids = torch.tensor([[5, 6, 7]] * 2)
+    model.caption_logits(features, ids, torch.ones_like(ids)).sum().backward()
+    assert model.concept_head.weight.grad is None and wte.grad is not None
+    model.save_pretrained(tmp_path / "tags")
+    assert Captioner.from_pretrained(tmp_path / "tags").config.concept_tags is True
+    # Where there is no patch head or token prefix to carry them, the model has no tags, and says so.
+    assert build_model(ModelSettings(prefix_mapper="mlp", concept_tags=True), captions, words).config.concept_tags is False
+    assert build_model(settings, captions, ()).config.concept_tags is False

@@ -19,7 +19,7 @@ from torch.testing import assert_close
 from capcli import engine
 from capcli.checkpoint import load_state, resolve_checkpoint, save_checkpoint
 from capcli.engine import fit
-from capcli.errors import CapcliError, TrainingInterrupted
+from capcli.errors import CapcliError, CheckpointError, TrainingInterrupted
 from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
 from capcli.optim import cosine_with_warmup
@@ -139,7 +139,7 @@ def test_interrupted_checkpoint_write_leaves_the_previous_one(settings_factory, 
         raise OSError("disk full")
 
     monkeypatch.setattr("capcli.checkpoint.torch.save", dies)  # dies after the weights, before state.pt
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(last, phase.model, {"step": 99})
     monkeypatch.undo()
     assert load_state(resolve_checkpoint(last))["step"] == 2
@@ -168,7 +168,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(setting
         return out
 
     phase.objective = poisoned
-    with pytest.raises(CapcliError, match="non-finite gradient at step 11"):
+    with pytest.raises(CapcliError, match="non-finite caption_loss at step 11"):
         fit_phase(settings, phase)
     last = settings.pretrain.engine.output / "checkpoints" / "last"
     assert load_state(last)["step"] == 8

@@ -144,7 +144,7 @@ def test_tiny_profile_applies_with_nothing_set():
     assert (s.data.train_size, s.data.val_size, s.data.test_size) == (10000, 300, 300)
     assert (s.pretrain.engine.epochs, s.pretrain.engine.max_steps, s.pretrain.engine.batch_size) == (16, 1500, 32)
     assert s.pretrain.optimizer.lr == 1e-3
-    assert (s.align.engine.epochs, s.align.engine.max_steps) == (3, 700)
+    assert (s.align.engine.epochs, s.align.engine.max_steps) == (3, 350)
     assert (s.model.prefix_mapper, s.model.concept_source) == ("tokens", "patches")
     assert s.align.optimizer.lr == 3e-4
     assert (s.align.pairs_per_image, s.align.lm_weight) == (5, 0.5)

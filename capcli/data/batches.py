@@ -217,7 +217,9 @@ class PreferenceExample:
     rejected: str
     pixels: torch.Tensor | None = None  # (3, H, W) uint8, when the tower runs live
     features: torch.Tensor | None = None  # (S, Dv) cached features of the frozen tower
-    reference: torch.Tensor | None = None  # (2,) cached reference log-probs of (chosen, rejected)
+    reference: torch.Tensor | None = None  # (2,) or (3,) cached reference log-probs (see PreferenceBatch)
+    other_pixels: torch.Tensor | None = None  # another image, for the image-conditional term
+    other_features: torch.Tensor | None = None
 
 
 @dataclass
@@ -234,8 +236,12 @@ class PreferenceBatch:
     rejected_mask: torch.Tensor  # (B, T')
     pixels: torch.Tensor | None = None  # (B, 3, H, W) uint8
     features: torch.Tensor | None = None  # (B, S, Dv)
-    reference: torch.Tensor | None = None  # (B, 2) reference log-probs of chosen, rejected
+    reference: torch.Tensor | None = None  # (B, 2) reference log-probs of chosen, rejected [, chosen | other image]
     skipped: int = 0
+    # Another image of the split for each pair (mDPO's image-conditional term: the chosen caption
+    # is scored under it too); pixels or cached features, as for the pair's own image.
+    other_pixels: torch.Tensor | None = None
+    other_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.chosen_ids)
@@ -246,7 +252,8 @@ class PreferenceBatch:
 
         return PreferenceBatch(move(self.chosen_ids), move(self.chosen_mask), move(self.rejected_ids),
                                move(self.rejected_mask), move(self.pixels), move(self.features),
-                               move(self.reference), self.skipped)
+                               move(self.reference), self.skipped, move(self.other_pixels),
+                               move(self.other_features))
 
 
 class PreferenceDataset(Dataset):
@@ -255,13 +262,17 @@ class PreferenceDataset(Dataset):
     ``features[feature_index[i]]`` replaces pair ``i``'s image when the vision tower is
     frozen, and ``reference[i]`` holds its reference log-probs: both are computed once
     before training (``capcli.caches``), so a step decodes no image and runs no tower.
+    With ``other`` (``other_images``), pair ``i`` also brings the image of pair ``other[i]``,
+    another image, for the image-conditional term.
     """
 
     def __init__(self, pairs, image_size: int, max_pixels: int, features: torch.Tensor | None = None,
-                 feature_index: list[int] | None = None, reference: torch.Tensor | None = None):
+                 feature_index: list[int] | None = None, reference: torch.Tensor | None = None,
+                 other: list[int] | None = None):
         self.pairs, self.image_size, self.max_pixels = pairs, image_size, max_pixels
         self.features, self.feature_index, self.reference = features, feature_index, reference
         self.text_only = "image" not in pairs.column_names or all(v is None for v in pairs["image"])
+        self.other = None if self.text_only else other
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -276,13 +287,35 @@ class PreferenceDataset(Dataset):
             return example
         if self.features is not None:
             example.features = self.features[self.feature_index[index]]
+            if self.other is not None:
+                example.other_features = self.features[self.feature_index[self.other[index]]]
             return example
         try:
             example.pixels = resize_center_crop(load_image_field(row["image"], self.max_pixels), self.image_size)
+            if self.other is not None:
+                other = self.pairs[self.other[index]]["image"]
+                example.other_pixels = resize_center_crop(load_image_field(other, self.max_pixels), self.image_size)
         except ImageLoadError as err:
             print(f"warning: skipping unreadable image: {err}", file=sys.stderr)
             return None
         return example
+
+
+def other_images(keys: list[str], seed: int) -> list[int] | None:
+    """For each pair, a pair of *another* image (``keys`` say which pairs share an image).
+
+    The distinct images go round one seeded random cycle, each pointing at the next, so every
+    image is some pair's "other" once; None when there are fewer than two images.
+    """
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    images = list(first)
+    if len(images) < 2:
+        return None
+    random.Random(seed).shuffle(images)
+    following = {key: first[images[(k + 1) % len(images)]] for k, key in enumerate(images)}
+    return [following[key] for key in keys]
 
 
 @dataclass
@@ -303,4 +336,5 @@ class PreferenceCollator:
             return torch.stack(values) if values and values[0] is not None else None
 
         return PreferenceBatch(*chosen, *rejected, pixels=stack("pixels"), features=stack("features"),
-                               reference=stack("reference"), skipped=len(examples) - len(kept))
+                               reference=stack("reference"), skipped=len(examples) - len(kept),
+                               other_pixels=stack("other_pixels"), other_features=stack("other_features"))

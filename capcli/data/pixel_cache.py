@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from capcli import faults
+
 BYTES_PER_GB = 1024**3
 
 
@@ -56,6 +58,7 @@ class PixelCache:
         """Write row ``index``, then mark it: a reader never sees a half-written row as filled."""
         self._open()
         self._pixels[index] = pixels.numpy()
+        faults.point("pixel_cache.put")
         self._filled[index] = 1
 
     def filled(self) -> int:
@@ -82,6 +85,7 @@ def _map(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     when it first writes into a hole of the mapping.
     """
     size = int(np.prod(shape))
+    faults.point("pixel_cache.create", path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -269,8 +269,12 @@ def _jsonl(arg: str, data: DataSettings, caption_splits: Splits, report: PairRep
         raise ConfigError(f"jsonl: '{arg}' is not a file or folder (use jsonl:PATH)")
     rows: dict[str, list[dict[str, Any]]] = {}
     for file, file_split in files:
-        with open(file, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
+        with open(file, "rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ConfigError(f"{file}:{number}: not UTF-8 text (byte {err.start} of the line)") from None
                 if not line.strip():
                     continue
                 try:

@@ -106,6 +106,8 @@ def _imagefolder(arg: str, settings: DataSettings) -> Splits:
         if not _has_metadata(root):
             raise ConfigError(f"imagefolder: {root} has no metadata.jsonl or metadata.csv naming the captions")
         named = {"train": root}
+    for path in named.values():
+        check_metadata(path)
     # One load per folder: a single call would demand the same inferred metadata schema in every split.
     splits = {
         name: _group_by_file(_standardise(datasets.load_dataset("imagefolder", data_files=str(path / "**"),
@@ -239,6 +241,71 @@ def _group_by_file(split: datasets.Dataset) -> datasets.Dataset:
     if len(first) == len(split):
         return split
     return split.select(sorted(first.values())).map(lambda row: {"captions": captions[row["image"]["path"]]})
+
+
+def check_metadata(folder: Path) -> None:
+    """Refuse an image folder's metadata before ``datasets`` reads it: every ``metadata.jsonl`` line
+    a JSON object, and every ``file_name`` (``metadata.csv`` too) a relative path inside the folder.
+
+    A row naming ``../../etc/passwd`` or an absolute path would make a training set of files
+    outside the folder a user handed over; a broken line would fail deep inside ``datasets``.
+
+    Raises:
+        ConfigError: naming the file, the line and what is wrong with it.
+    """
+    import csv
+    import json
+
+    jsonl, table = folder / "metadata.jsonl", folder / "metadata.csv"
+    rows: list[tuple[str, int, object]] = []
+    try:
+        if jsonl.is_file():
+            with jsonl.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except (json.JSONDecodeError, RecursionError) as err:
+                        raise ConfigError(f"{jsonl} line {number}: not valid JSON ({err})") from None
+                    if not isinstance(row, dict):
+                        raise ConfigError(f"{jsonl} line {number}: a row must be a JSON object, "
+                                          f"not {type(row).__name__}")
+                    rows.append((jsonl.name, number, row))
+        if table.is_file():
+            with table.open(encoding="utf-8", newline="") as f:
+                for number, row in enumerate(csv.DictReader(f), start=2):  # line 1 is the header
+                    rows.append((table.name, number, row))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{folder}: its metadata is not UTF-8 text (byte {err.start})") from None
+    except csv.Error as err:
+        raise ConfigError(f"{table}: not valid CSV ({err})") from None
+    root = folder.resolve()
+    for name, number, row in rows:
+        where = f"{folder / name} line {number}"
+        # datasets' convention: the image's path is under file_name, or a key ending in _file_name
+        named = [v for k, v in row.items() if isinstance(k, str) and (k == "file_name" or k.endswith("_file_name"))]
+        names = [n for v in named for n in (v if isinstance(v, list) else [v])]
+        if not names or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ConfigError(f"{where}: no file_name (each row names its image file, relative to the folder)")
+        for file_name in names:
+            _check_file_name(file_name, where, folder, root)
+
+
+def _check_file_name(file_name: str, where: str, folder: Path, root: Path) -> None:
+    """Refuse a metadata file name that is absolute or leads out of ``folder`` (``root``: it resolved)."""
+    if "\0" in file_name:
+        raise ConfigError(f"{where}: file_name holds a NUL character")
+    relative = Path(file_name)
+    if relative.is_absolute() or file_name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", file_name):
+        raise ConfigError(f"{where}: file_name {file_name!r} is an absolute path; name files relative to {folder}")
+    try:
+        inside = (root / relative).resolve().is_relative_to(root)
+    except (OSError, RuntimeError, ValueError):
+        inside = False
+    if not inside or ".." in relative.parts:
+        raise ConfigError(f"{where}: file_name {file_name!r} points outside {folder}; "
+                          f"the metadata may name only files inside its folder")
 
 
 def _has_metadata(folder: Path) -> bool:

@@ -300,6 +300,36 @@ def caption_errors(caption: str, scene: Scene | Mapping[str, Any], lenient: bool
     return _judge(read_caption(caption, lenient), _as_scene(scene))[1]
 
 
+FALSE_CLAIMS = ("object_accuracy", "attribute_accuracy", "count_accuracy", "relation_accuracy")
+"""The claim-level metrics whose misses are false statements: what ``grounding_reward`` charges."""
+UNPARSED_COST = 0.5
+"""What ``grounding_reward`` charges a caption outside the grammar (a stutter, a cut-off end)."""
+
+
+def grounding_reward(caption: str, scene: Scene | Mapping[str, Any], relation_credit: float = 0.0) -> float:
+    """A caption's truth about ``scene`` as one number, the judge of on-policy pairs:
+    recall + relation_credit·true relations − false claims − UNPARSED_COST if unparsed.
+
+    Objects covered earn (recall, 0..1), and each false claim costs 1: an absent object, a
+    wrong colour or size, a wrong count, a wrong relation, each charged once as in
+    ``grounding_metrics``. So a true caption that names every object scores 1, a true one
+    naming half of them 0.5, one that names all and invents one 0, and an empty caption −1.5
+    (one invented object, and outside the grammar): saying nothing never beats saying
+    something true. Captions outside the grammar are read word by word and lose
+    ``UNPARSED_COST`` besides, so that fluent captions win between equally true ones. The
+    background is not charged, as CHAIR does not charge it.
+
+    ``relation_credit`` pays each true relation, to make the model say where things are. It
+    is 0 by default: at 0.5, on the README job, align's captions came to state a relation in
+    63% of the test scenes that have one, but only 18% of them rightly (docs/training.md).
+    """
+    tally, _ = _judge(read_caption(caption, lenient=True), _as_scene(scene))
+    covered, objects = tally["recall"]
+    false = sum(bottom - top for name, (top, bottom) in tally.items() if name in FALSE_CLAIMS)
+    true_relations = tally["relation_accuracy"][0]
+    return covered / objects + relation_credit * true_relations - false - UNPARSED_COST * tally["unparsed"][0]
+
+
 @dataclass(frozen=True)
 class GroundingScores:
     """Corpus and per-image grounding metrics of one evaluated set (see the module docstring)."""

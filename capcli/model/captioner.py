@@ -47,6 +47,7 @@ class CaptionerConfig:
     decoder: dict[str, Any]
     concept_words: list[str] = field(default_factory=list)  # absent from checkpoints written before the head
     concept_source: str = "pooled"  # absent from checkpoints written before patch concepts
+    concept_tags: bool = False  # absent from checkpoints written before concept tags
 
 
 # Prefix mappers that read the patch tokens; the others read the pooled vector alone.
@@ -173,6 +174,16 @@ class Captioner(nn.Module):
         # per-image signal that teaches the vision tower to tell objects apart (losses.concept_loss).
         words = len(config.concept_words)
         self.concept_head = nn.Linear(vision_dim, words) if words else None
+        if config.concept_tags:
+            if not (words and config.prefix_mapper == "tokens" and config.concept_source == "patches"):
+                raise ValueError("concept_tags needs concept words, prefix_mapper 'tokens' and concept_source 'patches'")
+            ids = [tokenizer.encode(" " + word, add_special_tokens=False) for word in config.concept_words]
+            owner = torch.tensor([c for c, w in enumerate(ids) for _ in w])
+            # (C, T): row c averages the tokens of word c (a matmul, which ONNX exports, not a scatter).
+            mix = torch.zeros(len(ids), len(owner))
+            mix[owner, torch.arange(len(owner))] = 1.0 / torch.tensor([len(w) for w in ids])[owner].float()
+            self.register_buffer("_tag_ids", torch.tensor([t for w in ids for t in w]), persistent=False)
+            self.register_buffer("_tag_mix", mix, persistent=False)
         # Stored as log(1/τ), as CLIP does; a fixed τ is simply not trained.
         self.log_logit_scale = nn.Parameter(
             torch.tensor(math.log(1.0 / config.temperature)), requires_grad=config.learn_temperature
@@ -254,8 +265,26 @@ class Captioner(nn.Module):
         return F.normalize(self.text_head(summary), dim=-1)
 
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, S, Dv) → (B, K, D) embeddings in the decoder's input space."""
-        return self.prefix_mapper(features)
+        """(B, S, Dv) → (B, K, D) embeddings in the decoder's input space.
+
+        With ``concept_tags`` (the ``tokens`` mapper with the concept head on the patches),
+        each patch's prefix vector also gets the decoder's own embeddings of the concept words
+        that patch shows, weighted by the head's confidence: Σ_c σ(a_nc)·E[word_c]. The
+        decoder can then copy a word from where it is seen, as object tags let OSCAR and VinVL
+        name what their caption data never paired; the confidences are detached, so the head
+        stays a detector trained by the concept loss alone.
+        """
+        prefix = self.prefix_mapper(features)
+        if not self.config.concept_tags:
+            return prefix
+        shown = torch.sigmoid(self.concept_head(features[:, 1:])).detach()  # (B, N, C)
+        tags = shown.to(prefix.dtype) @ self.concept_embeddings().to(prefix.dtype)  # (B, N, D)
+        return torch.cat([prefix[:, :1], prefix[:, 1:] + tags], dim=1)
+
+    def concept_embeddings(self) -> torch.Tensor:
+        """(C, D): each concept word's embedding in the decoder's input space (the mean of its tokens')."""
+        wte = self.decoder.transformer.wte(self._tag_ids)  # (T, D)
+        return self._tag_mix.to(wte.dtype) @ wte
 
     def caption_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits for each caption token given the image: (B, T, V), aligned with ``caption_ids``.

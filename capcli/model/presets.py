@@ -65,6 +65,9 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_w
         decoder=decoder_spec,
         concept_words=list(concept_words),
         concept_source=settings.concept_source,
+        # Tags sit on the patch tokens and need the head that reads them: elsewhere there is nothing to add.
+        concept_tags=bool(settings.concept_tags and concept_words and settings.prefix_mapper == "tokens"
+                          and settings.concept_source == "patches"),
     )
     model = Captioner(config, tokenizer)
     if vision_state is not None:

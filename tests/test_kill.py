@@ -1,0 +1,52 @@
+"""Kill -9 anywhere: a real ``capcli pretrain`` and ``align`` SIGKILLed at each stage of a checkpoint
+write, in the pixel cache's first fill, in align's feature cache and at a random moment, resumed
+each time, end with the uninterrupted run's weights bit for bit and every step logged once.
+
+The harness is ``scripts/kill_harness.py``; its long form (many random kills) gives the figures of
+docs/reliability.md. Each process takes seconds, so these are ``slow``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_SPEC = importlib.util.spec_from_file_location("kill_harness", Path(__file__).parents[1] / "scripts" / "kill_harness.py")
+harness = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(harness)
+
+
+@pytest.fixture(scope="module")
+def whole_pretrain(tmp_path_factory, data_cache) -> Path:
+    """The uninterrupted pretrain run: the reference of the pretrain test, the start of the align one."""
+    whole = tmp_path_factory.mktemp("kill") / "whole"
+    assert harness.launch(harness.command("pretrain", whole, None), harness.run_env(data_cache), None, None, 600) == 0
+    return whole
+
+
+@pytest.mark.slow
+def test_pretrain_killed_at_every_checkpoint_stage_resumes_bit_for_bit(tmp_path, whole_pretrain):
+    killed = tmp_path / "killed"
+    # The killed run fills a pixel cache of its own, so that a kill can come in its first fill.
+    env = harness.run_env(tmp_path / "cache")
+    # Each kill but the first two comes in the first checkpoint write of its process, so each one comes
+    # before the run is done; 5 s is a moment in the start-up or the first epoch of the resumed process.
+    plan = ["pixel_cache.put@3", 5.0, "checkpoint.between@2", "checkpoint.weights@1", "checkpoint.state@1",
+            "checkpoint.after@1", "checkpoint.start@1"]
+    injected, kills = harness.run_to_completion(harness.command("pretrain", killed, None), killed, env, plan)
+    assert kills == len(plan), injected
+    assert harness.compare(whole_pretrain, killed) == {}
+
+
+@pytest.mark.slow
+def test_align_killed_in_its_cache_build_and_checkpoint_writes_resumes_bit_for_bit(tmp_path, whole_pretrain,
+                                                                                   data_cache):
+    env = harness.run_env(data_cache)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert harness.launch(harness.command("align", whole, whole_pretrain), env, None, None, 600) == 0
+    plan = ["caches.features@1", "checkpoint.between@2", "checkpoint.start@1"]
+    injected, kills = harness.run_to_completion(harness.command("align", killed, whole_pretrain), killed, env, plan)
+    assert kills == 3, injected
+    assert harness.compare(whole, killed) == {}
