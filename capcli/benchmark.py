@@ -63,7 +63,7 @@ from capcli.metrics.captions import caption_metrics
 from capcli.model import Captioner, build_model
 from capcli.objectives import PretrainObjective, score_pairs
 from capcli.phases import concept_words_for, prepare_align
-from capcli.policy_pairs import DrawSettings, draw_pairs
+from capcli.policy_pairs import draw_pairs
 from capcli.precision import autocast_context, resolve_device, resolve_precision
 from capcli.rewards import GroundingJudge
 from capcli.sampler import in_order
@@ -618,9 +618,7 @@ def bench_policy(report: Report, settings: Settings, model: Captioner, split, re
     """
     device = next(model.parameters()).device
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
-    policy = settings.align.policy
-    draw = DrawSettings(policy.beams, policy.samples, policy.temperature, policy.min_gap, policy.per_image,
-                        policy.use_references, None, settings.runtime.seed)
+    draw = settings.align.policy.model_copy(update={"images": None})  # every image of the split
     decode = DecodeSettings(max_length=settings.data.max_caption_tokens)
     features = partial(caption_features, model, split, settings.data.max_pixels, device, autocast)
     judge = GroundingJudge(split)
@@ -628,7 +626,8 @@ def bench_policy(report: Report, settings: Settings, model: Captioner, split, re
 
     def run() -> float:
         start = time.perf_counter()
-        pairs, found = draw_pairs(model, split, features, judge, decode, draw, settings.benchmark.caption_batch)
+        pairs, found = draw_pairs(model, split, features, judge, decode, draw,
+                                  settings.runtime.seed, settings.benchmark.caption_batch)
         _synchronize(device)
         drawn.append(found)
         return time.perf_counter() - start

@@ -56,23 +56,15 @@ def frozen_features(
     for i, key in enumerate(keys):
         first.setdefault(key, i)
     unique = list(first.values())  # the pair rows whose image stands for all pairs of that image
-    was_training = model.training
-    model.eval()
     rows, bad = [], set()
     for start in range(0, len(unique), batch_size):
-        pixels, good = [], []
-        for i in unique[start : start + batch_size]:
-            try:
-                pixels.append(resize_center_crop(load_image_field(images[i], max_pixels), model.image_size))
-                good.append(i)
-            except ImageLoadError as err:
-                print(f"warning: skipping pairs of unreadable image: {err}", file=sys.stderr)
-                bad.add(keys[i])
-        if pixels:
-            with autocast():
-                rows.append(model.image_features(torch.stack(pixels).to(device)).cpu())
+        chunk = unique[start : start + batch_size]
+        features, good = _tower(model, [images[i] for i in chunk], max_pixels, device, autocast,
+                                "skipping pairs of unreadable image")
+        bad |= {keys[i] for n, i in enumerate(chunk) if n not in set(good)}
+        if good:
+            rows.append(features.cpu())
             faults.point("caches.features")
-    model.train(was_training)
     width = model.config.vision["arch"]["output_dim"]
     features = torch.cat(rows) if rows else torch.empty(0, model.feature_tokens, width)
     slot = {key: n for n, key in enumerate(k for k in (keys[i] for i in unique) if k not in bad)}
@@ -119,18 +111,27 @@ def caption_features(model: Captioner, split: datasets.Dataset, max_pixels: int,
         (B, S, Dv) features on ``device`` of the rows whose image could be read, and those rows;
         an unreadable image is skipped with a warning.
     """
-    pixels, kept = [], []
-    for row, value in zip(rows, split.select(rows)["image"], strict=True):
+    features, good = _tower(model, split.select(rows)["image"], max_pixels, device, autocast,
+                            "drawing no captions for an unreadable image")
+    return features, [rows[n] for n in good]
+
+
+def _tower(model: Captioner, values: list[Any], max_pixels: int, device: torch.device,
+           autocast: Callable[[], Any], skipping: str) -> tuple[torch.Tensor, list[int]]:
+    """Decode image values and run the tower on those that can be read, in eval mode: the (B, S, Dv)
+    features on ``device`` and the positions in ``values`` they belong to (a warning for each other)."""
+    pixels, good = [], []
+    for n, value in enumerate(values):
         try:
             pixels.append(resize_center_crop(load_image_field(value, max_pixels), model.image_size))
-            kept.append(row)
+            good.append(n)
         except ImageLoadError as err:
-            print(f"warning: drawing no captions for an unreadable image: {err}", file=sys.stderr)
+            print(f"warning: {skipping}: {err}", file=sys.stderr)
     if not pixels:
-        return torch.empty(0, model.feature_tokens, model.config.vision["arch"]["output_dim"], device=device), kept
+        return torch.empty(0, model.feature_tokens, model.config.vision["arch"]["output_dim"], device=device), good
     was_training = model.training
     model.eval()
     with autocast():
         features = model.image_features(torch.stack(pixels).to(device))
     model.train(was_training)
-    return features, kept
+    return features, good

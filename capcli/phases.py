@@ -38,7 +38,7 @@ from capcli.generation import DecodeSettings
 from capcli.heldout import heldout_metrics
 from capcli.model import Captioner, build_model
 from capcli.objectives import AlignObjective, PretrainObjective, score_pairs
-from capcli.policy_pairs import DrawSettings, draw_pairs
+from capcli.policy_pairs import draw_pairs
 from capcli.precision import autocast_context, resolve_device, resolve_precision
 from capcli.rewards import JUDGES, load_judge
 from capcli.runlog import RunLog
@@ -262,13 +262,10 @@ def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, m
         train = caption_splits["train"]
         judge = load_judge(policy[0] or ("grounding" if "scene" in train.column_names else "cider"), policy[1],
                            train, device, data.max_pixels)
-        draw = phase.policy
         decode = DecodeSettings(max_length=data.max_caption_tokens)  # guided, as evaluate decodes
         drawn, drawn_report = draw_pairs(
             model, train, partial(caption_features, model, train, data.max_pixels, device, autocast), judge,
-            decode, DrawSettings(draw.beams, draw.samples, draw.temperature, draw.min_gap, draw.per_image,
-                                 draw.use_references, draw.images, data.seed + round_.number),
-            batch_size=phase.engine.batch_size)
+            decode, phase.policy, seed=data.seed + round_.number, batch_size=phase.engine.batch_size)
         if distributed.current().main:
             drawn.save_to_disk(str(saved))
             record = {"round": round_.number, **drawn_report.record()}

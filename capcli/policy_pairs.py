@@ -31,6 +31,7 @@ from capcli.data.preferences import PAIR_FEATURES
 from capcli.generation import DecodeSettings, candidate_captions
 from capcli.model import Captioner
 from capcli.rewards import Judge
+from capcli.settings import PolicySettings
 
 POLICY = "policy"  # the ``corruption`` value of an on-policy pair: it was drawn, not made
 
@@ -100,22 +101,10 @@ class DrawReport:
                 f"in {self.seconds:.0f} s")
 
 
-@dataclass(frozen=True)
-class DrawSettings:
-    beams: int = 4
-    samples: int = 4
-    temperature: float = 1.0
-    min_gap: float = 0.5
-    per_image: int = 2
-    use_references: bool = True
-    images: int | None = None  # draw for the first N training images of a seeded order; None: all
-    seed: int = 0
-
-
 @torch.no_grad()
 def draw_pairs(model: Captioner, split: datasets.Dataset,
                features: Callable[[list[int]], tuple[torch.Tensor, list[int]]],
-               judge: Judge, decode: DecodeSettings, settings: DrawSettings, batch_size: int = 64,
+               judge: Judge, decode: DecodeSettings, settings: PolicySettings, seed: int, batch_size: int = 64,
                progress: Callable[[int, int], None] | None = None) -> tuple[datasets.Dataset, DrawReport]:
     """Draw, judge and pair captions for the images of a caption split.
 
@@ -126,7 +115,8 @@ def draw_pairs(model: Captioner, split: datasets.Dataset,
             read, on the model's device, and those rows (an unreadable image draws nothing).
         judge: scores captions of rows of ``split``.
         decode: length limits and concept guidance of the candidates.
-        settings: how many candidates, the gap, the pairs per image, the seed.
+        settings: ``align.policy``: how many images and candidates, the gap, the pairs per image.
+        seed: of the choice of images and of the sampling.
         batch_size: images captioned together.
         progress: called with (images done, images) after each batch.
 
@@ -135,14 +125,14 @@ def draw_pairs(model: Captioner, split: datasets.Dataset,
     """
     started = time.monotonic()
     rows = list(range(len(split)))
-    random.Random(settings.seed).shuffle(rows)
+    random.Random(seed).shuffle(rows)
     rows = sorted(rows[: settings.images] if settings.images else rows)
     images, captions = split["image"], split["captions"]
     out: dict[str, list[Any]] = {name: [] for name in PAIR_FEATURES}
     report = DrawReport(judge=judge.name)
     drawn_sum = chosen_sum = rejected_sum = 0.0
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(seed)
         for start in range(0, len(rows), batch_size):
             vision, batch = features(rows[start : start + batch_size])
             if not batch:
