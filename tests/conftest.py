@@ -29,7 +29,14 @@ from PIL import Image  # noqa: E402
 
 from capcli.settings import Settings, load_settings, override  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (the default, see pyproject) every worker is a process of its own: one
+# thread each, for the worker and for the capcli processes it starts, so that N workers share N
+# cores instead of fighting over them (two 2-thread torch processes on 2 cores ran 20× slower).
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SMALL_SIZES = {"data.train_size": 64, "data.val_size": 16, "data.test_size": 16}
 
