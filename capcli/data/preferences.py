@@ -19,7 +19,7 @@ It also returns a ``PairReport`` of the pairs kept and dropped. A spec names its
   that held-out scores compare across runs. (A source too small to have a ``val`` split gets
   one carved from the training pairs, below.) Chosen is one of the
   image's reference captions. Rejected is the same caption with one fact corrupted
-  (``capcli.data.corrupt``). When the image has a scene graph, the corruption is proven
+  (``capcli.scenes.corrupt``). When the image has a scene graph, the corruption is proven
   false, and names only colour-shape pairs that the training scenes show (``known_pairs``);
   otherwise it is a lexicon word swap. Failing both, rejected is another image's caption.
 - ``jsonl:PATH``: JSON lines with ``chosen``, ``rejected`` and optionally ``image`` (a path,
@@ -57,11 +57,11 @@ from typing import Any
 
 import datasets
 
-from capcli.data.corrupt import CORRUPTIONS, scene_negatives, text_negatives
-from capcli.data.scene_text import parse
 from capcli.data.sources import Splits, first_line
-from capcli.data.synthetic import Scene
 from capcli.errors import ConfigError, DataError
+from capcli.scenes.corrupt import CORRUPTIONS, scene_negatives, text_negatives
+from capcli.scenes.graph import Scene
+from capcli.scenes.reader import parse
 from capcli.settings import DataSettings
 
 PAIR_FEATURES = datasets.Features({
