@@ -6,7 +6,7 @@ device and precision, accumulation, clipping, AdamW and the cosine schedule,
 validation and early stopping, checkpoints and resume, Ctrl-C, progress and the
 metrics log.
 
-The life cycle is explicit (``_Training``): setup (device, optimizer, resume) → epochs of
+The life cycle is explicit (``_Training``): setup (the runtime's device, optimizer, resume) → epochs of
 optimizer steps, each made of ``grad_accum`` micro-batches → validation and checkpoints
 after each epoch → the result.
 """
@@ -124,7 +124,8 @@ def fit(
         objective: see ``Objective``.
         data: train and validation datasets and their collate.
         engine, optimizer: the settings groups this function reads.
-        runtime: the command's device, precision and process group, and the runtime settings.
+        runtime: the command's device, precision and process group (under torchrun, one built with
+            ``Runtime.from_settings(..., join=True)``), and the runtime settings.
         title: the name shown on the progress display.
         on_step: called after every optimizer step with the step number and its losses.
         describe: called with each checkpoint's folder, before it is swapped in, and its training

@@ -28,6 +28,7 @@ from capcli.data.batches import (
     StreamingCaptions,
     caption_dataset,
     other_images,
+    training_dataset,
 )
 from capcli.data.concepts import caption_words
 from capcli.data.preferences import load_preferences
@@ -115,10 +116,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False, runtime: Runti
     def dataset(name: str) -> CaptionDataset | StreamingCaptions | None:
         if name not in splits:
             return None
-        if isinstance(splits[name], datasets.IterableDataset):
-            return StreamingCaptions(splits[name], settings.data.train_size, model.image_size,
-                                     settings.data.max_pixels, settings.runtime.seed)
-        return caption_dataset(splits[name], model.image_size, settings.data)
+        return training_dataset(splits[name], model.image_size, settings.data, settings.runtime.seed)
 
     data = TrainData(
         train=dataset("train"), val=dataset("val"),

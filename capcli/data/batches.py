@@ -12,6 +12,7 @@ import random
 import sys
 from dataclasses import dataclass, replace
 
+import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -175,6 +176,14 @@ def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDatase
     if why:
         print(f"note: {why}; the images are decoded every epoch", file=sys.stderr)
     return CaptionDataset(split, image_size, data.max_pixels, data.seed, cache)
+
+
+def training_dataset(split, image_size: int, data: DataSettings, seed: int) -> CaptionDataset | StreamingCaptions:
+    """A caption split as the engine reads it: a stream read afresh each epoch (its shuffle seeded
+    by ``seed``, ``data.train_size`` rows an epoch), else indexed (``caption_dataset``)."""
+    if isinstance(split, datasets.IterableDataset):
+        return StreamingCaptions(split, data.train_size, image_size, data.max_pixels, seed)
+    return caption_dataset(split, image_size, data)
 
 
 def load_image_field(value: dict | object, max_pixels: int):
