@@ -267,10 +267,10 @@ def test_align_with_an_unknown_preference_source_exits_2(tmp_path, data_cache, s
 
 def test_alignment_tax_warns_when_retrieval_falls(settings_factory, start_checkpoint, monkeypatch, capsys):
     """R@1 measured 0.50 before and 0.30 after: a drop of 0.2 > 0.05 warns, on stderr and in the result."""
-    import capcli.phases
+    import capcli.phases.alignment
 
     measured = iter([{"retrieval_r1": 0.5}, {"retrieval_r1": 0.3}])
-    monkeypatch.setattr(capcli.phases, "heldout_metrics", lambda *args, **kwargs: next(measured))
+    monkeypatch.setattr(capcli.phases.alignment, "heldout_metrics", lambda *args, **kwargs: next(measured))
     result = align(align_settings(settings_factory, start_checkpoint, **{"align.engine.max_steps": 1}))
     assert result.retrieval_drop == pytest.approx(0.2)
     assert result.tax_warning and "alignment tax" in result.tax_warning

@@ -1,73 +1,44 @@
-"""The training phases: each wires settings, data, model and objective into ``engine.fit``.
-
-Nothing here loops over data; a phase only decides *what* is trained (DESIGN §2).
-"""
+"""Phase 2, ``capcli align``: preference pairs (generated, given or on-policy), the frozen-tower and
+reference caches, rounds, and the held-out numbers before and after."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import datasets
-import torch
 
 from capcli import distributed, runlock
 from capcli.caches import caption_features, frozen_features, image_identity, pair_logps
 from capcli.card import describer
 from capcli.checkpoint import has_checkpoint, resolve_checkpoint, resume_checkpoint
 from capcli.data.batches import (
-    CaptionCollator,
-    CaptionDataset,
     PreferenceCollator,
     PreferenceDataset,
-    StreamingCaptions,
     caption_dataset,
     other_images,
-    training_dataset,
 )
-from capcli.data.concepts import caption_words
 from capcli.data.preferences import load_preferences
-from capcli.data.sources import concept_words, load_splits
-from capcli.engine import FitResult, Objective, TrainData, fit
+from capcli.data.sources import load_splits
+from capcli.engine import FitResult, TrainData, fit
 from capcli.errors import ConfigError, DataError, TrainingInterrupted
 from capcli.generation import DecodeSettings
 from capcli.heldout import heldout_metrics
-from capcli.model import Captioner, build_model
-from capcli.objectives import AlignObjective, PretrainObjective, score_pairs
+from capcli.model import Captioner
+from capcli.objectives import AlignObjective, score_pairs
+from capcli.phases.phase import Phase, draw_curves, prepare_run_dir, write_config
 from capcli.policy_pairs import draw_pairs
 from capcli.rewards import JUDGES, load_judge
 from capcli.runlog import RunLog
 from capcli.runtime import Runtime
-from capcli.settings import EngineSettings, Settings, to_yaml
+from capcli.settings import EngineSettings, Settings
 
-
-def prepare_run_dir(engine: EngineSettings, overwrite: bool = False) -> Path:
-    """Refuse to train over an existing run unless told to resume or overwrite: nothing is lost silently."""
-    run_dir = Path(engine.output)
-    if distributed.launched().main:
-        runlock.acquire(run_dir)  # one run per run directory: a second one refuses here, naming the first
-    if engine.resume:
-        resume_checkpoint(run_dir)  # fail now, before any data is loaded, if there is nothing to resume
-    elif (run_dir / "checkpoints").exists() and not overwrite:
-        raise ConfigError(f"{run_dir} already holds a run; pass --resume to continue it, "
-                          f"--overwrite to start it again, or --output DIR for a new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-@dataclass
-class Phase:
-    """Everything ``engine.fit`` needs for one phase, before any training."""
-
-    model: Captioner
-    objective: Objective
-    data: TrainData
-    runtime: Runtime  # the command's, resolved once: every round of align shares it
+DEFAULT_START = Path("runs/pretrain")
 
 
 @dataclass
@@ -77,92 +48,6 @@ class AlignPhase(Phase):
     start: Path
     measure: Callable[[Captioner], dict[str, float]]  # the held-out numbers of a model (heldout.py)
     pairs: str  # the one-line summary of the preference pairs
-
-
-TOKENIZER_ROWS = 20_000  # a streamed source: the tiny preset's tokenizer learns from this many first rows
-
-
-def _write_config(run_dir: Path, settings: Settings) -> None:
-    """The run's resolved settings, ``config.yaml`` (rank 0 writes it)."""
-    if distributed.current().main:
-        (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")
-
-
-def prepare_pretrain(settings: Settings, overwrite: bool = False, runtime: Runtime | None = None) -> Phase:
-    """Phase 1's model, objective and data, and the command's runtime (resolved here unless given);
-    writes the run's ``config.yaml``."""
-    phase = settings.pretrain
-    run_dir = prepare_run_dir(phase.engine, overwrite)
-    runtime = runtime or Runtime.from_settings(settings.runtime, join=True)  # under torchrun: join now, so that...
-    with distributed.main_first():  # ...rank 0 alone materialises the data, and the others read it
-        splits = load_splits(settings.data)
-    torch.manual_seed(settings.runtime.seed)
-    if phase.engine.resume:
-        # Architecture and tokenizer only: the engine's resume loads the weights with the rest of the state.
-        model = Captioner.from_pretrained(resume_checkpoint(run_dir), weights=False)
-    else:
-        train = splits["train"]
-        if isinstance(train, datasets.IterableDataset):  # a stream: the tokenizer learns from its head's captions
-            train = train.select_columns(["captions"]).take(TOKENIZER_ROWS)
-        model = build_model(settings.model, (c for row in train for c in row["captions"]),
-                            concept_words_for(settings, (row["captions"] for row in train)))
-    _write_config(run_dir, settings)
-    words = tuple(model.config.concept_words) if phase.concept_weight else ()
-    if phase.concept_weight and not words and distributed.current().main:
-        print(f"warning: pretrain.concept_weight is {phase.concept_weight:g} but the model has no concept words "
-              f"(data source '{settings.data.source}' names none, or the resumed run had none): no concept loss; "
-              "set model.concept_words to train one, or pretrain.concept_weight 0", file=sys.stderr)
-
-    def dataset(name: str) -> CaptionDataset | StreamingCaptions | None:
-        if name not in splits:
-            return None
-        return training_dataset(splits[name], model.image_size, settings.data, settings.runtime.seed)
-
-    data = TrainData(
-        train=dataset("train"), val=dataset("val"),
-        collate=CaptionCollator(model.tokenizer, settings.data.max_caption_tokens, words),
-        num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction,
-    )
-    objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight, settings.runtime.local_loss,
-                                  phase.concept_weight, phase.token_dropout)
-    return Phase(model, objective, data, runtime)
-
-
-def concept_words_for(settings: Settings, captions: Iterable[Sequence[str]] = ()) -> tuple[str, ...]:
-    """A new model's concept words: none without the concept loss, else the settings', else the source's
-    own, else the most common content words of ``captions``, the training images' captions."""
-    if not settings.pretrain.concept_weight:
-        return ()
-    if settings.model.concept_words is not None:
-        return tuple(word.lower() for word in settings.model.concept_words)
-    return concept_words(settings.data.source) or caption_words(captions)
-
-
-def pretrain(settings: Settings, overwrite: bool = False,
-             on_step: Callable[[int, dict[str, float]], None] | None = None) -> FitResult:
-    """Phase 1: contrastive + captioning loss on image-caption pairs."""
-    run = prepare_pretrain(settings, overwrite)
-    phase = settings.pretrain
-    result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, run.runtime,
-                 title="pretrain", on_step=on_step, describe=describer(settings, "pretrain", phase.engine.output))
-    _draw_curves(result.run_dir)
-    runlock.release(result.run_dir)
-    return result
-
-
-def _draw_curves(run_dir: Path) -> None:
-    """``curves.png`` at the end of a phase (rank 0). A plot that fails is a warning, never a failed run."""
-    if not distributed.current().main:
-        return
-    try:
-        from capcli.report import write_curves
-
-        write_curves([run_dir])
-    except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why there is no picture
-        print(f"warning: no curves.png for {run_dir} ({type(err).__name__}: {err})", file=sys.stderr)
-
-
-DEFAULT_START = Path("runs/pretrain")
 
 
 @dataclass(frozen=True)
@@ -209,7 +94,7 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
             pairs, summary = _policy_pairs(settings, policy, caption_splits, model, run_dir, round_, runtime)
     if runtime.world.main:
         print(summary, file=sys.stderr)
-    _write_config(run_dir, settings)
+    write_config(run_dir, settings)
 
     objective = AlignObjective(phase.beta, phase.margin, phase.alpha_init, phase.alpha_final,
                                phase.length_normalize, phase.lm_weight, settings.runtime.local_loss,
@@ -354,7 +239,7 @@ def align(settings: Settings, overwrite: bool = False,
                 raise
             raise TrainingInterrupted(f"round {number} of {rounds} interrupted ({err}); "
                                       f"continue with --resume --output {run_dir}") from None
-        _draw_curves(result.run_dir)
+        draw_curves(result.run_dir)
         if output != run_dir:
             runlock.release(output)
         draw = output / DRAW_FILE
