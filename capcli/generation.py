@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from capcli.losses import sequence_logps
 from capcli.model import Captioner
 
 
@@ -255,9 +256,8 @@ def caption_logprobs(model: Captioner, features: torch.Tensor, ids: torch.Tensor
         (:func:`scored_mask`), and (B,) the number of scored tokens.
     """
     mask = scored_mask(ids, model.tokenizer.eos_token_id)
-    logits = model.caption_logits(features, ids, mask).float()  # (B, T, V)
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+    logits = model.caption_logits(features, ids, mask)  # (B, T, V)
+    return sequence_logps(logits, model.caption_targets(ids, mask)), mask.sum(dim=1)
 
 
 @torch.no_grad()
