@@ -44,6 +44,7 @@ from capcli.metrics import (
     grounding_intervals,
     grounding_metrics,
     pairwise_outcomes,
+    preference_accuracy,
     ref_clip_score,
 )
 from capcli.model import Captioner
@@ -275,13 +276,13 @@ def _shuffled(captions: list[str], seed: int) -> list[str]:
 
 
 def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> tuple[np.ndarray, np.ndarray]:
-    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong); and each pair's kind."""
+    """Per pair, 1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong); and its kind."""
     data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
     logps = pair_logps(model, data, collate, score_pairs, device, autocast, batch_size)
     read = ~logps.isnan().any(dim=1)  # pairs whose image could not be read are left out
     kinds = np.asarray(pairs["corruption"], dtype=object)[read.numpy()]
-    return (logps[read, 0] > logps[read, 1]).float().numpy(), kinds
+    return preference_accuracy(logps[read, 0], logps[read, 1], tie=0.0, reduction="none").numpy(), kinds
 
 
 def _save_captions(path: Path, rows, predictions, references, judged: dict[str, np.ndarray], scores,

@@ -23,6 +23,7 @@ from capcli.losses import (
     preference_loss,
     sequence_logps,
 )
+from capcli.metrics.preference import preference_accuracy
 from capcli.model import Captioner
 
 
@@ -203,9 +204,9 @@ class AlignObjective:
                 out["logp_chosen_other_image"] = logps[2 * n :].mean()
             out.update(
                 loss_unweighted=unweighted,
-                reward_accuracy=_ranked(reward_chosen, reward_rejected),
+                reward_accuracy=preference_accuracy(reward_chosen, reward_rejected, tie=0.5),
                 # The model's own ranking by log-prob, as `capcli evaluate` measures it: ties are wrong.
-                preference_accuracy=(policy_chosen > policy_rejected).float().mean(),
+                preference_accuracy=preference_accuracy(policy_chosen, policy_rejected, tie=0.0),
                 reward_margin=(reward_chosen - reward_rejected).mean(),
                 logp_chosen=policy_chosen.mean(),
                 logp_rejected=policy_rejected.mean(),
@@ -213,11 +214,3 @@ class AlignObjective:
             )
         return out
 
-
-def _ranked(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """The share of pairs whose reward ranks chosen first, ties counting half.
-
-    Half, because at the start the policy is the reference and every reward is exactly 0:
-    the accuracy then reads 0.5, chance, rather than a misleading 0.
-    """
-    return (chosen > rejected).float().mean() + 0.5 * (chosen == rejected).float().mean()
