@@ -81,7 +81,8 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     device = resolve_device(settings.runtime.device)
     autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
     model = Captioner.from_pretrained(options.checkpoint, device).eval()
-    judge = load_judge(options.judge, model, options.checkpoint, device, settings.data.max_pixels)
+    judge = load_judge(options.judge, model, options.checkpoint, device, settings.data.max_pixels,
+                       settings.data.max_caption_tokens)
     rows, pixels, skipped, overlap = _load_split(settings, options, model.image_size)
     n = len(rows)
     seed = settings.runtime.seed

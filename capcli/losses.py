@@ -6,7 +6,6 @@ against numbers worked out by hand (tests/test_losses.py).
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -93,16 +92,6 @@ def concept_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")  # (B, C)
     return (bce.sum(dim=1) / targets.float().sum(dim=1).clamp(min=1.0)).mean()
-
-
-def clamp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
-    """Clamp a learnable 1/τ at 100, as in the CLIP paper, so the logits cannot blow up."""
-    return logit_scale.clamp(max=100.0)
-
-
-def initial_logit_scale(temperature: float) -> float:
-    """The log of 1/τ, the parametrisation CLIP learns (``logit_scale.exp()`` is 1/τ)."""
-    return math.log(1.0 / temperature)
 
 
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
