@@ -144,11 +144,12 @@ def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:
     return ids, columns
 
 
-def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings,
+            **search: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the search: (vision features, (B, new tokens) ids padded with pad after end-of-text)."""
     model.eval()
     features = model.image_features(pixels.to(model.pixel_mean.device))
-    return features, _generate(model, features, decode, decode.beams)
+    return features, _generate(model, features, decode, decode.beams, **search)
 
 
 def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, copies: int,
@@ -216,18 +217,21 @@ def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeS
 
 
 @torch.no_grad()
-def generate_captions(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings = DecodeSettings()) -> list[str]:
+def generate_captions(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings = DecodeSettings(),
+                      *, use_cache: bool = True) -> list[str]:
     """Caption a batch of images.
 
     Args:
         model: a Captioner (its device is used).
         pixels: (B, 3, H, W) uint8 images at the model's resolution.
         decode: search settings.
+        use_cache: False re-runs the decoder over [prefix; tokens so far] at every step, the same
+            search without the KV cache: only the baseline that ``capcli benchmark`` times.
 
     Returns:
         One caption per image, without special tokens.
     """
-    _, ids = _search(model, pixels, decode)
+    _, ids = _search(model, pixels, decode, use_cache=use_cache)
     return [text.strip() for text in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
