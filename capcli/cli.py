@@ -8,7 +8,6 @@ Heavy imports (torch, transformers, open_clip) happen inside the commands so tha
 from __future__ import annotations
 
 import errno
-import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -218,21 +217,31 @@ def align(
 
 Images = Annotated[Optional[list[str]], typer.Argument(metavar="IMAGES", help="Image files, folders (searched recursively, sorted), globs (quoted ones are expanded too), or - to read paths from stdin, one per line.", show_default=False)]
 CaptionCheckpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint, or a run directory (its best).  \\[default: runs/align's best, else runs/pretrain's]", show_default=False)]
-Beams = Annotated[int, typer.Option(help="Beam width; 1 is greedy search.  \\[default: 5, in caption and evaluate alike]", show_default=False)]
-CaptionBatch = Annotated[int, typer.Option("--batch-size", help="Images decoded together; their lines are written and flushed after each batch.  \\[default: 16]", show_default=False)]
-Format = Annotated[str, typer.Option("--format", help="text: path<TAB>caption | tsv: a header line, then path, caption, score, logprob, tokens | jsonl: one JSON object per image with those keys.  \\[default: text]", show_default=False)]
-MaxLength = Annotated[int, typer.Option(help="At most N new tokens, end-of-text included.  \\[default: 32]", show_default=False)]
-MinLength = Annotated[int, typer.Option(help="At least N caption tokens before end-of-text may be chosen.  \\[default: 1]", show_default=False)]
-LengthPenalty = Annotated[float, typer.Option(help="Beam search ranks finished captions by logprob / tokens^X; above 1 favours longer ones.  \\[default: 1.0]", show_default=False)]
-NoRepeatNgram = Annotated[int, typer.Option(help="Never repeat an n-gram of this size; 0 allows repeats.  \\[default: 0]", show_default=False)]
-ConceptGuidance = Annotated[float, typer.Option(help="Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it.  \\[default: 1.0]", show_default=False)]
+Beams = Annotated[Optional[int], typer.Option(help="Beam width; 1 is greedy search.  \\[default: 5, in caption and evaluate alike]", show_default=False)]
+CaptionBatch = Annotated[Optional[int], typer.Option("--batch-size", help="Images decoded together; their lines are written and flushed after each batch.  \\[default: 16]", show_default=False)]
+Format = Annotated[Optional[str], typer.Option("--format", help="text: path<TAB>caption | tsv: a header line, then path, caption, score, logprob, tokens | jsonl: one JSON object per image with those keys.  \\[default: text]", show_default=False)]
+MaxLength = Annotated[Optional[int], typer.Option(help="At most N new tokens, end-of-text included.  \\[default: 32]", show_default=False)]
+MinLength = Annotated[Optional[int], typer.Option(help="At least N caption tokens before end-of-text may be chosen.  \\[default: 1]", show_default=False)]
+LengthPenalty = Annotated[Optional[float], typer.Option(help="Beam search ranks finished captions by logprob / tokens^X; above 1 favours longer ones.  \\[default: 1.0]", show_default=False)]
+NoRepeatNgram = Annotated[Optional[int], typer.Option(help="Never repeat an n-gram of this size; 0 allows repeats.  \\[default: 0]", show_default=False)]
+ConceptGuidance = Annotated[Optional[float], typer.Option(help="Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it.  \\[default: 1.0]", show_default=False)]
+
+
+def _decode(group: str, beams: int | None, max_length: int | None, min_length: int | None,
+            length_penalty: float | None, no_repeat_ngram: int | None,
+            concept_guidance: float | None) -> dict[str, object]:
+    """The search options of caption and evaluate, as dotted settings keys of ``group``.decode (None: not given)."""
+    return {f"{group}.decode.beams": beams, f"{group}.decode.max_length": max_length,
+            f"{group}.decode.min_length": min_length, f"{group}.decode.length_penalty": length_penalty,
+            f"{group}.decode.no_repeat_ngram": no_repeat_ngram, f"{group}.decode.concept_guidance": concept_guidance}
 
 
 @app.command()
 def caption(
-    images: Images = None, checkpoint: CaptionCheckpoint = None, beams: Beams = 5, batch_size: CaptionBatch = 16,
-    fmt: Format = "text", max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
-    no_repeat_ngram: NoRepeatNgram = 0, concept_guidance: ConceptGuidance = 1.0, config: Config = None,
+    images: Images = None, checkpoint: CaptionCheckpoint = None, beams: Beams = None, batch_size: CaptionBatch = None,
+    fmt: Format = None, max_length: MaxLength = None, min_length: MinLength = None,
+    length_penalty: LengthPenalty = None, no_repeat_ngram: NoRepeatNgram = None,
+    concept_guidance: ConceptGuidance = None, config: Config = None,
     device: Device = None, precision: Precision = None, quiet: Quiet = False,
 ) -> None:
     """Caption image files, folders, globs and stdin lists: one line per image on stdout, in input order, flushed batch by batch.
@@ -242,19 +251,20 @@ def caption(
     A missing, corrupt, non-image or oversized file gets one line on stderr, "error: PATH: reason", and the rest is still captioned. Exit codes: 0 every image captioned, 1 some failed, 2 usage error.
     """
     with exit_codes():
-        from capcli.captioning import CaptionOptions, expand_inputs, write_captions
+        from capcli.captioning import expand_inputs, write_captions
         from capcli.settings import load_settings
 
-        settings = load_settings(config, {"runtime.device": device, "runtime.precision": precision,
-                                          "runtime.quiet": quiet or None})
-        options = CaptionOptions(fmt, batch_size, beams, max_length, min_length, length_penalty, no_repeat_ngram,
-                                 concept_guidance)
+        settings = load_settings(config, {
+            "runtime.device": device, "runtime.precision": precision, "runtime.quiet": quiet or None,
+            "caption.format": fmt, "caption.batch_size": batch_size,
+            **_decode("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+        })
         items = expand_inputs(images or [], sys.stdin)
         # torch and friends: only once the options are known to be good
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
 
         directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
-        failed = write_captions(items, directory, options, settings)
+        failed = write_captions(items, directory, settings)
     if failed:
         raise typer.Exit(1)
 
@@ -264,16 +274,17 @@ def evaluate(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, data: RunDataSource = None,
     checkpoint: CaptionCheckpoint = None,
-    split: Annotated[str, typer.Option(help="train | val | test | test_novel  \\[default: test]", show_default=False)] = "test",
-    beams: Beams = 5, max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
-    no_repeat_ngram: NoRepeatNgram = 0, concept_guidance: ConceptGuidance = 1.0,
+    split: Annotated[Optional[str], typer.Option(help="train | val | test | test_novel  \\[default: test]", show_default=False)] = None,
+    beams: Beams = None, max_length: MaxLength = None, min_length: MinLength = None,
+    length_penalty: LengthPenalty = None, no_repeat_ngram: NoRepeatNgram = None,
+    concept_guidance: ConceptGuidance = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images of the split only.", show_default=False)] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Checkpoint whose captions the win rate is against.  \\[default: shuffled captions]", show_default=False)] = None,
     save_captions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per image: image, caption, references, scores.", show_default=False)] = None,
     report: Annotated[Optional[Path], typer.Option(help="Write DIR/index.html: each image with its caption, references, CIDEr-D, CLIP score and grounding errors, sortable, self-contained.", show_default=False)] = None,
-    output: Annotated[Path, typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = Path("results/evaluation_metrics.json"),
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = 64,
-    judge: Annotated[str, typer.Option(help="Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE.  \\[default: auto]", show_default=False)] = "auto",
+    output: Annotated[Optional[Path], typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE.  \\[default: auto]", show_default=False)] = None,
     train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
     allow_train_images: Annotated[bool, typer.Option("--allow-train-images", help="Score a held-out split even when it holds images the run trained on (refused otherwise, exit 2).")] = False,
 ) -> None:
@@ -284,32 +295,29 @@ def evaluate(
     of val and test. The evaluated images are checked against the run's training images.
     """
     with exit_codes():
-        if beams < 1 or max_length < 1 or min_length < 0 or batch_size < 1 or (limit is not None and limit < 1):
-            raise typer.BadParameter("--beams, --max-length, --batch-size and --limit must be at least 1")
-        if not (math.isfinite(concept_guidance) and concept_guidance >= 0):
-            raise typer.BadParameter("--concept-guidance must be a finite number of at least 0")
+        from capcli.settings import load_settings
+
+        cli = {
+            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
+            "data.val_size": val_size, "data.test_size": test_size, "evaluate.split": split,
+            **_decode("evaluate", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            "evaluate.limit": limit, "evaluate.baseline": baseline, "evaluate.save_captions": save_captions,
+            "evaluate.report": report, "evaluate.output": output, "evaluate.batch_size": batch_size,
+            "evaluate.judge": judge, "evaluate.allow_train_images": allow_train_images or None,
+        }
+        load_settings(config, cli)  # the options are checked before a checkpoint is looked for
         from capcli import evaluation, results
         from capcli.carve import follow_run
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
-        from capcli.generation import DecodeSettings
 
         directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
-        run = follow_run(directory, config, {
-            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
-            "data.val_size": val_size, "data.test_size": test_size,
-        })
+        run = follow_run(directory, config, cli)
         settings = run.settings
         if (warning := run.warning(directory)) is not None:
             print(f"warning: {warning}", file=sys.stderr)
-        options = evaluation.EvalOptions(
-            checkpoint=directory, split=split,
-            decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
-            limit=limit,
-            baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions, report=report,
-            batch_size=batch_size, judge=judge, trained_on=run.recorded, allow_train_images=allow_train_images,
-        )
         log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))
-        outcome = evaluation.evaluate(settings, options, log)
+        outcome = evaluation.evaluate(settings, directory, run.recorded, log)
+        output = settings.evaluate.output
         results.write_json(outcome, output)
         results.print_evaluation(outcome, json)
         log(f"results written to {output}")
@@ -343,7 +351,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint, or a run directory (its best).", show_default=False)],
     output: Annotated[Path, typer.Option(help="Folder for the graphs, the tokenizer and decoding.json.", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="onnx  \\[default: onnx]", show_default=False)] = "onnx",
-    max_length: MaxLength = 32, min_length: MinLength = 1, concept_guidance: ConceptGuidance = 1.0,
+    max_length: MaxLength = None, min_length: MinLength = None, concept_guidance: ConceptGuidance = None,
 ) -> None:
     """Export a checkpoint for serving without PyTorch: the vision tower with the prefix mapper as one ONNX
     graph, the decoder with its key/value cache as another (dynamic batch and sequence axes), the tokenizer,
@@ -352,17 +360,19 @@ def export(
     with exit_codes():
         from capcli.errors import ConfigError
         from capcli.serving import require_onnx
+        from capcli.settings import DecodeSettings, validated
 
         if fmt != "onnx":
             raise ConfigError(f"unknown --format {fmt!r} (allowed: onnx)")
-        if max_length < 1 or min_length < 0 or not (math.isfinite(concept_guidance) and concept_guidance >= 0):
-            raise ConfigError("--max-length must be at least 1, --min-length and --concept-guidance at least 0")
+        given = {"max_length": max_length, "min_length": min_length, "concept_guidance": concept_guidance}
+        decode = validated(DecodeSettings, {key: value for key, value in given.items() if value is not None})
 
         require_onnx()  # before torch is imported: a missing extra answers at once
         from capcli.checkpoint import resolve_checkpoint
         from capcli.export import export_onnx
 
-        export_onnx(resolve_checkpoint(checkpoint), output, max_length, min_length, concept_guidance)
+        export_onnx(resolve_checkpoint(checkpoint), output, decode.max_length, decode.min_length,
+                    decode.concept_guidance)
         print(output)
 
 

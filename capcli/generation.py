@@ -19,21 +19,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from capcli.losses import sequence_logps
 from capcli.model import Captioner
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """Search controls, as ``generate`` takes them."""
-
-    beams: int = 1
-    max_length: int = 32
-    min_length: int = 1
-    length_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-    concept_guidance: float = 1.0
-    """λ: each concept word's next-token score gains λ·log σ(concept logit), so that a word the
-    concept head does not see in the image is hard to say (``ConceptGuidance``). No effect on a
-    model without a concept head; 0 turns it off."""
+from capcli.settings import DecodeSettings  # the search controls, one settings group
 
 
 @dataclass(frozen=True)

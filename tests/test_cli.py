@@ -186,7 +186,7 @@ def test_bad_option_exits_2_naming_the_key(tmp_path, run_env, options, expected)
 
 def test_unknown_env_group_exits_2(tmp_path, run_env):
     result = runner.invoke(app, short_run(tmp_path / "run"), env={**run_env, "CAPCLI_BOGUS": "1"})
-    assert_usage_error(result, "CAPCLI_BOGUS", "align, benchmark, data, model, pretrain, runtime")
+    assert_usage_error(result, "CAPCLI_BOGUS", "align, benchmark, caption, data, evaluate, model, pretrain, runtime")
 
 
 # --- a short real run -------------------------------------------------------------------------------------------
