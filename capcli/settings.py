@@ -16,6 +16,7 @@ silently ignored setting. Each function downstream takes only the group it needs
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from importlib import resources
 from pathlib import Path
@@ -99,9 +100,9 @@ class DataSettings(Strict):
     cache_dir: Path | None = None
     """Where generated data is materialised. Default: `$XDG_CACHE_HOME/capcli` or `~/.cache/capcli`."""
     image_column: str | None = None
-    """Column holding the image in user data. Default: `image`."""
+    """Column holding the image in user data. Default: `image` (wds: `jpg` or `png`)."""
     caption_column: str | None = None
-    """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text`."""
+    """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text` (wds: `txt`, or the caption in `json`)."""
     train_split: str | None = None
     """The source's split to train on (`hf:`, `disk:`). Default: `train`."""
     streaming: bool = False
@@ -477,6 +478,39 @@ def override(settings: Settings, dotted: dict[str, Any]) -> Settings:
         return Settings.model_validate(deep_merge(settings.model_dump(), unflatten(dotted, keep_none=True)))
     except ValidationError as err:
         raise ConfigError(describe_error(err)) from None
+
+
+def field_doc(key: str, root: type[BaseModel] = Settings) -> str:
+    """The docstring of a dotted setting (``pretrain.engine.epochs``) on one line: the CLI help and docs share it."""
+    model: type[BaseModel] = root
+    *groups, leaf = key.split(".")
+    for group in groups:
+        model = model.model_fields[group].annotation  # a nested group's class
+    return " ".join((model.model_fields[leaf].description or "").split())
+
+
+@functools.cache
+def _preset(preset: str) -> tuple[Settings, dict[str, Any]]:
+    """A preset's resolved settings (no environment, no file) and its profile as written."""
+    return load_settings(cli={"model.preset": preset}, environ={}), read_yaml(config_path(f"presets/{preset}.yaml"))
+
+
+def preset_defaults(key: str) -> dict[str, Any]:
+    """A dotted setting's field default, then the value of each preset whose profile changes it.
+
+    ``preset_defaults("pretrain.engine.epochs")`` is ``{"default": 10, "tiny": 16}``: what the CLI
+    help prints as ``[default: 10; tiny: 16]``.
+    """
+    parts = key.split(".")
+    out = {"default": functools.reduce(getattr, parts, Settings())}
+    for preset in PRESETS:
+        settings, profile = _preset(preset)
+        value = functools.reduce(getattr, parts, settings)
+        written = functools.reduce(lambda node, part: node.get(part, {}) if isinstance(node, dict) else {},
+                                   parts[:-1], profile)
+        if isinstance(written, dict) and parts[-1] in written and value != out["default"]:
+            out[preset] = value
+    return out
 
 
 def validated(group: type[StrictGroup], values: dict[str, Any]) -> StrictGroup:
