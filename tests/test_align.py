@@ -217,7 +217,7 @@ def test_resumed_align_repeats_the_uninterrupted_run(settings_factory, start_che
         align(parted, on_step=lambda step, _: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
     resumed = override(parted, {"align.engine.resume": True})
     phase = prepare_align(resumed)
-    fit(phase.model, phase.objective, phase.data, resumed.align.engine, resumed.align.optimizer, resumed.runtime)
+    fit(phase.model, phase.objective, phase.data, resumed.align.engine, resumed.align.optimizer, phase.runtime)
 
     def losses(run: Path) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]
