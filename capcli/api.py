@@ -129,7 +129,9 @@ class ImageCaptioner:
         (``logprob / tokens ** length_penalty``, what beam search ranks by).
         """
         items, single = _as_list(images)
-        decode = DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance)
+        decode = DecodeSettings(beams=beams, max_length=max_length, min_length=min_length,
+                                length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
+                                concept_guidance=concept_guidance)
         out: list[Caption] = []
         for start in range(0, len(items), self.batch_size):
             pixels = torch.stack([self._pixels(image) for image in items[start : start + self.batch_size]])

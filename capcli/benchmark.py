@@ -11,7 +11,7 @@ that a busy machine slows both alike; the report gives the median and the min–
 | ``data_samples_per_s`` | the pixel cache, warm | decoding and resizing every image |
 | ``pretrain_samples_per_s`` | the engine as configured: fused AdamW, pixel cache, ``--compile`` if asked | the same engine as a plain eager step: no fused optimizer, no cache, no compile |
 | ``align_samples_per_s`` | align's frozen-feature and reference caches | the tower and a reference model run every step (:class:`LiveReference`) |
-| ``caption_beam{1,5}_images_per_s`` | batched ``generate`` with the KV cache | :func:`naive_generate`: one image at a time, no cache |
+| ``caption_beam{1,5}_images_per_s`` | batched ``generate`` with the KV cache | :func:`naive_generate`: the same ``generate``, one image at a time, ``use_cache=False`` |
 | ``caption_onnx_images_per_s`` | greedy captions through onnxruntime on the CPU (``capcli export``) | PyTorch's batched ``generate``, same weights and images: ``caption_onnx_torch_images_per_s`` |
 | ``policy_pairs_per_s`` | on-policy pairs drawn and judged (align's ``draw_pairs``) | the judge alone on as many captions: ``policy_judge_share`` |
 | ``peer_*`` (only when named: ``--sections peers``) | capcli's caption path and pretrain step | transformers' VisionEncoderDecoder and open_clip's CoCa at the same sizes (:mod:`capcli.peers`) |
@@ -412,7 +412,7 @@ def bench_caption(report: Report, model: Captioner, pixels: torch.Tensor, batch:
 
     Returns the fast path's captions of every image (from its last repeat).
     """
-    # Unguided on both sides: the naive decoder knows no concept guidance, and the two must do equal work.
+    # Unguided on both sides, as the figures have always been taken; the two sides do equal work.
     decode = DecodeSettings(beams=beams, concept_guidance=0.0)
     batches = list(pixels.split(batch))
     device = model.pixel_mean.device
@@ -508,83 +508,22 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 # --- the naive decoder: decoding's baseline ------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def naive_generate(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> list[str]:
-    """Caption images one at a time with no KV cache: the baseline of :func:`decode_speed`.
+    """Caption images one at a time with no KV cache: the baseline of :func:`bench_caption`.
 
-    Each step runs the decoder over the whole [prefix; tokens so far] of every live beam.
-    The search is ``generate``'s as capcli calls it (greedy, or beam search with its length
-    penalty, minimum length and default stopping rule), so the captions are
-    ``generate_captions``'s.
+    The package's own decoder, transformers' ``generate``, with ``use_cache=False``: each step
+    runs the decoder over the whole [prefix; tokens so far] of every live beam. The search is
+    the fast path's, so the captions are ``generate_captions``'s and the speedup compares equal work.
 
     Args:
         model: a Captioner (its device is used).
         pixels: (B, 3, H, W) uint8 images at the model's resolution.
-        decode: search settings; ``no_repeat_ngram`` is not supported.
+        decode: search settings.
 
     Returns:
         One caption per image, without special tokens.
     """
-    if decode.no_repeat_ngram:
-        raise ValueError("naive_generate does not block repeated n-grams")
-    model.eval()
-    captions = []
-    for image in pixels:
-        prefix = model.prefix(model.image_features(image[None].to(model.pixel_mean.device)))  # (1, K, D)
-        search = _greedy if decode.beams == 1 else _beam_search
-        captions.append(model.tokenizer.decode(search(model, prefix, decode), skip_special_tokens=True).strip())
-    return captions
-
-
-def _next_log_probs(model: Captioner, prefix: torch.Tensor, ids: torch.Tensor, decode: DecodeSettings) -> torch.Tensor:
-    """(R, V) float32 log-probs of the token after each row of ids (R, t), end-of-text barred before min_length."""
-    embeds = torch.cat([prefix.expand(len(ids), -1, -1), model.decoder.transformer.wte(ids)], dim=1)  # (R, K+t, D)
-    logits = model.decoder(inputs_embeds=embeds, use_cache=False).logits[:, -1].float()  # no cache: all K+t again
-    log_probs = torch.log_softmax(logits, dim=-1)
-    if ids.shape[1] < decode.min_length:
-        log_probs[:, model.tokenizer.eos_token_id] = -math.inf  # after the softmax, as generate's processor
-    return log_probs
-
-
-def _greedy(model: Captioner, prefix: torch.Tensor, decode: DecodeSettings) -> list[int]:
-    ids = torch.empty(1, 0, dtype=torch.long, device=prefix.device)  # (1, t)
-    for _ in range(decode.max_length):
-        token = _next_log_probs(model, prefix, ids, decode).argmax(dim=-1, keepdim=True)  # (1, 1)
-        if token.item() == model.tokenizer.eos_token_id:
-            break
-        ids = torch.cat([ids, token], dim=1)
-    return ids[0].tolist()
-
-
-def _beam_search(model: Captioner, prefix: torch.Tensor, decode: DecodeSettings) -> list[int]:
-    """transformers' beam search (``_beam_search``, ``early_stopping=False``) over one image's live beams.
-
-    Each step keeps the 2·beams best continuations; those among the first ``beams`` that end
-    (end-of-text, or ``max_length``) join the finished ones, scored sum / length ** penalty;
-    the best ``beams`` that did not end run on. The search stops once ``beams`` are finished
-    and the best live sum / current length ** penalty cannot beat the worst finished score.
-    """
-    eos, beams, penalty = model.tokenizer.eos_token_id, decode.beams, decode.length_penalty
-    ids = torch.empty(1, 0, dtype=torch.long, device=prefix.device)  # (R, t) live beams
-    sums = torch.zeros(1, device=prefix.device)  # (R,) their summed log-probs
-    done: list[torch.Tensor] = []  # finished token rows, best first
-    scores = torch.empty(0, device=prefix.device)  # their scores, descending
-    for length in range(1, decode.max_length + 1):
-        log_probs = _next_log_probs(model, prefix, ids, decode)  # (R, V)
-        top, index = (sums[:, None] + log_probs).flatten().topk(2 * beams)
-        vocab = log_probs.shape[1]
-        grown = torch.cat([ids[index // vocab], (index % vocab)[:, None]], dim=1)  # (2·beams, length)
-        ended = (grown[:, -1] == eos) | (length == decode.max_length)
-        new = ended[:beams]
-        pool = done + list(grown[:beams][new])
-        order = torch.cat([scores, top[:beams][new] / length**penalty]).sort(descending=True)
-        scores, done = order.values[:beams], [pool[i] for i in order.indices[:beams].tolist()]
-        live = (~ended).nonzero()[:beams, 0]
-        ids, sums = grown[live], top[live]
-        if len(live) == 0 or (len(done) == beams and sums[0] / length**penalty <= scores[-1]):
-            break
-    best = done[0].tolist()
-    return best[:-1] if best[-1] == eos else best
+    return [caption for image in pixels for caption in generate_captions(model, image[None], decode, use_cache=False)]
 
 
 # --- metrics -------------------------------------------------------------------------------------------------------

@@ -27,48 +27,11 @@ if TYPE_CHECKING:
     from capcli.generation import DecodeSettings, ScoredCaption
     from capcli.settings import Settings
 
-FORMATS = ("text", "jsonl", "tsv")
 TSV_HEADER = ("path", "caption", "score", "logprob", "tokens")
 # What a folder is searched for (case-insensitive); a file named on the command line is tried whatever its name.
 IMAGE_SUFFIXES = frozenset({".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"})
 _GLOB_CHARS = frozenset("*?[")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-@dataclass(frozen=True)
-class CaptionOptions:
-    """The command's output and search options, checked on creation (ConfigError names the option)."""
-
-    format: str = "text"
-    batch_size: int = 16
-    beams: int = 5
-    max_length: int = 32
-    min_length: int = 1
-    length_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-    concept_guidance: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown --format {self.format!r} (allowed: {', '.join(FORMATS)})")
-        for option, value, least in (("--batch-size", self.batch_size, 1), ("--beams", self.beams, 1),
-                                     ("--max-length", self.max_length, 1), ("--min-length", self.min_length, 0),
-                                     ("--no-repeat-ngram", self.no_repeat_ngram, 0)):
-            if value < least:
-                raise ConfigError(f"{option} must be at least {least} (got {value})")
-        if self.min_length > self.max_length:
-            raise ConfigError(f"--min-length ({self.min_length}) cannot exceed --max-length ({self.max_length})")
-        if not math.isfinite(self.length_penalty):
-            raise ConfigError(f"--length-penalty must be a finite number (got {self.length_penalty})")
-        if not (math.isfinite(self.concept_guidance) and self.concept_guidance >= 0):
-            raise ConfigError(f"--concept-guidance must be a finite number of at least 0 (got {self.concept_guidance})")
-
-    def decode(self) -> DecodeSettings:
-        from capcli.generation import DecodeSettings
-
-        return DecodeSettings(beams=self.beams, max_length=self.max_length, min_length=self.min_length,
-                              length_penalty=self.length_penalty, no_repeat_ngram=self.no_repeat_ngram,
-                              concept_guidance=self.concept_guidance)
 
 
 @dataclass(frozen=True)
@@ -235,9 +198,10 @@ def load_captioner(checkpoint: Path, settings: Settings) -> ImageCaptioner:
                                runtime=Runtime.from_settings(settings.runtime))
 
 
-def write_captions(items: Sequence[Item], checkpoint: Path, options: CaptionOptions, settings: Settings,
-                   out: TextIO | None = None) -> int:
+def write_captions(items: Sequence[Item], checkpoint: Path, settings: Settings, out: TextIO | None = None) -> int:
     """Caption every item and write one line per captioned image to ``out`` (stdout), flushed per batch.
+
+    The format, batch size and search are ``settings.caption``'s.
 
     Returns:
         How many items failed (each reported on stderr as ``error: PATH: reason``).
@@ -262,11 +226,12 @@ def write_captions(items: Sequence[Item], checkpoint: Path, options: CaptionOpti
             _silence_stdout()
             raise CapcliError("stdout was closed before every caption was written") from None
 
+    options = settings.caption
     header = format_header(options.format)
     emit([header] if header is not None else [])
     done, shown, start = 0, 0, time.monotonic()
     with ProgressDisplay("caption", len(items), quiet=settings.runtime.quiet) as progress:
-        batches = caption_items(items, lambda: load_captioner(checkpoint, settings), options.decode(),
+        batches = caption_items(items, lambda: load_captioner(checkpoint, settings), options.decode,
                                 options.batch_size, settings.data.max_pixels, on_error)
         for batch in batches:
             emit([format_record(options.format, path, result) for path, result in batch])

@@ -2,23 +2,31 @@
 
 Exit codes (DESIGN §8): 0 success, 1 runtime failure, 2 usage or settings error, 130 interrupted.
 Heavy imports (torch, transformers, open_clip) happen inside the commands so that
-``--help`` and ``--version`` answer at once.
+``--help`` and ``--version`` answer at once. An option's help and default are read from its
+setting (the field's docstring, its default and the presets' profiles: ``_help``), as docgen
+reads them for the docs, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import errno
-import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from pydantic import BaseModel
+from rich.markup import escape
 
 from capcli import __version__
 from capcli.errors import CapcliError
+from capcli.settings import (  # pydantic and yaml only: --help stays quick
+    DecodeSettings,
+    field_doc,
+    preset_defaults,
+)
 
 app = typer.Typer(
     name="capcli",
@@ -74,33 +82,58 @@ def main_options(
     """Train, align, evaluate and serve an image captioner."""
 
 
+def _help(key: str, root: type[BaseModel] | None = None) -> str:
+    """An option's help, read from its setting: the field's docstring, then its default and the value of
+    each preset whose profile changes it (``[default: 10; tiny: 16]``). ``root``: a group of its own
+    (export's ``DecodeSettings``), whose field default is the default. A setting that is unset by
+    default (None) everywhere shows no default: its docstring says what unset means."""
+    if root is None:
+        doc, values = field_doc(key), preset_defaults(key)
+    else:
+        doc, values = field_doc(key, root), {"default": getattr(root(), key)}
+    if all(value is None for value in values.values()):
+        return escape(doc)
+    shown = "; ".join(f"{name}: {_shown(value)}" for name, value in values.items())
+    return f"{escape(doc)}  \\[{shown}]"  # an escaped bracket: rich markup would take [default: ...] for a tag
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 # Options shared by the commands. None means "not given": the settings layers below decide.
 Config = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file shaped like configs/default.yaml, or a shipped config by name (ablation).", show_default=False)]
-Device = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps  \\[default: auto]", show_default=False)]
-Precision = Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16  \\[default: auto: bf16 on CUDA, fp32 on CPU]", show_default=False)]
-Seed = Annotated[Optional[int], typer.Option(help="Seed of initialisation and data order.  \\[default: 0]", show_default=False)]
+Device = Annotated[Optional[str], typer.Option(help=_help("runtime.device"), show_default=False)]
+Precision = Annotated[Optional[str], typer.Option(help=_help("runtime.precision"), show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(help=_help("runtime.seed"), show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress output on stderr.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
-Data = Annotated[Optional[str], typer.Option(help="Data source: synthetic | imagefolder:PATH | hf:NAME[:CONFIG] | disk:PATH | wds:PATTERN  \\[default: synthetic]", show_default=False)]
-ImageColumn = Annotated[Optional[str], typer.Option(help="Column of the source holding the image.  \\[default: image; wds: jpg/png]", show_default=False)]
-CaptionColumn = Annotated[Optional[str], typer.Option(help="Column holding the caption or a list of captions.  \\[default: captions, caption or text; wds: txt or json's caption]", show_default=False)]
-SourceSplit = Annotated[Optional[str], typer.Option("--split", help="The source's split to train on (hf:, disk:).  \\[default: train]", show_default=False)]
+Data = Annotated[Optional[str], typer.Option(help=_help("data.source"), show_default=False)]
+ImageColumn = Annotated[Optional[str], typer.Option(help=_help("data.image_column"), show_default=False)]
+CaptionColumn = Annotated[Optional[str], typer.Option(help=_help("data.caption_column"), show_default=False)]
+SourceSplit = Annotated[Optional[str], typer.Option("--split", help=_help("data.train_split"), show_default=False)]
 Streaming = Annotated[bool, typer.Option("--streaming", help="hf: read the training split as a stream, downloading nothing ahead; an epoch is --train-size samples.")]
 
 
 def _columns(image_column: str | None, caption_column: str | None, split: str | None) -> dict[str, object]:
     return {"data.image_column": image_column, "data.caption_column": caption_column, "data.train_split": split}
-Model = Annotated[Optional[str], typer.Option(help="Model preset: tiny | clip-gpt2  \\[default: tiny]", show_default=False)]
-VisionWeights = Annotated[Optional[str], typer.Option(help="clip-gpt2: open_clip tag, local file, or none  \\[default: openai]", show_default=False)]
-Decoder = Annotated[Optional[str], typer.Option(help="clip-gpt2: GPT-2 name or local directory  \\[default: gpt2]", show_default=False)]
-Epochs = Annotated[Optional[int], typer.Option(help="Passes over the training data.  \\[default: 10; tiny: 16]", show_default=False)]
-MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after at most N optimizer steps (--epochs still bounds the run); the schedule is planned for the shorter.  \\[default: none; tiny: 1500]", show_default=False)]
-AlignMaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help="Stop after at most N optimizer steps (--epochs still bounds the run); the schedule is planned for the shorter.  \\[default: none; tiny: 350]", show_default=False)]
-BatchSize = Annotated[Optional[int], typer.Option(help="Images per micro-batch.  \\[default: 64; tiny: 32]", show_default=False)]
-Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 1e-4; tiny: 1e-3]", show_default=False)]
-TrainSize = Annotated[Optional[int], typer.Option(help="At most N training images.  \\[default: 10000; tiny: 10000]", show_default=False)]
-ValSize = Annotated[Optional[int], typer.Option(help="At most N validation images.  \\[default: 1000; tiny: 300]", show_default=False)]
-TestSize = Annotated[Optional[int], typer.Option(help="At most N test images.  \\[default: 1000; tiny: 300]", show_default=False)]
+Model = Annotated[Optional[str], typer.Option(help=_help("model.preset"), show_default=False)]
+VisionWeights = Annotated[Optional[str], typer.Option(help=_help("model.vision_weights"), show_default=False)]
+Decoder = Annotated[Optional[str], typer.Option(help=_help("model.decoder"), show_default=False)]
+Epochs = Annotated[Optional[int], typer.Option(help=_help("pretrain.engine.epochs"), show_default=False)]
+MaxSteps = Annotated[Optional[int], typer.Option(help=_help("pretrain.engine.max_steps"), show_default=False)]
+AlignMaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help=_help("align.engine.max_steps"), show_default=False)]
+BatchSize = Annotated[Optional[int], typer.Option(help=_help("pretrain.engine.batch_size"), show_default=False)]
+Lr = Annotated[Optional[float], typer.Option(help=_help("pretrain.optimizer.lr"), show_default=False)]
+TrainSize = Annotated[Optional[int], typer.Option(help=_help("data.train_size"), show_default=False)]
+ValSize = Annotated[Optional[int], typer.Option(help=_help("data.val_size"), show_default=False)]
+TestSize = Annotated[Optional[int], typer.Option(help=_help("data.test_size"), show_default=False)]
 # evaluate and align on a checkpoint: the data settings default to the run's (carve.py).
 RunDataSource = Annotated[Optional[str], typer.Option("--data", help="Data source: synthetic | imagefolder:PATH | hf:NAME[:CONFIG] | disk:PATH | wds:PATTERN; another than the run's is read with a warning.  \\[default: the run's, recorded with the checkpoint]", show_default=False)]
 RunTrainSize = Annotated[Optional[int], typer.Option("--train-size", help="At most N training images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
@@ -113,7 +146,7 @@ GradCheckpoint = Annotated[bool, typer.Option("--gradient-checkpointing", help="
 LocalLoss = Annotated[bool, typer.Option("--local-loss", help="Under torchrun: each rank's contrastive loss covers its own pairs against all ranks' (less memory). Default: the global batch, exactly as one process.")]
 
 
-Log = Annotated[Optional[str], typer.Option("--log", help="jsonl | tensorboard: metrics.jsonl always; tensorboard also writes event files in RUN_DIR/tensorboard.  \\[default: jsonl]", show_default=False)]
+Log = Annotated[Optional[str], typer.Option("--log", help=_help("runtime.log"), show_default=False)]
 
 
 def _speed(compile: bool, gradient_checkpointing: bool, local_loss: bool = False, log: str | None = None) -> dict[str, object]:
@@ -133,7 +166,7 @@ def pretrain(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, data: Data = None, model: Model = None,
     vision_weights: VisionWeights = None, decoder: Decoder = None,
-    output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/pretrain]", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help=_help("pretrain.engine.output"), show_default=False)] = None,
     epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None, lr: Lr = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
@@ -172,13 +205,13 @@ def align(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Starting checkpoint, or a run directory (its best).  \\[default: runs/pretrain]", show_default=False)] = None,
     preferences: Annotated[Optional[str], typer.Option(help="Preference pairs: generated | jsonl:PATH | hf:NAME[:CONFIG] | disk:PATH | ultrafeedback[:NAME] | policy[:grounding|cider|clip[:WEIGHTS]] (the model's own captions, judged)  \\[default: generated from --data]", show_default=False)] = None,
     freeze_vision: Annotated[Optional[bool], typer.Option("--freeze-vision/--no-freeze-vision", help="Keep the vision tower frozen, its features cached.  \\[default: freeze]", show_default=False)] = None,
-    beta: Annotated[Optional[float], typer.Option(help="β, the scale of the implicit reward.  \\[default: 0.1]", show_default=False)] = None,
-    margin: Annotated[Optional[float], typer.Option(help="Margin of the Bradley-Terry loss.  \\[default: 0.1]", show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Run directory.  \\[default: runs/align]", show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training pairs.  \\[default: 5; tiny: 3]", show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option(help=_help("align.beta"), show_default=False)] = None,
+    margin: Annotated[Optional[float], typer.Option(help=_help("align.margin"), show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help=_help("align.engine.output"), show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=_help("align.engine.epochs"), show_default=False)] = None,
     max_steps: AlignMaxSteps = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Pairs per micro-batch.  \\[default: 32]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.  \\[default: 3e-5; tiny: 3e-4]", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=_help("align.engine.batch_size"), show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_help("align.optimizer.lr"), show_default=False)] = None,
     train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
@@ -218,21 +251,43 @@ def align(
 
 Images = Annotated[Optional[list[str]], typer.Argument(metavar="IMAGES", help="Image files, folders (searched recursively, sorted), globs (quoted ones are expanded too), or - to read paths from stdin, one per line.", show_default=False)]
 CaptionCheckpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint, or a run directory (its best).  \\[default: runs/align's best, else runs/pretrain's]", show_default=False)]
-Beams = Annotated[int, typer.Option(help="Beam width; 1 is greedy search.  \\[default: 5, in caption and evaluate alike]", show_default=False)]
-CaptionBatch = Annotated[int, typer.Option("--batch-size", help="Images decoded together; their lines are written and flushed after each batch.  \\[default: 16]", show_default=False)]
-Format = Annotated[str, typer.Option("--format", help="text: path<TAB>caption | tsv: a header line, then path, caption, score, logprob, tokens | jsonl: one JSON object per image with those keys.  \\[default: text]", show_default=False)]
-MaxLength = Annotated[int, typer.Option(help="At most N new tokens, end-of-text included.  \\[default: 32]", show_default=False)]
-MinLength = Annotated[int, typer.Option(help="At least N caption tokens before end-of-text may be chosen.  \\[default: 1]", show_default=False)]
-LengthPenalty = Annotated[float, typer.Option(help="Beam search ranks finished captions by logprob / tokens^X; above 1 favours longer ones.  \\[default: 1.0]", show_default=False)]
-NoRepeatNgram = Annotated[int, typer.Option(help="Never repeat an n-gram of this size; 0 allows repeats.  \\[default: 0]", show_default=False)]
-ConceptGuidance = Annotated[float, typer.Option(help="Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it.  \\[default: 1.0]", show_default=False)]
+CaptionBatch = Annotated[Optional[int], typer.Option("--batch-size", help=_help("caption.batch_size"), show_default=False)]
+Format = Annotated[Optional[str], typer.Option("--format", help=_help("caption.format"), show_default=False)]
+
+
+def _search_options(group: str) -> tuple[Any, ...]:
+    """``group``'s search options (caption, evaluate), each with its setting's docstring and default."""
+    def option(field: str, kind: type) -> Any:
+        return Annotated[Optional[kind], typer.Option(help=_help(f"{group}.decode.{field}"), show_default=False)]
+
+    return (option("beams", int), option("max_length", int), option("min_length", int),
+            option("length_penalty", float), option("no_repeat_ngram", int), option("concept_guidance", float))
+
+
+CaptionBeams, CaptionMaxLength, CaptionMinLength, CaptionLengthPenalty, CaptionNoRepeat, CaptionGuidance = (
+    _search_options("caption"))
+EvalBeams, EvalMaxLength, EvalMinLength, EvalLengthPenalty, EvalNoRepeat, EvalGuidance = _search_options("evaluate")
+# export's greedy search: the library's own DecodeSettings defaults
+ExportMaxLength = Annotated[Optional[int], typer.Option(help=_help("max_length", DecodeSettings), show_default=False)]
+ExportMinLength = Annotated[Optional[int], typer.Option(help=_help("min_length", DecodeSettings), show_default=False)]
+ExportGuidance = Annotated[Optional[float], typer.Option(help=_help("concept_guidance", DecodeSettings), show_default=False)]
+
+
+def _decode(group: str, beams: int | None, max_length: int | None, min_length: int | None,
+            length_penalty: float | None, no_repeat_ngram: int | None,
+            concept_guidance: float | None) -> dict[str, object]:
+    """The search options of caption and evaluate, as dotted settings keys of ``group``.decode (None: not given)."""
+    return {f"{group}.decode.beams": beams, f"{group}.decode.max_length": max_length,
+            f"{group}.decode.min_length": min_length, f"{group}.decode.length_penalty": length_penalty,
+            f"{group}.decode.no_repeat_ngram": no_repeat_ngram, f"{group}.decode.concept_guidance": concept_guidance}
 
 
 @app.command()
 def caption(
-    images: Images = None, checkpoint: CaptionCheckpoint = None, beams: Beams = 5, batch_size: CaptionBatch = 16,
-    fmt: Format = "text", max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
-    no_repeat_ngram: NoRepeatNgram = 0, concept_guidance: ConceptGuidance = 1.0, config: Config = None,
+    images: Images = None, checkpoint: CaptionCheckpoint = None, beams: CaptionBeams = None,
+    batch_size: CaptionBatch = None, fmt: Format = None, max_length: CaptionMaxLength = None,
+    min_length: CaptionMinLength = None, length_penalty: CaptionLengthPenalty = None,
+    no_repeat_ngram: CaptionNoRepeat = None, concept_guidance: CaptionGuidance = None, config: Config = None,
     device: Device = None, precision: Precision = None, quiet: Quiet = False,
 ) -> None:
     """Caption image files, folders, globs and stdin lists: one line per image on stdout, in input order, flushed batch by batch.
@@ -242,19 +297,20 @@ def caption(
     A missing, corrupt, non-image or oversized file gets one line on stderr, "error: PATH: reason", and the rest is still captioned. Exit codes: 0 every image captioned, 1 some failed, 2 usage error.
     """
     with exit_codes():
-        from capcli.captioning import CaptionOptions, expand_inputs, write_captions
+        from capcli.captioning import expand_inputs, write_captions
         from capcli.settings import load_settings
 
-        settings = load_settings(config, {"runtime.device": device, "runtime.precision": precision,
-                                          "runtime.quiet": quiet or None})
-        options = CaptionOptions(fmt, batch_size, beams, max_length, min_length, length_penalty, no_repeat_ngram,
-                                 concept_guidance)
+        settings = load_settings(config, {
+            "runtime.device": device, "runtime.precision": precision, "runtime.quiet": quiet or None,
+            "caption.format": fmt, "caption.batch_size": batch_size,
+            **_decode("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+        })
         items = expand_inputs(images or [], sys.stdin)
         # torch and friends: only once the options are known to be good
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
 
         directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
-        failed = write_captions(items, directory, options, settings)
+        failed = write_captions(items, directory, settings)
     if failed:
         raise typer.Exit(1)
 
@@ -264,18 +320,19 @@ def evaluate(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, data: RunDataSource = None,
     checkpoint: CaptionCheckpoint = None,
-    split: Annotated[str, typer.Option(help="train | val | test | test_novel  \\[default: test]", show_default=False)] = "test",
-    beams: Beams = 5, max_length: MaxLength = 32, min_length: MinLength = 1, length_penalty: LengthPenalty = 1.0,
-    no_repeat_ngram: NoRepeatNgram = 0, concept_guidance: ConceptGuidance = 1.0,
-    limit: Annotated[Optional[int], typer.Option(help="Evaluate the first N images of the split only.", show_default=False)] = None,
-    baseline: Annotated[Optional[Path], typer.Option(help="Checkpoint whose captions the win rate is against.  \\[default: shuffled captions]", show_default=False)] = None,
-    save_captions: Annotated[Optional[Path], typer.Option(help="Write one JSON line per image: image, caption, references, scores.", show_default=False)] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Write DIR/index.html: each image with its caption, references, CIDEr-D, CLIP score and grounding errors, sortable, self-contained.", show_default=False)] = None,
-    output: Annotated[Path, typer.Option(help="Where the results JSON is written.  \\[default: results/evaluation_metrics.json]", show_default=False)] = Path("results/evaluation_metrics.json"),
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded together.  \\[default: 64]", show_default=False)] = 64,
-    judge: Annotated[str, typer.Option(help="Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE.  \\[default: auto]", show_default=False)] = "auto",
+    split: Annotated[Optional[str], typer.Option(help=_help("evaluate.split"), show_default=False)] = None,
+    beams: EvalBeams = None, max_length: EvalMaxLength = None, min_length: EvalMinLength = None,
+    length_penalty: EvalLengthPenalty = None, no_repeat_ngram: EvalNoRepeat = None,
+    concept_guidance: EvalGuidance = None,
+    limit: Annotated[Optional[int], typer.Option(help=_help("evaluate.limit"), show_default=False)] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help=_help("evaluate.baseline"), show_default=False)] = None,
+    save_captions: Annotated[Optional[Path], typer.Option(help=_help("evaluate.save_captions"), show_default=False)] = None,
+    report: Annotated[Optional[Path], typer.Option(help=_help("evaluate.report"), show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help=_help("evaluate.output"), show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_help("evaluate.batch_size"), show_default=False)] = None,
+    judge: Annotated[Optional[str], typer.Option(help=_help("evaluate.judge"), show_default=False)] = None,
     train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
-    allow_train_images: Annotated[bool, typer.Option("--allow-train-images", help="Score a held-out split even when it holds images the run trained on (refused otherwise, exit 2).")] = False,
+    allow_train_images: Annotated[bool, typer.Option("--allow-train-images", help=_help("evaluate.allow_train_images"))] = False,
 ) -> None:
     """Captions of a split, scored: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIP score, win rate, preference
     accuracy and (on synthetic) grounding, each with a bootstrap 95% interval.
@@ -284,32 +341,29 @@ def evaluate(
     of val and test. The evaluated images are checked against the run's training images.
     """
     with exit_codes():
-        if beams < 1 or max_length < 1 or min_length < 0 or batch_size < 1 or (limit is not None and limit < 1):
-            raise typer.BadParameter("--beams, --max-length, --batch-size and --limit must be at least 1")
-        if not (math.isfinite(concept_guidance) and concept_guidance >= 0):
-            raise typer.BadParameter("--concept-guidance must be a finite number of at least 0")
+        from capcli.settings import load_settings
+
+        cli = {
+            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
+            "data.val_size": val_size, "data.test_size": test_size, "evaluate.split": split,
+            **_decode("evaluate", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            "evaluate.limit": limit, "evaluate.baseline": baseline, "evaluate.save_captions": save_captions,
+            "evaluate.report": report, "evaluate.output": output, "evaluate.batch_size": batch_size,
+            "evaluate.judge": judge, "evaluate.allow_train_images": allow_train_images or None,
+        }
+        load_settings(config, cli)  # the options are checked before a checkpoint is looked for
         from capcli import evaluation, results
         from capcli.carve import follow_run
         from capcli.checkpoint import default_checkpoint, resolve_checkpoint
-        from capcli.generation import DecodeSettings
 
         directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
-        run = follow_run(directory, config, {
-            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
-            "data.val_size": val_size, "data.test_size": test_size,
-        })
+        run = follow_run(directory, config, cli)
         settings = run.settings
         if (warning := run.warning(directory)) is not None:
             print(f"warning: {warning}", file=sys.stderr)
-        options = evaluation.EvalOptions(
-            checkpoint=directory, split=split,
-            decode=DecodeSettings(beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
-            limit=limit,
-            baseline=resolve_checkpoint(baseline) if baseline else None, save_captions=save_captions, report=report,
-            batch_size=batch_size, judge=judge, trained_on=run.recorded, allow_train_images=allow_train_images,
-        )
         log = (lambda _: None) if settings.runtime.quiet else (lambda line: print(line, file=sys.stderr))
-        outcome = evaluation.evaluate(settings, options, log)
+        outcome = evaluation.evaluate(settings, directory, run.recorded, log)
+        output = settings.evaluate.output
         results.write_json(outcome, output)
         results.print_evaluation(outcome, json)
         log(f"results written to {output}")
@@ -343,7 +397,7 @@ def export(
     checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint, or a run directory (its best).", show_default=False)],
     output: Annotated[Path, typer.Option(help="Folder for the graphs, the tokenizer and decoding.json.", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="onnx  \\[default: onnx]", show_default=False)] = "onnx",
-    max_length: MaxLength = 32, min_length: MinLength = 1, concept_guidance: ConceptGuidance = 1.0,
+    max_length: ExportMaxLength = None, min_length: ExportMinLength = None, concept_guidance: ExportGuidance = None,
 ) -> None:
     """Export a checkpoint for serving without PyTorch: the vision tower with the prefix mapper as one ONNX
     graph, the decoder with its key/value cache as another (dynamic batch and sequence axes), the tokenizer,
@@ -352,17 +406,19 @@ def export(
     with exit_codes():
         from capcli.errors import ConfigError
         from capcli.serving import require_onnx
+        from capcli.settings import validated
 
         if fmt != "onnx":
             raise ConfigError(f"unknown --format {fmt!r} (allowed: onnx)")
-        if max_length < 1 or min_length < 0 or not (math.isfinite(concept_guidance) and concept_guidance >= 0):
-            raise ConfigError("--max-length must be at least 1, --min-length and --concept-guidance at least 0")
+        given = {"max_length": max_length, "min_length": min_length, "concept_guidance": concept_guidance}
+        decode = validated(DecodeSettings, {key: value for key, value in given.items() if value is not None})
 
         require_onnx()  # before torch is imported: a missing extra answers at once
         from capcli.checkpoint import resolve_checkpoint
         from capcli.export import export_onnx
 
-        export_onnx(resolve_checkpoint(checkpoint), output, max_length, min_length, concept_guidance)
+        export_onnx(resolve_checkpoint(checkpoint), output, decode.max_length, decode.min_length,
+                    decode.concept_guidance)
         print(output)
 
 
@@ -371,8 +427,8 @@ def benchmark(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, model: Model = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training micro-batch of both phases.  \\[default: the preset's: tiny 32]", show_default=False)] = None,
-    repeats: Annotated[Optional[int], typer.Option(help="Timed repeats of each figure after one warm-up; the median and min-max are reported.  \\[default: 3]", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per timed training run, the first untimed.  \\[default: 6]", show_default=False)] = None,
+    repeats: Annotated[Optional[int], typer.Option(help=_help("benchmark.repeats"), show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=_help("benchmark.steps"), show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Time this checkpoint's architecture and weights.  \\[default: random weights of --model]", show_default=False)] = None,
     sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, onnx, policy, metrics; and, run only when named, peers (capcli beside transformers' VisionEncoderDecoder and open_clip's CoCa) and startup (one image in one `capcli caption` process against `import torch`).  \\[default: all but peers and startup]", show_default=False)] = "data,pretrain,align,caption,onnx,policy,metrics",
     out: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.", show_default=False)] = None,

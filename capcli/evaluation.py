@@ -14,7 +14,6 @@ import json
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import torch
 from capcli import __version__, faults
 from capcli.caches import pair_logps
 from capcli.carve import CARVE_KEYS, carve_changes, train_overlap
+from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
@@ -34,7 +34,7 @@ from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.data.preferences import generate_pairs
 from capcli.data.sources import load_splits
 from capcli.errors import ConfigError, DataError
-from capcli.generation import DecodeSettings, generate_captions
+from capcli.generation import generate_captions
 from capcli.judge import load_judge
 from capcli.metrics import (
     bootstrap_interval,
@@ -44,44 +44,31 @@ from capcli.metrics import (
     grounding_intervals,
     grounding_metrics,
     pairwise_outcomes,
+    preference_accuracy,
     ref_clip_score,
 )
 from capcli.model import Captioner
 from capcli.objectives import score_pairs
 from capcli.runtime import Runtime
-from capcli.settings import DataSettings, Settings
-
-RESULTS_FILE = Path("results/evaluation_metrics.json")
+from capcli.settings import DataSettings, EvaluateSettings, Settings
 
 
-@dataclass
-class EvalOptions:
-    """What ``capcli evaluate`` was asked for, beside the settings."""
+def evaluate(settings: Settings, checkpoint: Path, trained_on: DataSettings | None = None,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on ``settings.evaluate.split``; returns the results document.
 
-    checkpoint: Path
-    split: str = "test"
-    decode: DecodeSettings = field(default_factory=lambda: DecodeSettings(beams=5))
-    limit: int | None = None
-    baseline: Path | None = None
-    save_captions: Path | None = None
-    report: Path | None = None  # a folder for the HTML gallery (gallery.py)
-    batch_size: int = 64
-    resamples: int = 1000
-    judge: str = "auto"
-    trained_on: DataSettings | None = None
-    """The data settings recorded with the checkpoint's run: its training split is checked against the
-    evaluated images. None: not recorded, and the given settings' own training split is checked."""
-    allow_train_images: bool = False
-    """Score a held-out split even when it holds images the run trained on (refused otherwise)."""
-
-
-def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Evaluate ``options.checkpoint`` on ``options.split``; returns the results document."""
+    What is evaluated and how is ``settings.evaluate``. ``trained_on`` is the data settings
+    recorded with the checkpoint's run: its training split is checked against the evaluated
+    images. None: not recorded, and the given settings' own training split is checked.
+    """
+    options = settings.evaluate
+    baseline = resolve_checkpoint(options.baseline) if options.baseline is not None else None  # fails early
     runtime = Runtime.from_settings(settings.runtime)
     device = runtime.device
-    model = Captioner.from_pretrained(options.checkpoint, device).eval()
-    judge = load_judge(options.judge, model, options.checkpoint, device, settings.data.max_pixels)
-    rows, pixels, skipped, overlap = _load_split(settings, options, model.image_size)
+    model = Captioner.from_pretrained(checkpoint, device).eval()
+    judge = load_judge(options.judge, model, checkpoint, device, settings.data.max_pixels,
+                       settings.data.max_caption_tokens)
+    rows, pixels, skipped, overlap = _load_split(settings, trained_on, model.image_size)
     n = len(rows)
     seed = settings.runtime.seed
     log(f"evaluate: captioning {n} {options.split} images with beams={options.decode.beams}")
@@ -116,12 +103,12 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         bootstrap_interval(ref_clip, options.resamples, seed=seed))
 
     # Win rate: the judge's CLIP score of our caption against the baseline's, per image.
-    if options.baseline is not None:
-        baseline_model = Captioner.from_pretrained(options.baseline, device).eval()
+    if baseline is not None:
+        baseline_model = Captioner.from_pretrained(baseline, device).eval()
         with runtime.autocast():
             baseline_captions = _decode(baseline_model, pixels, options)
         del baseline_model
-        baseline_name = f"checkpoint:{options.baseline}"
+        baseline_name = f"checkpoint:{baseline}"
     else:
         baseline_captions = _shuffled(predictions, seed)
         baseline_name = "shuffled captions (each image gets another image's generated caption)"
@@ -157,27 +144,27 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
 
         gallery = [GalleryRow(pixels[i], predictions[i], references[i], float(scores.per_image["cider_d"][i]),
                               float(clip[i]), grounding.errors[i] if grounding is not None else [],
-                              baseline_captions[i] if options.baseline is not None else None,
-                              float(baseline_clip[i]) if options.baseline is not None else None)
+                              baseline_captions[i] if baseline is not None else None,
+                              float(baseline_clip[i]) if baseline is not None else None)
                    for i in range(n)]
         summary = {name: value["value"] for name, value in metrics.items() if not name.startswith("grounding_")}
         page = write_gallery(options.report, gallery,
-                             f"capcli evaluate: {options.checkpoint} on {options.split} (n={n})", summary)
+                             f"capcli evaluate: {checkpoint} on {options.split} (n={n})", summary)
         log(f"gallery written to {page}")
 
     return {
-        "checkpoint": str(options.checkpoint),
+        "checkpoint": str(checkpoint),
         "split": options.split,
         "n": n,
         "skipped_images": skipped,
         "data": settings.data.source,
         "data_settings": {key: getattr(settings.data, key) for key in CARVE_KEYS},
-        "carve": _carve_note(settings.data, options.trained_on),
+        "carve": _carve_note(settings.data, trained_on),
         "train_overlap": overlap,
         "tokenizer": scores.tokenizer,
         "judge": judge.name,
         "baseline": baseline_name,
-        "decoding": asdict(options.decode),
+        "decoding": options.decode.model_dump(),
         "bootstrap": {"resamples": options.resamples, "confidence": 0.95, "seed": seed},
         "metrics": metrics,
         "skipped_metrics": scores.skipped,
@@ -189,7 +176,8 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
 # --- the steps ----------------------------------------------------------------------------------------------------
 
 
-def _load_split(settings: Settings, options: EvalOptions, image_size: int):
+def _load_split(settings: Settings, trained_on: DataSettings | None, image_size: int):
+    options = settings.evaluate
     splits = load_splits(settings.data)
     rows = splits.get(options.split)
     if isinstance(rows, datasets.IterableDataset):
@@ -201,7 +189,7 @@ def _load_split(settings: Settings, options: EvalOptions, image_size: int):
                           f"(it has: {', '.join(have)})")
     if options.limit is not None:
         rows = rows.select(range(min(options.limit, len(rows))))
-    overlap = _checked_overlap(settings, options, splits, rows)
+    overlap = _checked_overlap(settings, trained_on, splits, rows)
     images, keep = [], []
     for i, value in enumerate(rows["image"]):
         try:
@@ -225,13 +213,13 @@ def _carve_note(data: DataSettings, trained_on: DataSettings | None) -> str:
     return f"changed: {'; '.join(changes)}" if changes else "the run's"
 
 
-def _checked_overlap(settings: Settings, options: EvalOptions, splits, rows) -> int | None:
+def _checked_overlap(settings: Settings, trained_on: DataSettings | None, splits, rows) -> int | None:
     """How many evaluated images the run trained on; a held-out split holding any is refused unless allowed.
 
     None where it cannot be known: a streamed training split (a stream is never carved), or
     the run's recorded data that can no longer be read.
     """
-    trained_on = options.trained_on
+    options = settings.evaluate
     train = splits.get("train")
     if trained_on is not None and carve_changes(trained_on, settings.data):
         try:
@@ -251,7 +239,7 @@ def _checked_overlap(settings: Settings, options: EvalOptions, splits, rows) -> 
     return overlap
 
 
-def _decode(model: Captioner, pixels: torch.Tensor, options: EvalOptions) -> list[str]:
+def _decode(model: Captioner, pixels: torch.Tensor, options: EvaluateSettings) -> list[str]:
     out: list[str] = []
     for start in range(0, len(pixels), options.batch_size):
         out += generate_captions(model, pixels[start : start + options.batch_size], options.decode)
@@ -275,13 +263,13 @@ def _shuffled(captions: list[str], seed: int) -> list[str]:
 
 
 def _preference_outcomes(model, pairs, settings, runtime, batch_size) -> tuple[np.ndarray, np.ndarray]:
-    """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong); and each pair's kind."""
+    """Per pair, 1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong); and its kind."""
     data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
     logps = pair_logps(model, data, collate, score_pairs, runtime, batch_size)
     read = ~logps.isnan().any(dim=1)  # pairs whose image could not be read are left out
     kinds = np.asarray(pairs["corruption"], dtype=object)[read.numpy()]
-    return (logps[read, 0] > logps[read, 1]).float().numpy(), kinds
+    return preference_accuracy(logps[read, 0], logps[read, 1], tie=0.0, reduction="none").numpy(), kinds
 
 
 def _save_captions(path: Path, rows, predictions, references, judged: dict[str, np.ndarray], scores,

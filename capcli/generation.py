@@ -17,23 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from capcli.losses import sequence_logps
 from capcli.model import Captioner
 from capcli.runtime import evaluating
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """Search controls, as ``generate`` takes them."""
-
-    beams: int = 1
-    max_length: int = 32
-    min_length: int = 1
-    length_penalty: float = 1.0
-    no_repeat_ngram: int = 0
-    concept_guidance: float = 1.0
-    """λ: each concept word's next-token score gains λ·log σ(concept logit), so that a word the
-    concept head does not see in the image is hard to say (``ConceptGuidance``). No effect on a
-    model without a concept head; 0 turns it off."""
+from capcli.settings import DecodeSettings  # the search controls, one settings group
 
 
 @dataclass(frozen=True)
@@ -144,11 +131,12 @@ def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:
     return ids, columns
 
 
-def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings,
+            **search: object) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the search: (vision features, (B, new tokens) ids padded with pad after end-of-text)."""
     model.eval()
     features = model.image_features(pixels.to(model.pixel_mean.device))
-    return features, _generate(model, features, decode, decode.beams)
+    return features, _generate(model, features, decode, decode.beams, **search)
 
 
 def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, copies: int,
@@ -213,18 +201,21 @@ def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeS
 
 
 @torch.no_grad()
-def generate_captions(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings = DecodeSettings()) -> list[str]:
+def generate_captions(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings = DecodeSettings(),
+                      *, use_cache: bool = True) -> list[str]:
     """Caption a batch of images.
 
     Args:
         model: a Captioner (its device is used).
         pixels: (B, 3, H, W) uint8 images at the model's resolution.
         decode: search settings.
+        use_cache: False re-runs the decoder over [prefix; tokens so far] at every step, the same
+            search without the KV cache: only the baseline that ``capcli benchmark`` times.
 
     Returns:
         One caption per image, without special tokens.
     """
-    _, ids = _search(model, pixels, decode)
+    _, ids = _search(model, pixels, decode, use_cache=use_cache)
     return [text.strip() for text in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -253,9 +244,8 @@ def caption_logprobs(model: Captioner, features: torch.Tensor, ids: torch.Tensor
         (:func:`scored_mask`), and (B,) the number of scored tokens.
     """
     mask = scored_mask(ids, model.tokenizer.eos_token_id)
-    logits = model.caption_logits(features, ids, mask).float()  # (B, T, V)
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (token_logps * mask).sum(dim=1), mask.sum(dim=1)
+    logits = model.caption_logits(features, ids, mask)  # (B, T, V)
+    return sequence_logps(logits, model.caption_targets(ids, mask)), mask.sum(dim=1)
 
 
 @torch.no_grad()

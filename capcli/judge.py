@@ -29,8 +29,9 @@ class SelfJudge:
 
     suffix = "_self"
 
-    def __init__(self, model: Captioner, checkpoint: Path, max_pixels: int):
+    def __init__(self, model: Captioner, checkpoint: Path, max_pixels: int, max_tokens: int):
         self.model, self.max_pixels = model, max_pixels
+        self.max_tokens = max_tokens  # data.max_caption_tokens: the length the model's text embedding trained on
         self.name = f"self:{checkpoint}"
 
     @torch.no_grad()
@@ -41,7 +42,7 @@ class SelfJudge:
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
-        ids, mask = tokenize_captions(CaptionCollator(self.model.tokenizer, 48), list(texts))
+        ids, mask = tokenize_captions(CaptionCollator(self.model.tokenizer, self.max_tokens), list(texts))
         device = self.model.pixel_mean.device
         return self.model.embed_text(ids.to(device), mask.to(device)).float()
 
@@ -90,14 +91,19 @@ def cached_judge_weights() -> str | None:
     return None
 
 
-def load_judge(spec: str, model: Captioner, checkpoint: Path, device: torch.device, max_pixels: int):
-    """``auto`` (open_clip ViT-B/32 ``openai`` if cached, else self), ``self``, ``open_clip[:TAG]``, or a weights FILE."""
+def load_judge(spec: str, model: Captioner, checkpoint: Path, device: torch.device, max_pixels: int,
+               max_tokens: int):
+    """``auto`` (open_clip ViT-B/32 ``openai`` if cached, else self), ``self``, ``open_clip[:TAG]``, or a weights FILE.
+
+    ``max_tokens`` (``data.max_caption_tokens``) is where the self judge cuts a caption; open_clip's
+    tokenizer keeps its own context length.
+    """
     if spec == "self":
-        return SelfJudge(model, checkpoint, max_pixels)
+        return SelfJudge(model, checkpoint, max_pixels, max_tokens)
     if spec == "auto":
         path = cached_judge_weights()
         if path is None:
-            return SelfJudge(model, checkpoint, max_pixels)
+            return SelfJudge(model, checkpoint, max_pixels, max_tokens)
         judge = OpenClipJudge(path, device, max_pixels, quick_gelu=True)  # OpenAI's weights use QuickGELU
         judge.name = f"open_clip:{JUDGE_MODEL}:{JUDGE_TAG}"
         return judge

@@ -6,7 +6,7 @@ against numbers worked out by hand (tests/test_losses.py).
 
 from __future__ import annotations
 
-import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -94,16 +94,6 @@ def concept_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (bce.sum(dim=1) / targets.float().sum(dim=1).clamp(min=1.0)).mean()
 
 
-def clamp_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
-    """Clamp a learnable 1/τ at 100, as in the CLIP paper, so the logits cannot blow up."""
-    return logit_scale.clamp(max=100.0)
-
-
-def initial_logit_scale(temperature: float) -> float:
-    """The log of 1/τ, the parametrisation CLIP learns (``logit_scale.exp()`` is 1/τ)."""
-    return math.log(1.0 / temperature)
-
-
 def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, length_normalize: bool = False) -> torch.Tensor:
     """Log-probability of each target sequence under its logits: the reward's raw material.
 
@@ -123,6 +113,17 @@ def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, length_normalize
     return total / mask.sum(dim=1).clamp(min=1) if length_normalize else total
 
 
+class PreferenceLoss(NamedTuple):
+    """What :func:`preference_loss` returns: the loss and the rewards it was computed from."""
+
+    loss: torch.Tensor
+    """0-d: the mean over pairs."""
+    chosen_rewards: torch.Tensor
+    """(B,) β·(πc − refc), or β·πc without a reference; with gradients (an anchor term may use them)."""
+    rejected_rewards: torch.Tensor
+    """(B,) β·(πr − refr), or β·πr without a reference."""
+
+
 def preference_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -130,13 +131,15 @@ def preference_loss(
     ref_rejected_logps: torch.Tensor | None = None,
     beta: float = 0.1,
     margin: float = 0.1,
-) -> torch.Tensor:
+) -> PreferenceLoss:
     """Bradley-Terry preference loss with a margin: ``−log σ(β·((πc−refc) − (πr−refr)) − margin)``.
 
     With reference log-probs this is DPO (Rafailov et al. 2023,
     https://arxiv.org/abs/2305.18290) plus a margin, as in the Llama 2 reward model;
     without them (``reference: none``) the rewards are the plain log-probabilities. At
-    initialisation the policy is the reference, so with no margin the loss is ln 2.
+    initialisation the policy is the reference, so with no margin the loss is ln 2. As
+    torchtune's DPO loss does, it returns the rewards beside the loss, so that no caller
+    computes them again.
 
     Args:
         policy_chosen_logps, policy_rejected_logps: (B,) sequence log-probs under the trained model.
@@ -145,12 +148,13 @@ def preference_loss(
         margin: how far the chosen reward must exceed the rejected before the loss flattens.
 
     Returns:
-        A 0-d tensor: the mean over pairs.
+        A :class:`PreferenceLoss`: the mean loss over pairs, and each pair's two rewards.
     """
     chosen, rejected = policy_chosen_logps, policy_rejected_logps
     if ref_chosen_logps is not None and ref_rejected_logps is not None:
         chosen, rejected = chosen - ref_chosen_logps, rejected - ref_rejected_logps
-    return -F.logsigmoid(beta * (chosen - rejected) - margin).mean()
+    loss = -F.logsigmoid(beta * (chosen - rejected) - margin).mean()
+    return PreferenceLoss(loss, beta * chosen, beta * rejected)
 
 
 def alpha_schedule(step: float, total: float, init: float = 0.7, final: float = 0.3) -> float:

@@ -23,6 +23,7 @@ from capcli.losses import (
     preference_loss,
     sequence_logps,
 )
+from capcli.metrics.preference import preference_accuracy
 from capcli.model import Captioner
 
 
@@ -174,20 +175,20 @@ class AlignObjective:
         ref_chosen = ref_rejected = None
         if batch.reference is not None:
             ref_chosen, ref_rejected = batch.reference[:, 0], batch.reference[:, 1]
-        preference = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.margin)
+        preference, reward_chosen, reward_rejected = preference_loss(
+            policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.beta, self.margin)
         out: dict[str, torch.Tensor] = {"preference_loss": (1 - alpha) * preference}
         unweighted = preference.detach()
-        chosen_reward = self.beta * (policy_chosen - (0 if ref_chosen is None else ref_chosen))
         if other is not None:
             if batch.reference is not None and batch.reference.shape[1] < 3:
                 raise ValueError("image_weight needs the reference log-prob of each chosen caption given "
                                  "its other image: build the pairs with other images")
             ref_other = None if batch.reference is None else batch.reference[:, 2]
-            image_term = preference_loss(policy_chosen, logps[2 * n :], ref_chosen, ref_other, self.beta, 0.0)
+            image_term = preference_loss(policy_chosen, logps[2 * n :], ref_chosen, ref_other, self.beta, 0.0).loss
             out["image_preference_loss"] = (1 - alpha) * self.image_weight * image_term
             unweighted = unweighted + self.image_weight * image_term.detach()
         if self.anchor_weight:
-            anchor = -F.logsigmoid(chosen_reward).mean()
+            anchor = -F.logsigmoid(reward_chosen).mean()
             out["anchor_loss"] = (1 - alpha) * self.anchor_weight * anchor
             unweighted = unweighted + self.anchor_weight * anchor.detach()
         if features is not None:  # text-only pairs have no image to contrast with
@@ -199,15 +200,14 @@ class AlignObjective:
         if self.lm_weight:
             out["caption_loss"] = self.lm_weight * caption_loss(logits[:n], targets[:n])
         with torch.no_grad():
-            reward_chosen = self.beta * (policy_chosen - (0 if ref_chosen is None else ref_chosen))
-            reward_rejected = self.beta * (policy_rejected - (0 if ref_rejected is None else ref_rejected))
+            reward_chosen, reward_rejected = reward_chosen.detach(), reward_rejected.detach()
             if other is not None:
                 out["logp_chosen_other_image"] = logps[2 * n :].mean()
             out.update(
                 loss_unweighted=unweighted,
-                reward_accuracy=_ranked(reward_chosen, reward_rejected),
+                reward_accuracy=preference_accuracy(reward_chosen, reward_rejected, tie=0.5),
                 # The model's own ranking by log-prob, as `capcli evaluate` measures it: ties are wrong.
-                preference_accuracy=(policy_chosen > policy_rejected).float().mean(),
+                preference_accuracy=preference_accuracy(policy_chosen, policy_rejected, tie=0.0),
                 reward_margin=(reward_chosen - reward_rejected).mean(),
                 logp_chosen=policy_chosen.mean(),
                 logp_rejected=policy_rejected.mean(),
@@ -215,11 +215,3 @@ class AlignObjective:
             )
         return out
 
-
-def _ranked(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
-    """The share of pairs whose reward ranks chosen first, ties counting half.
-
-    Half, because at the start the policy is the reference and every reward is exactly 0:
-    the accuracy then reads 0.5, chance, rather than a misleading 0.
-    """
-    return (chosen > rejected).float().mean() + 0.5 * (chosen == rejected).float().mean()

@@ -16,10 +16,11 @@ silently ignored setting. Each function downstream takes only the group it needs
 from __future__ import annotations
 
 import difflib
+import functools
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -35,6 +36,9 @@ class Strict(BaseModel):
     """Base for every settings group: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+StrictGroup = TypeVar("StrictGroup", bound=Strict)
 
 
 class ModelSettings(Strict):
@@ -96,9 +100,9 @@ class DataSettings(Strict):
     cache_dir: Path | None = None
     """Where generated data is materialised. Default: `$XDG_CACHE_HOME/capcli` or `~/.cache/capcli`."""
     image_column: str | None = None
-    """Column holding the image in user data. Default: `image`."""
+    """Column holding the image in user data. Default: `image` (wds: `jpg` or `png`)."""
     caption_column: str | None = None
-    """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text`."""
+    """Column holding the caption(s) in user data: a string or a list of strings. Default: the first of `captions`, `caption`, `text` (wds: `txt`, or the caption in `json`)."""
     train_split: str | None = None
     """The source's split to train on (`hf:`, `disk:`). Default: `train`."""
     streaming: bool = False
@@ -272,6 +276,67 @@ class BenchmarkSettings(Strict):
     """Side of the square matmul that measures the peak FLOP/s. Default: 2048 on CPU, 8192 on CUDA."""
 
 
+class DecodeSettings(Strict):
+    """Search controls of a caption, as transformers' `generate` takes them (`capcli caption`, `capcli evaluate`)."""
+
+    model_config = ConfigDict(frozen=True)  # hashable: a search is a value, shared and cached by it
+
+    beams: int = Field(1, ge=1)
+    """Beam width; 1 is greedy search."""
+    max_length: int = Field(32, ge=1)
+    """At most N new tokens, end-of-text included."""
+    min_length: int = Field(1, ge=0)
+    """At least N caption tokens before end-of-text may be chosen."""
+    length_penalty: float = Field(1.0, allow_inf_nan=False)
+    """Beam search ranks finished captions by logprob / tokens^X; above 1 favours longer ones."""
+    no_repeat_ngram: int = Field(0, ge=0)
+    """Never repeat an n-gram of this size; 0 allows repeats."""
+    concept_guidance: float = Field(1.0, ge=0, allow_inf_nan=False)
+    """Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it."""
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> DecodeSettings:
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) cannot exceed max_length ({self.max_length})")
+        return self
+
+
+class CaptionSettings(Strict):
+    """`capcli caption`: how images are decoded and their lines written."""
+
+    format: Literal["text", "jsonl", "tsv"] = "text"
+    """text: path<TAB>caption | tsv: a header line, then path, caption, score, logprob, tokens | jsonl: one JSON object per image with those keys."""
+    batch_size: int = Field(16, ge=1)
+    """Images decoded together; their lines are written and flushed after each batch."""
+    decode: DecodeSettings = DecodeSettings(beams=5)
+
+
+class EvaluateSettings(Strict):
+    """`capcli evaluate`: which split, how it is decoded, and what is written."""
+
+    split: str = "test"
+    """train | val | test | test_novel"""
+    decode: DecodeSettings = DecodeSettings(beams=5)
+    limit: int | None = Field(None, ge=1)
+    """Evaluate the first N images of the split only; null: all of them."""
+    baseline: Path | None = None
+    """Checkpoint whose captions the win rate is against; null: shuffled captions."""
+    save_captions: Path | None = None
+    """Write one JSON line per image: image, caption, references, scores."""
+    report: Path | None = None
+    """Write DIR/index.html: each image with its caption, references, CIDEr-D, CLIP score and grounding errors, sortable, self-contained."""
+    output: Path = Path("results/evaluation_metrics.json")
+    """Where the results JSON is written."""
+    batch_size: int = Field(64, ge=1)
+    """Images decoded together."""
+    resamples: int = Field(1000, ge=1)
+    """Bootstrap resamples behind every 95% interval."""
+    judge: str = "auto"
+    """Who scores CLIP score and win rate: auto (open_clip ViT-B-32 openai if cached, else self) | self | open_clip[:TAG] | a ViT-B-32 weights FILE."""
+    allow_train_images: bool = False
+    """Score a held-out split even when it holds images the run trained on (refused otherwise, exit 2)."""
+
+
 class Settings(Strict):
     model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
@@ -279,6 +344,8 @@ class Settings(Strict):
     pretrain: PretrainSettings = PretrainSettings()
     align: AlignSettings = AlignSettings()
     benchmark: BenchmarkSettings = BenchmarkSettings()
+    caption: CaptionSettings = CaptionSettings()
+    evaluate: EvaluateSettings = EvaluateSettings()
 
 
 class _EnvReader(BaseSettings):
@@ -291,6 +358,8 @@ class _EnvReader(BaseSettings):
     pretrain: dict[str, Any] = {}
     align: dict[str, Any] = {}
     benchmark: dict[str, Any] = {}
+    caption: dict[str, Any] = {}
+    evaluate: dict[str, Any] = {}
 
 
 def config_path(name: str) -> Path:
@@ -407,6 +476,47 @@ def override(settings: Settings, dotted: dict[str, Any]) -> Settings:
     """A copy of ``settings`` with dotted keys replaced (None is a value here), validated again."""
     try:
         return Settings.model_validate(deep_merge(settings.model_dump(), unflatten(dotted, keep_none=True)))
+    except ValidationError as err:
+        raise ConfigError(describe_error(err)) from None
+
+
+def field_doc(key: str, root: type[BaseModel] = Settings) -> str:
+    """The docstring of a dotted setting (``pretrain.engine.epochs``) on one line: the CLI help and docs share it."""
+    model: type[BaseModel] = root
+    *groups, leaf = key.split(".")
+    for group in groups:
+        model = model.model_fields[group].annotation  # a nested group's class
+    return " ".join((model.model_fields[leaf].description or "").split())
+
+
+@functools.cache
+def _preset(preset: str) -> tuple[Settings, dict[str, Any]]:
+    """A preset's resolved settings (no environment, no file) and its profile as written."""
+    return load_settings(cli={"model.preset": preset}, environ={}), read_yaml(config_path(f"presets/{preset}.yaml"))
+
+
+def preset_defaults(key: str) -> dict[str, Any]:
+    """A dotted setting's field default, then the value of each preset whose profile changes it.
+
+    ``preset_defaults("pretrain.engine.epochs")`` is ``{"default": 10, "tiny": 16}``: what the CLI
+    help prints as ``[default: 10; tiny: 16]``.
+    """
+    parts = key.split(".")
+    out = {"default": functools.reduce(getattr, parts, Settings())}
+    for preset in PRESETS:
+        settings, profile = _preset(preset)
+        value = functools.reduce(getattr, parts, settings)
+        written = functools.reduce(lambda node, part: node.get(part, {}) if isinstance(node, dict) else {},
+                                   parts[:-1], profile)
+        if isinstance(written, dict) and parts[-1] in written and value != out["default"]:
+            out[preset] = value
+    return out
+
+
+def validated(group: type[StrictGroup], values: dict[str, Any]) -> StrictGroup:
+    """One settings group built from ``values``; a bad value raises ConfigError naming the field."""
+    try:
+        return group.model_validate(values)
     except ValidationError as err:
         raise ConfigError(describe_error(err)) from None
 

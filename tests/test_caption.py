@@ -23,7 +23,6 @@ from torch.testing import assert_close
 from typer.testing import CliRunner
 
 from capcli.captioning import (
-    CaptionOptions,
     Item,
     escape,
     expand_inputs,
@@ -234,9 +233,9 @@ def test_output_is_written_and_flushed_batch_by_batch(tmp_path, checkpoint):
             self.lines_at_flush.append(self.getvalue().count("\n"))
 
     out = Recorder()
-    settings = load_settings(cli={"runtime.device": "cpu", "runtime.quiet": True}, environ={})
-    options = CaptionOptions(batch_size=3, max_length=4)
-    assert write_captions([Item(str(p)) for p in paths], checkpoint, options, settings, out=out) == 0
+    settings = load_settings(cli={"runtime.device": "cpu", "runtime.quiet": True, "caption.batch_size": 3,
+                                  "caption.decode.max_length": 4}, environ={})
+    assert write_captions([Item(str(p)) for p in paths], checkpoint, settings, out=out) == 0
     assert out.lines_at_flush == [3, 6, 7]
 
 
@@ -340,11 +339,11 @@ def test_text_and_tsv_fields_never_break_a_line():
     ("args", "message"),
     [
         ([], "no images given"),
-        (["a.png", "--format", "xml"], "unknown --format 'xml' (allowed: text, jsonl, tsv)"),
-        (["a.png", "--beams", "0"], "--beams must be at least 1 (got 0)"),
-        (["a.png", "--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),
-        (["a.png", "--min-length", "9", "--max-length", "8"], "--min-length (9) cannot exceed --max-length (8)"),
-        (["a.png", "--length-penalty", "nan"], "--length-penalty must be a finite number"),
+        (["a.png", "--format", "xml"], "'caption.format': Input should be 'text', 'jsonl' or 'tsv' (got 'xml')"),
+        (["a.png", "--beams", "0"], "'caption.decode.beams': Input should be greater than or equal to 1 (got 0)"),
+        (["a.png", "--batch-size", "0"], "'caption.batch_size': Input should be greater than or equal to 1 (got 0)"),
+        (["a.png", "--min-length", "9", "--max-length", "8"], "min_length (9) cannot exceed max_length (8)"),
+        (["a.png", "--length-penalty", "nan"], "'caption.decode.length_penalty': Input should be a finite number"),
         (["a.png", "--device", "tpu"], "'runtime.device'"),
         (["-", "-"], "can be given only once"),
     ],

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from capcli import __version__
 from capcli.cli import app
 from capcli.runlog import read_metrics
-from capcli.settings import load_settings
+from capcli.settings import PRESETS, DecodeSettings, field_doc, load_settings
 
 runner = CliRunner()
 
@@ -138,16 +138,33 @@ def test_pretrain_help_shows_defaults():
     ("pretrain", "--val-size", "data.val_size"), ("pretrain", "--test-size", "data.test_size"),
     ("align", "--epochs", "align.engine.epochs"), ("align", "--lr", "align.optimizer.lr"),
     ("pretrain", "--max-steps", "pretrain.engine.max_steps"), ("align", "--max-steps", "align.engine.max_steps"),
+    ("pretrain", "--vision-weights", "model.vision_weights"), ("pretrain", "--decoder", "model.decoder"),
+    ("caption", "--beams", "caption.decode.beams"), ("caption", "--format", "caption.format"),
+    ("evaluate", "--beams", "evaluate.decode.beams"), ("evaluate", "--max-length", "evaluate.decode.max_length"),
+    ("evaluate", "--batch-size", "evaluate.batch_size"), ("benchmark", "--repeats", "benchmark.repeats"),
 ])
 def test_help_states_the_defaults_the_settings_have(command, option, key):
-    """Options print "[default: X; tiny: Y]" by hand (the value depends on the preset): check both."""
+    """Help is read from the settings: the field's docstring, then "[default: X; tiny: Y]", naming each
+    preset whose profile changes the default. Every preset's value must be the one the help states."""
     params = typer.main.get_command(app).commands[command].params
     help_text = next(p.help for p in params if option in p.opts)
-    general, tiny = re.search(r"default: ([^;\]]+); tiny: ([^\]]+)\]", help_text).groups()
-    value = lambda settings: functools.reduce(getattr, key.split("."), settings)  # noqa: E731
-    number = lambda text: None if text == "none" else float(text)  # noqa: E731
-    assert number(general) == value(load_settings(cli={"model.preset": "clip-gpt2"}, environ={}))
-    assert number(tiny) == value(load_settings(environ={}))
+    assert field_doc(key) in help_text
+    stated = dict(part.split(": ", 1) for part in re.search(r"\[(default: [^\]]+)\]", help_text).group(1).split("; "))
+    for preset in PRESETS:
+        value = functools.reduce(getattr, key.split("."), load_settings(cli={"model.preset": preset}, environ={}))
+        text = stated.get(preset, stated["default"])
+        if isinstance(value, (int, float)) or value is None:
+            assert (None if text == "none" else float(text)) == value, (preset, text)
+        else:
+            assert text == str(value), (preset, text)
+
+
+def test_export_help_states_the_librarys_decode_defaults():
+    params = typer.main.get_command(app).commands["export"].params
+    for option, field in (("--max-length", "max_length"), ("--min-length", "min_length"),
+                          ("--concept-guidance", "concept_guidance")):
+        help_text = next(p.help for p in params if option in p.opts)
+        assert help_text.endswith(f"[default: {getattr(DecodeSettings(), field):g}]"), help_text
 
 
 def test_python_m_capcli_prints_the_version(tmp_path):
@@ -186,7 +203,7 @@ def test_bad_option_exits_2_naming_the_key(tmp_path, run_env, options, expected)
 
 def test_unknown_env_group_exits_2(tmp_path, run_env):
     result = runner.invoke(app, short_run(tmp_path / "run"), env={**run_env, "CAPCLI_BOGUS": "1"})
-    assert_usage_error(result, "CAPCLI_BOGUS", "align, benchmark, data, model, pretrain, runtime")
+    assert_usage_error(result, "CAPCLI_BOGUS", "align, benchmark, caption, data, evaluate, model, pretrain, runtime")
 
 
 # --- a short real run -------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ fast call, so padding and batching must not change a caption either.
 
 Every comparison comes with a check that the setting it tests really changes the captions,
 so that a reference which ignored the setting could not pass. ``capcli benchmark``'s naive
-baseline, separate code again, must give the same captions: its speedup compares equal work.
+baseline, the same ``generate`` with the cache off, must give the same captions: its speedup
+compares equal work.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def test_max_length_cuts_as_the_reference(trained, reference, beams):
 
 @pytest.mark.parametrize("decode", [GREEDY, LONG_BEAM], ids=["greedy", "beam"])
 def test_naive_baseline_gives_the_fast_paths_captions(trained, reference, decode):
-    """``capcli benchmark``'s baseline, its own code with no cache, does the same search: its speedup is fair."""
+    """``capcli benchmark``'s baseline, ``generate`` one image at a time with no cache, does the same search:
+    its speedup is fair."""
     model, pixels = trained
     expected = texts(model, reference(decode))
     assert naive_generate(model, pixels, decode) == generate_captions(model, pixels, decode) == expected

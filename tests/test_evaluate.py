@@ -147,7 +147,7 @@ def test_auto_judge_without_cached_weights_is_self_and_unknown_judge_exits_2(tmp
     from capcli.judge import SelfJudge, load_judge
     from capcli.model import Captioner
 
-    judge = load_judge("auto", Captioner.from_pretrained(checkpoint), checkpoint, torch_device(), 10**8)
+    judge = load_judge("auto", Captioner.from_pretrained(checkpoint), checkpoint, torch_device(), 10**8, 48)
     assert isinstance(judge, SelfJudge) and judge.name == f"self:{checkpoint}"
     result, _ = run_evaluate(tmp_path, checkpoint, env, "--judge", "nonsense")
     assert result.exit_code == 2 and "unknown judge 'nonsense'" in result.stderr

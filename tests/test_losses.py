@@ -122,13 +122,13 @@ def test_preference_loss_at_initialisation_is_ln2():
     """Policy = reference, no margin: every reward difference is 0 and −log σ(0) = ln 2."""
     logps = torch.tensor([-12.5, -3.0, -40.0])
     other = torch.tensor([-11.0, -9.0, -1.0])
-    loss = preference_loss(logps, other, logps, other, beta=0.1, margin=0.0)
+    loss, _, _ = preference_loss(logps, other, logps, other, beta=0.1, margin=0.0)
     assert_close(loss, torch.tensor(math.log(2)))
 
 
 def test_preference_loss_hand_example_with_reference_and_margin():
     """πc−refc = 2, πr−refr = −3: z = 0.1·(2 − (−3)) − 0.1 = 0.4, loss = log(1 + e^−0.4) ≈ 0.513015."""
-    loss = preference_loss(torch.tensor([-8.0]), torch.tensor([-13.0]), torch.tensor([-10.0]), torch.tensor([-10.0]),
+    loss, _, _ = preference_loss(torch.tensor([-8.0]), torch.tensor([-13.0]), torch.tensor([-10.0]), torch.tensor([-10.0]),
                            beta=0.1, margin=0.1)
     assert_close(loss, torch.tensor(math.log1p(math.exp(-0.4))))
     assert float(loss) == pytest.approx(0.513015, abs=1e-6)
@@ -137,7 +137,7 @@ def test_preference_loss_hand_example_with_reference_and_margin():
 def test_preference_loss_without_reference_uses_plain_logps():
     """reference none: z = β·(πc − πr) − m = 0.5·(−1 − (−3)) − 0 = 1, loss = log(1 + e^−1); mean over two pairs."""
     chosen, rejected = torch.tensor([-1.0, -3.0]), torch.tensor([-3.0, -1.0])
-    loss = preference_loss(chosen, rejected, beta=0.5, margin=0.0)
+    loss, _, _ = preference_loss(chosen, rejected, beta=0.5, margin=0.0)
     expected = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(1.0))) / 2
     assert_close(loss, torch.tensor(expected))
 
@@ -145,7 +145,7 @@ def test_preference_loss_without_reference_uses_plain_logps():
 def test_preference_loss_margin_raises_the_loss_and_gradient_prefers_chosen():
     chosen = torch.tensor([-5.0], requires_grad=True)
     rejected = torch.tensor([-5.0], requires_grad=True)
-    loss = preference_loss(chosen, rejected, beta=0.1, margin=0.1)
+    loss, _, _ = preference_loss(chosen, rejected, beta=0.1, margin=0.1)
     assert float(loss.detach()) > math.log(2)  # −log σ(−0.1) > −log σ(0)
     loss.backward()
     assert float(chosen.grad) < 0 < float(rejected.grad)  # descent raises chosen, lowers rejected

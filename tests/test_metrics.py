@@ -316,10 +316,14 @@ def test_ref_clip_score_hand_values():
 # --- preference --------------------------------------------------------------------------
 
 
-def test_preference_accuracy_counts_ties_as_wrong():
-    """2 > 1 right, 1 = 1 tie (wrong), 3 < 4 wrong, 0 > -1 right: 2 of 4."""
-    assert preference_accuracy([2.0, 1.0, 3.0, 0.0], [1.0, 1.0, 4.0, -1.0]) == 0.5
-    assert preference_accuracy(torch.ones(3, requires_grad=True), torch.ones(3)) == 0.0
+def test_preference_accuracy_counts_ties_as_told():
+    """2 > 1 right, 1 = 1 tie, 3 < 4 wrong, 0 > -1 right: 2 of 4 with ties wrong, 2.5 of 4 with ties half."""
+    chosen, rejected = torch.tensor([2.0, 1.0, 3.0, 0.0]), torch.tensor([1.0, 1.0, 4.0, -1.0])
+    assert float(preference_accuracy(chosen, rejected, tie=0.0)) == 0.5
+    assert float(preference_accuracy(chosen, rejected, tie=0.5)) == 0.625
+    assert preference_accuracy(chosen, rejected, tie=0.5, reduction="none").tolist() == [1.0, 0.5, 0.0, 1.0]
+    assert float(preference_accuracy(torch.ones(3, requires_grad=True), torch.ones(3), tie=0.0)) == 0.0
+    assert float(preference_accuracy(torch.zeros(3), torch.zeros(3), tie=0.5)) == 0.5  # policy = reference: chance
 
 
 def test_win_rate_counts_ties_half():
@@ -334,4 +338,4 @@ def test_preference_rejects_nan_and_mismatched_shapes():
     with pytest.raises(ValueError, match="finite"):
         win_rate([1.0, float("nan")], [0.0, 0.0])
     with pytest.raises(ValueError, match="same length"):
-        preference_accuracy([1.0, 2.0], [1.0])
+        preference_accuracy(torch.tensor([1.0, 2.0]), torch.tensor([1.0]), tie=0.0)

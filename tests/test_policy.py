@@ -267,7 +267,7 @@ def test_rounds_resume_exactly_after_ctrl_c(settings_factory, start_checkpoint):
 def test_policy_pairs_with_the_cider_judge_on_an_image_folder(settings_factory, tmp_path):
     """A source without scene graphs: pretrain on an image folder, align on pairs the CIDEr-D
     judge picked, and evaluate CIDEr-D before and after."""
-    from capcli.evaluation import EvalOptions, evaluate
+    from capcli.evaluation import evaluate
     from capcli.phases import pretrain
 
     folder = _write_folder(tmp_path / "photos", 40)
@@ -284,6 +284,6 @@ def test_policy_pairs_with_the_cider_judge_on_an_image_folder(settings_factory, 
     assert draw["judge"] == "cider" and draw["pairs"] > 0
     scores = {}
     for name, checkpoint in (("pretrain", start), ("align", result.fit.best_checkpoint)):
-        options = EvalOptions(checkpoint=checkpoint, split="test", decode=DecodeSettings(beams=1))
-        scores[name] = evaluate(aligned, options, log=lambda _: None)["metrics"]["cider_d"]["value"]
+        greedy = override(aligned, {"evaluate.split": "test", "evaluate.decode.beams": 1})
+        scores[name] = evaluate(greedy, checkpoint, log=lambda _: None)["metrics"]["cider_d"]["value"]
     assert all(math.isfinite(v) for v in scores.values())

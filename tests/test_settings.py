@@ -15,6 +15,7 @@ from conftest import SMALL_SIZES
 from capcli.errors import ConfigError
 from capcli.settings import (
     AlignSettings,
+    DecodeSettings,
     EngineSettings,
     Settings,
     config_path,
@@ -224,7 +225,7 @@ def config_error(**kwargs) -> str:
     [
         ("pretrain: {engine: {epoch: 3}}", ["unknown setting", "'pretrain.engine.epoch'", "did you mean 'epochs'",
                                             "allowed here:", "batch_size"]),
-        ("bogus: 1", ["unknown setting 'bogus'", "align, benchmark, data, model, pretrain, runtime"]),
+        ("bogus: 1", ["unknown setting 'bogus'", "align, benchmark, caption, data, evaluate, model, pretrain, runtime"]),
         ('pretrain: {optimizer: {lr: "fast"}}', ["'pretrain.optimizer.lr'", "valid number", "'fast'"]),
         ("pretrain: {engine: {batch_size: 0}}", ["'pretrain.engine.batch_size'", "greater than or equal to 1",
                                                  "got 0"]),
@@ -271,7 +272,7 @@ def test_empty_config_file_means_no_settings(tmp_path):
 def test_unknown_env_group_is_an_error():
     message = config_error(environ={"CAPCLI_BOGUS": "1"})
     assert "CAPCLI_BOGUS" in message
-    assert "align, benchmark, data, model, pretrain, runtime" in message
+    assert "align, benchmark, caption, data, evaluate, model, pretrain, runtime" in message
 
 
 def test_unknown_nested_env_key_is_an_error():
@@ -340,3 +341,49 @@ def test_deep_merge_merges_mappings_without_mutating_the_base():
     base = {"a": {"b": 1, "c": 2}, "d": 3}
     assert deep_merge(base, {"a": {"c": 9}, "d": {"x": 1}}) == {"a": {"b": 1, "c": 9}, "d": {"x": 1}}
     assert base == {"a": {"b": 1, "c": 2}, "d": 3}
+
+
+# --- the decoding group: caption's and evaluate's search, one validator -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cli", "expected"),
+    [
+        ({"caption.decode.beams": 0}, ["'caption.decode.beams'", "greater than or equal to 1", "got 0"]),
+        ({"evaluate.decode.max_length": 0}, ["'evaluate.decode.max_length'", "greater than or equal to 1"]),
+        ({"caption.decode.min_length": -1}, ["'caption.decode.min_length'", "greater than or equal to 0"]),
+        ({"evaluate.decode.min_length": 9, "evaluate.decode.max_length": 8},
+         ["'evaluate.decode'", "min_length (9) cannot exceed max_length (8)"]),
+        ({"caption.decode.length_penalty": float("nan")}, ["'caption.decode.length_penalty'", "finite number"]),
+        ({"evaluate.decode.concept_guidance": -0.5}, ["'evaluate.decode.concept_guidance'", "greater than or equal to 0"]),
+        ({"caption.format": "xml"}, ["'caption.format'", "'text', 'jsonl' or 'tsv'", "'xml'"]),
+        ({"evaluate.limit": 0}, ["'evaluate.limit'", "greater than or equal to 1"]),
+    ],
+    ids=["beams", "max-length", "min-length", "min-over-max", "length-penalty", "guidance", "format", "limit"],
+)
+def test_bad_decode_values_name_the_field(cli, expected):
+    message = config_error(cli=cli, environ={})
+    for part in expected:
+        assert part in message, message
+
+
+def test_decode_settings_checks_its_fields_where_it_is_built():
+    """The library's own DecodeSettings is the same group: a bad search fails on creation, not in generate."""
+    with pytest.raises(ValueError, match="min_length"):
+        DecodeSettings(min_length=5, max_length=4)
+    with pytest.raises(ValueError, match="beams"):
+        DecodeSettings(beams=0)
+    assert DecodeSettings(min_length=4, max_length=4).max_length == 4
+    assert hash(DecodeSettings(beams=5)) == hash(DecodeSettings(beams=5))  # a value: caches key on it
+
+
+def test_caption_and_evaluate_settings_come_from_env_and_file_under_the_cli(tmp_path):
+    config = write_config(tmp_path, "caption: {decode: {beams: 3}, format: jsonl}\nevaluate: {split: val}\n")
+    environ = {"CAPCLI_CAPTION__DECODE__BEAMS": "2", "CAPCLI_EVALUATE__DECODE__MAX_LENGTH": "12",
+               "CAPCLI_EVALUATE__SPLIT": "train"}
+    s = load_settings(config, environ=environ)
+    assert (s.caption.decode.beams, s.caption.format) == (3, "jsonl")  # the file over the environment
+    assert (s.evaluate.split, s.evaluate.decode.max_length) == ("val", 12)
+    s = load_settings(config, {"caption.decode.beams": 1, "evaluate.split": "test_novel"}, environ=environ)
+    assert (s.caption.decode.beams, s.evaluate.split) == (1, "test_novel")  # the command line over both
+    assert Settings().caption.decode == Settings().evaluate.decode == DecodeSettings(beams=5)
