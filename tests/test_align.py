@@ -191,7 +191,11 @@ def test_text_only_pairs_train_the_decoder_without_an_image(start_checkpoint):
     out = AlignObjective()(model, batch, progress=0.0)
     assert "contrastive_loss" not in out
     out["preference_loss"].backward()
-    assert model.decoder.transformer.wte.weight.grad is not None
+    # Not merely present: each token of both captions gets a gradient that moves its embedding.
+    grad = model.decoder.transformer.wte.weight.grad
+    tokens = [t for text in ("a helpful and correct answer", "a rude answer")
+              for t in model.tokenizer.encode(" " + text, add_special_tokens=False)]
+    assert grad is not None and bool((grad[tokens].abs().sum(dim=1) > 0).all())
     assert all(p.grad is None for p in model.vision.parameters())
 
 
