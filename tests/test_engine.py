@@ -289,3 +289,25 @@ def test_a_run_without_checkpoints_writes_none_and_says_so_on_ctrl_c(settings_fa
     with pytest.raises(TrainingInterrupted, match="nothing was saved"):
         pretrain(override(settings, {"pretrain.engine.output": settings.pretrain.engine.output.parent / "again"}),
                  on_step=interrupt_at(2))
+
+
+def test_a_second_ctrl_c_stops_at_once(settings_factory):
+    """The first Ctrl-C asks for a checkpoint after the step; a second one, before it comes, stops
+    there and then: nothing after the second signal runs, no checkpoint is written, and the
+    handlers the run replaced are back."""
+    settings = settings_factory(**{"pretrain.engine.max_steps": 3})
+    reached = []
+
+    def twice(step: int, losses: dict) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("first")
+        os.kill(os.getpid(), signal.SIGINT)
+        reached.append("second")
+
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(settings, on_step=twice)
+    assert reached == ["first"]
+    assert not (settings.pretrain.engine.output / "checkpoints" / "last").exists()
+    assert [r["step"] for r in train_log(settings.pretrain.engine.output)] == [1]
+    assert signal.getsignal(signal.SIGINT) is handler
