@@ -7,6 +7,7 @@ reach metrics.jsonl, and the command's errors are one line with exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -178,6 +179,70 @@ def test_align_logs_reward_metrics_each_step_and_at_validation(settings_factory,
     assert val[0]["val_reward_accuracy"] == pytest.approx(0.5)  # policy = reference: every reward ties at 0
     assert set(result.before) == set(result.after) == {
         "reward_accuracy", "preference_accuracy", "val_caption_loss", "retrieval_r1"}
+
+
+class _Rows:
+    """Images and captions that are their own row numbers, in the shape ``retrieval_r1`` reads."""
+
+    def __init__(self, n: int):
+        self.n, self.epochs = n, set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: SampleKey) -> int:
+        self.epochs.add(key.epoch)
+        return key.index
+
+    def collate(self, rows: list[int]) -> _Batch:
+        return _Batch(torch.tensor(rows))
+
+
+class _Batch:
+    """A caption batch of row numbers: the image is its row, the caption one token, the row again."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.pixels, self.caption_ids, self.caption_mask = rows, rows[:, None], torch.ones(len(rows), 1)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def to(self, device: torch.device) -> _Batch:
+        return self
+
+
+class _FixedEmbeddings(torch.nn.Module):
+    """Image i embeds as the i-th unit vector and caption j as the j-th column of ``similarity``,
+    so that image i · caption j = similarity[i, j]."""
+
+    def __init__(self, similarity: torch.Tensor):
+        super().__init__()
+        self.similarity, self.modes = similarity, []
+
+    def image_features(self, pixels):
+        self.modes.append(self.training)
+        return pixels
+
+    def embed_image(self, rows):
+        return torch.eye(len(self.similarity))[rows]
+
+    def embed_text(self, ids, mask):
+        return self.similarity.t()[ids[:, 0]]
+
+
+def test_retrieval_r1_by_hand():
+    """Rows are images, columns captions: image 0's best caption is its own (0.9), image 1's is
+    caption 0 (0.8 > 0.5), image 2's its own (0.7): R@1 = 2/3. Caption→image would give 3/3 (each
+    column's largest value is on the diagonal), so the direction is pinned down too. Batches of 2
+    split the rows, and every image is scored against the captions of the other batch."""
+    from capcli.heldout import retrieval_r1
+
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.2], [0.1, 0.3, 0.7]])
+    model, rows = _FixedEmbeddings(similarity).train(), _Rows(3)
+    r1 = retrieval_r1(model, rows, rows.collate, torch.device("cpu"), contextlib.nullcontext, batch_size=2)
+    assert r1 == pytest.approx(2 / 3)
+    assert model.modes == [False, False] and model.training  # measured in eval mode, and put back
+    assert rows.epochs == {0}  # each image's epoch-0 caption, the same every time
 
 
 def test_text_only_pairs_train_the_decoder_without_an_image(start_checkpoint):
