@@ -8,6 +8,7 @@ checkpoints written before either part existed still load as they were.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def test_pretrain_trains_the_concept_head_on_the_synthetic_shapes(settings_facto
     fit_phase(settings, phase)
     assert not torch.equal(phase.model.concept_head.weight, before)
     losses = [row["concept_loss"] for row in train_log(settings.pretrain.engine.output)]
-    assert len(losses) == 4 and all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert len(losses) == 4 and all(b < a for a, b in itertools.pairwise(losses)), losses
 
 
 def test_own_concept_words_override_the_sources(settings_factory) -> None:

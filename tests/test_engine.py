@@ -2,7 +2,7 @@
 
 Parameters change (and frozen ones do not), one batch can be overfitted, accumulation
 equals a larger batch, a resumed run repeats the uninterrupted one, a checkpoint write
-that dies leaves the previous checkpoint, and NaN and Ctrl-C stop cleanly.
+killed at any stage leaves one that resumes, and NaN and Ctrl-C (a second one at once) stop cleanly.
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ from conftest import SameCaptionEveryEpoch
 from torch.testing import assert_close
 
 from capcli import engine
-from capcli.checkpoint import load_state, resolve_checkpoint, resume_checkpoint, save_checkpoint
+from capcli.checkpoint import (
+    load_state,
+    resolve_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from capcli.engine import fit
-from capcli.errors import CapcliError, CheckpointError, TrainingInterrupted
+from capcli.errors import CapcliError, TrainingInterrupted
 from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
 from capcli.optim import cosine_with_warmup
