@@ -21,7 +21,7 @@ through :meth:`ImageCaptioner.caption_pixels`, the same path.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from capcli.data.images import DEFAULT_MAX_PIXELS, load_image, resize_center_cro
 from capcli.errors import CapcliError
 from capcli.generation import DecodeSettings, ScoredCaption, caption_logprobs, generate_scored_captions
 from capcli.model import Captioner
-from capcli.precision import autocast_context, resolve_device, resolve_precision
+from capcli.runtime import Runtime
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 Caption = ScoredCaption  # text, logprob, score, tokens (generation.ScoredCaption)
@@ -48,17 +48,18 @@ class ImageCaptioner:
     Named apart from ``capcli.model.Captioner``, the ``nn.Module`` it wraps (``.model``).
     """
 
-    def __init__(self, model: Captioner, autocast: Callable[[], Any], *, checkpoint: Path | None = None,
+    def __init__(self, model: Captioner, runtime: Runtime, *, checkpoint: Path | None = None,
                  batch_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.model = model.eval()
-        self.autocast = autocast
+        self.runtime = runtime  # its autocast wraps every call
         self.checkpoint = checkpoint
         self.batch_size = batch_size
         self.max_pixels = max_pixels
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto", precision: str = "auto", *,
-             batch_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageCaptioner:
+             batch_size: int = 16, max_pixels: int = DEFAULT_MAX_PIXELS,
+             runtime: Runtime | None = None) -> ImageCaptioner:
         """Load a checkpoint directory, or a run directory (its ``checkpoints/best``).
 
         Args:
@@ -67,19 +68,19 @@ class ImageCaptioner:
             precision: ``auto`` | ``fp32`` | ``bf16`` | ``fp16``: the autocast of every call.
             batch_size: images decoded or embedded together.
             max_pixels: images larger than this are refused before decoding.
+            runtime: a command's runtime, already resolved; it replaces ``device`` and ``precision``.
 
         Raises:
             ConfigError: no checkpoint there. CapcliError: one is there but cannot be loaded.
         """
         directory = resolve_checkpoint(Path(path)) if path is not None else default_checkpoint()
-        resolved = resolve_device(device)
-        autocast = autocast_context(resolved, resolve_precision(precision, resolved))
+        runtime = runtime or Runtime.named(device, precision)
         try:
-            model = Captioner.from_pretrained(directory, resolved)
+            model = Captioner.from_pretrained(directory, runtime.device)
         except Exception as err:  # a damaged or foreign directory: say which, on one line
             reason = " ".join(str(err).split()) or type(err).__name__
             raise CapcliError(f"cannot load the checkpoint in {directory}: {reason}") from err
-        return cls(model, autocast, checkpoint=directory, batch_size=batch_size, max_pixels=max_pixels)
+        return cls(model, runtime, checkpoint=directory, batch_size=batch_size, max_pixels=max_pixels)
 
     @property
     def device(self) -> torch.device:
@@ -138,7 +139,7 @@ class ImageCaptioner:
     @torch.no_grad()
     def caption_pixels(self, pixels: torch.Tensor, decode: DecodeSettings) -> list[Caption]:
         """Caption a batch already at the model's size: (B, 3, S, S) uint8 → B captions."""
-        with self.autocast():
+        with self.runtime.autocast():
             return generate_scored_captions(self.model, pixels, decode)
 
     # ------------------------------------------------------------------ embeddings and scores
@@ -150,7 +151,7 @@ class ImageCaptioner:
         out = []
         for start in range(0, len(items), self.batch_size):
             pixels = torch.stack([self._pixels(image) for image in items[start : start + self.batch_size]])
-            with self.autocast():
+            with self.runtime.autocast():
                 features = self.model.image_features(pixels.to(self.device))
                 out.append(self.model.embed_image(features).float().cpu())
         return torch.cat(out)
@@ -163,7 +164,7 @@ class ImageCaptioner:
         out = []
         for start in range(0, len(texts), self.batch_size):
             ids, mask = tokenize_captions(collate, texts[start : start + self.batch_size])
-            with self.autocast():
+            with self.runtime.autocast():
                 out.append(self.model.embed_text(ids.to(self.device), mask.to(self.device)).float().cpu())
         return torch.cat(out)
 
@@ -183,7 +184,7 @@ class ImageCaptioner:
         for start in range(0, len(items), self.batch_size):
             pixels = torch.stack([self._pixels(image) for image in items[start : start + self.batch_size]])
             ids, _ = tokenize_captions(collate, texts[start : start + self.batch_size])
-            with self.autocast():
+            with self.runtime.autocast():
                 features = self.model.image_features(pixels.to(self.device))
                 logprobs, _ = caption_logprobs(self.model, features, ids.to(self.device))
             out += logprobs.tolist()

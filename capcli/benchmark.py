@@ -64,8 +64,8 @@ from capcli.model import Captioner, build_model
 from capcli.objectives import PretrainObjective, score_pairs
 from capcli.phases import concept_words_for, prepare_align
 from capcli.policy_pairs import draw_pairs
-from capcli.precision import autocast_context, resolve_device, resolve_precision
 from capcli.rewards import GroundingJudge
+from capcli.runtime import Runtime
 from capcli.sampler import in_order
 from capcli.settings import Settings, override
 
@@ -197,7 +197,7 @@ class Counted:
 
     @property
     def monitor(self) -> str:
-        return getattr(self.objective, "monitor", "loss")
+        return self.objective.monitor
 
     def __call__(self, model: Captioner, batch: Any, progress: float) -> dict[str, torch.Tensor]:
         if model.training:
@@ -219,15 +219,16 @@ class Steps:
         return getattr(self, what) / self.seconds
 
 
-def timed_fit(model: Captioner, objective: Counted, data: TrainData, settings: Settings, phase: str,
-              output: Path) -> Steps:
+def timed_fit(model: Captioner, objective: Counted, data: TrainData, settings: Settings, runtime: Runtime,
+              phase: str, output: Path) -> Steps:
     """Run ``engine.fit`` for ``{phase}.engine.max_steps`` steps and time steps 2 to the last.
 
-    The engine's setup and its final checkpoint fall outside the timed window.
+    The engine's setup and its final checkpoint fall outside the timed window. ``runtime`` is the
+    benchmark's, with ``settings.runtime`` (compile, say) as this run's knobs.
     """
     group = getattr(settings, phase)
     stamps: list[tuple[float, int]] = []
-    device = resolve_device(settings.runtime.device)
+    device = runtime.device
 
     def on_step(step: int, losses: dict[str, float]) -> None:
         _synchronize(device)
@@ -236,7 +237,7 @@ def timed_fit(model: Captioner, objective: Counted, data: TrainData, settings: S
     objective.flops.clear()
     objective.tokens.clear()
     fit(model, objective, data, group.engine.model_copy(update={"output": output}), group.optimizer,
-        settings.runtime, title=f"benchmark {phase}", on_step=on_step)
+        replace(runtime, settings=settings.runtime), title=f"benchmark {phase}", on_step=on_step)
     (start, first), (end, last) = stamps[0], stamps[-1]
     steps = len(stamps) - 1
     per_step = group.engine.batch_size * group.engine.grad_accum
@@ -269,8 +270,8 @@ def _eager(settings: Settings, phase: str) -> Settings:
                                "runtime.compile": False})
 
 
-def bench_pretrain(report: Report, settings: Settings, model: Captioner, work: Path, repeats: int,
-                   peak: Callable[[], float]) -> None:
+def bench_pretrain(report: Report, settings: Settings, runtime: Runtime, model: Captioner, work: Path,
+                   repeats: int, peak: Callable[[], float]) -> None:
     """Pretrain steps as configured against the plain eager step, and MFU against the measured peak."""
     split = load_splits(settings.data)["train"]
     p = settings.pretrain
@@ -283,9 +284,10 @@ def bench_pretrain(report: Report, settings: Settings, model: Captioner, work: P
                          collate=CaptionCollator(model.tokenizer, s.data.max_caption_tokens, words),
                          num_workers=s.data.num_workers)
         counted = Counted(objective, partial(_pretrain_flops, model), _caption_tokens)
-        runs.append(partial(timed_fit, copy.deepcopy(model), counted, data, s, "pretrain", work / f"pretrain-{name}"))
+        runs.append(partial(timed_fit, copy.deepcopy(model), counted, data, s, runtime, "pretrain",
+                            work / f"pretrain-{name}"))
     peaks, fast, eager = _interleaved([peak, *runs], repeats)
-    memory = _alone(runs[0], resolve_device(settings.runtime.device), dropped=runs)
+    memory = _alone(runs[0], runtime.device, dropped=runs)
     report.add("pretrain_samples_per_s", [r.per_s("samples") for r in fast])
     report.add("pretrain_tokens_per_s", [r.per_s("tokens") for r in fast])
     report.add("pretrain_eager_samples_per_s", [r.per_s("samples") for r in eager])
@@ -316,7 +318,7 @@ class LiveReference:
 
     @property
     def monitor(self) -> str:
-        return getattr(self.objective, "monitor", "loss")
+        return self.objective.monitor
 
     def __call__(self, model: Captioner, batch: PreferenceBatch, progress: float) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -324,7 +326,7 @@ class LiveReference:
         return self.objective(model, replace(batch, reference=torch.stack([chosen, rejected], dim=1)), progress)
 
 
-def bench_align(report: Report, settings: Settings, start: Path, work: Path, repeats: int,
+def bench_align(report: Report, settings: Settings, runtime: Runtime, start: Path, work: Path, repeats: int,
                 peak: Callable[[], float]) -> None:
     """Align steps with the frozen-feature and reference caches against the same steps computing both live.
 
@@ -338,21 +340,22 @@ def bench_align(report: Report, settings: Settings, start: Path, work: Path, rep
                           "otherwise align caches nothing")
     settings = override(settings, {"align.checkpoint": start, "align.engine.output": work / "align-prepare",
                                    "align.engine.resume": False})
-    phase = prepare_align(settings, overwrite=True)
+    phase = prepare_align(settings, overwrite=True, runtime=runtime)
     engine, model, cached = settings.align.engine, phase.model, phase.data.train
     per_step = engine.batch_size * engine.grad_accum
     if len(cached) < engine.max_steps * per_step:
         raise ConfigError(f"{len(cached)} training pairs cannot fill {engine.max_steps} steps of {per_step}")
-    device = next(model.parameters()).device
+    device = runtime.device
     reference = Captioner.from_pretrained(phase.start, device).eval().requires_grad_(False)
     live_data = PreferenceDataset(cached.pairs, model.image_size, settings.data.max_pixels)
     fast = Counted(phase.objective, partial(_align_flops, model), _pair_tokens)
     live = Counted(LiveReference(phase.objective, reference, settings.align.length_normalize),
                    lambda batch: 0, _pair_tokens)
     runs = [
-        partial(_seconds, partial(_build_align_caches, model, cached.pairs, phase.data.collate, settings)),
-        partial(timed_fit, model, fast, replace(phase.data, val=None), settings, "align", work / "align-cached"),
-        partial(timed_fit, model, live, replace(phase.data, train=live_data, val=None), settings, "align",
+        partial(_seconds, partial(_build_align_caches, model, cached.pairs, phase.data.collate, settings, runtime)),
+        partial(timed_fit, model, fast, replace(phase.data, val=None), settings, runtime, "align",
+                work / "align-cached"),
+        partial(timed_fit, model, live, replace(phase.data, train=live_data, val=None), settings, runtime, "align",
                 work / "align-live"),
         peak,
     ]
@@ -368,15 +371,13 @@ def bench_align(report: Report, settings: Settings, start: Path, work: Path, rep
     report.add("align_peak_memory_mb", [memory["mb"]])
 
 
-def _build_align_caches(model: Captioner, pairs, collate, settings: Settings) -> None:
+def _build_align_caches(model: Captioner, pairs, collate, settings: Settings, runtime: Runtime) -> None:
     """Both align caches over ``pairs``, as ``prepare_align`` builds them (the result is dropped)."""
-    device = next(model.parameters()).device
-    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
     batch, max_pixels = settings.align.engine.batch_size, settings.data.max_pixels
-    pairs, features, index = frozen_features(model, pairs, max_pixels, device, autocast, batch)
+    pairs, features, index = frozen_features(model, pairs, max_pixels, runtime, batch)
     data = PreferenceDataset(pairs, model.image_size, max_pixels, features, index)
     score = partial(score_pairs, length_normalize=settings.align.length_normalize)
-    pair_logps(model, data, collate, score, device, autocast, batch)
+    pair_logps(model, data, collate, score, runtime, batch)
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -447,7 +448,7 @@ def bench_caption(report: Report, model: Captioner, pixels: torch.Tensor, batch:
     return list(captions)
 
 
-def bench_onnx(report: Report, start: Path, work: Path, test, settings: Settings,
+def bench_onnx(report: Report, start: Path, work: Path, test, settings: Settings, runtime: Runtime,
                log: Callable[[str], None]) -> None:
     """Greedy captions through onnxruntime on the CPU (``capcli export``, ``serving.OnnxCaptioner``) against
     PyTorch's batched ``generate`` on the runtime's device: the same weights, images, batches and search."""
@@ -464,7 +465,7 @@ def bench_onnx(report: Report, start: Path, work: Path, test, settings: Settings
 
     b = settings.benchmark
     log(f"benchmark: onnxruntime against PyTorch, greedy ({b.repeats} repeats after a warm-up)")
-    device = resolve_device(settings.runtime.device)
+    device = runtime.device
     decode = DecodeSettings(beams=1)
     export_onnx(start, work / "onnx", decode.max_length, decode.min_length, decode.concept_guidance)
     session = OnnxCaptioner(work / "onnx", threads=torch.get_num_threads())
@@ -609,18 +610,18 @@ def bench_metrics(report: Report, references: list[list[str]], repeats: int) -> 
 # --- on-policy pairs ------------------------------------------------------------------------------------------------
 
 
-def bench_policy(report: Report, settings: Settings, model: Captioner, split, repeats: int) -> None:
+def bench_policy(report: Report, settings: Settings, runtime: Runtime, model: Captioner, split,
+                 repeats: int) -> None:
     """On-policy pairs drawn and judged per second (``capcli align --preferences policy``), and the judge's share.
 
     Draws from ``split``'s images exactly as align does (``draw_pairs``: batched KV-cache beam
     candidates and samples, the grounding judge on the scene graphs, the pair builder), then
     times the judge alone on the same captions, so the report says where the time goes.
     """
-    device = next(model.parameters()).device
-    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    device = runtime.device
     draw = settings.align.policy.model_copy(update={"images": None})  # every image of the split
     decode = DecodeSettings(max_length=settings.data.max_caption_tokens)
-    features = partial(caption_features, model, split, settings.data.max_pixels, device, autocast)
+    features = partial(caption_features, model, split, settings.data.max_pixels, runtime)
     judge = GroundingJudge(split)
     drawn: list[Any] = []
 
@@ -689,8 +690,8 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
         raise ConfigError(f"unknown benchmark section(s) {', '.join(sorted(unknown))} "
                           f"(allowed: {', '.join(SECTIONS + OPT_IN_SECTIONS)})")
     b = settings.benchmark
-    device = resolve_device(settings.runtime.device)
-    dtype = resolve_precision(settings.runtime.precision, device)
+    runtime = Runtime.from_settings(settings.runtime, join=True)  # it trains, as pretrain and align do
+    device, dtype = runtime.device, runtime.dtype
     report = Report()
     with tempfile.TemporaryDirectory(prefix="capcli-benchmark-") as tmp:
         work = Path(tmp)
@@ -716,10 +717,10 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             bench_data(report, settings, model, b.repeats)
         if "pretrain" in sections:
             log(f"benchmark: pretrain ({b.repeats} repeats after a warm-up)")
-            bench_pretrain(report, settings, model, work, b.repeats, peak)
+            bench_pretrain(report, settings, runtime, model, work, b.repeats, peak)
         if "align" in sections:
             log(f"benchmark: align ({b.repeats} repeats after a warm-up)")
-            bench_align(report, settings, start, work, b.repeats, peak)
+            bench_align(report, settings, runtime, start, work, b.repeats, peak)
         test = splits["test"]
         if "caption" in sections:
             log(f"benchmark: caption at beams 1 and 5 ({b.repeats} repeats after a warm-up)")
@@ -729,17 +730,17 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             for beams in (1, 5):
                 bench_caption(report, model, pixels, b.caption_batch, beams, b.repeats)
         if "onnx" in sections:
-            bench_onnx(report, start, work, test, settings, log)
+            bench_onnx(report, start, work, test, settings, runtime, log)
         if "policy" in sections:
             log(f"benchmark: on-policy pairs ({b.repeats} repeats after a warm-up)")
-            bench_policy(report, settings, model, test.select(range(min(b.images, len(test)))), b.repeats)
+            bench_policy(report, settings, runtime, model, test.select(range(min(b.images, len(test)))), b.repeats)
         if "metrics" in sections:
             log(f"benchmark: metrics ({b.repeats} repeats after a warm-up)")
             bench_metrics(report, test["captions"][: b.metric_captions], b.repeats)
         if "peers" in sections:
             from capcli.peers import bench_peers  # imports capcli.benchmark
 
-            bench_peers(report, settings, model, test, work, b.repeats, peak, log)
+            bench_peers(report, settings, runtime, model, test, work, b.repeats, peak, log)
         if "startup" in sections:
             from capcli.peers import image_files
             from capcli.startup import bench_startup

@@ -23,6 +23,7 @@ from capcli import faults
 from capcli.data.batches import PreferenceCollator, PreferenceDataset, load_image_field
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.model import Captioner
+from capcli.runtime import Runtime
 from capcli.sampler import in_order
 
 
@@ -36,10 +37,8 @@ def image_identity(value: Any) -> str:
     return f"value:{value}"
 
 
-@torch.no_grad()
 def frozen_features(
-    model: Captioner, pairs: datasets.Dataset, max_pixels: int, device: torch.device,
-    autocast: Callable[[], Any], batch_size: int = 64,
+    model: Captioner, pairs: datasets.Dataset, max_pixels: int, runtime: Runtime, batch_size: int = 64,
 ) -> tuple[datasets.Dataset, torch.Tensor, list[int]]:
     """Run the frozen tower once per distinct image of ``pairs``.
 
@@ -59,7 +58,7 @@ def frozen_features(
     rows, bad = [], set()
     for start in range(0, len(unique), batch_size):
         chunk = unique[start : start + batch_size]
-        features, good = _tower(model, [images[i] for i in chunk], max_pixels, device, autocast,
+        features, good = _tower(model, [images[i] for i in chunk], max_pixels, runtime,
                                 "skipping pairs of unreadable image")
         bad |= {keys[i] for n, i in enumerate(chunk) if n not in set(good)}
         if good:
@@ -74,10 +73,9 @@ def frozen_features(
     return pairs, features, [slot[keys[i]] for i in keep]
 
 
-@torch.no_grad()
 def pair_logps(
     model: Captioner, dataset: PreferenceDataset, collate: PreferenceCollator, score: Callable,
-    device: torch.device, autocast: Callable[[], Any], batch_size: int = 64,
+    runtime: Runtime, batch_size: int = 64,
 ) -> torch.Tensor:
     """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``; (N, 3) when
     the pairs bring another image each, the third being the chosen caption given it.
@@ -86,40 +84,36 @@ def pair_logps(
     ``score(model, batch) -> (chosen_logps, rejected_logps[, other_logps])`` is the objective's own scoring,
     so the reference and the policy are measured identically.
     """
-    was_training = model.training
-    model.eval()
     out = torch.full((len(dataset), 2 if dataset.other is None else 3), float("nan"))  # NaN stays only where a pair's image is unreadable
     for keys in in_order(len(dataset), batch_size):
         examples = [(key.index, dataset[key]) for key in keys]
         kept = [(i, e) for i, e in examples if e is not None]
         if not kept:
             continue
-        batch = collate([e for _, e in kept]).to(device)
-        with autocast():
+        batch = collate([e for _, e in kept]).to(runtime.device)
+        with runtime.inference(model):
             columns = score(model, batch)
         out[[i for i, _ in kept]] = torch.stack(columns, dim=1).float().cpu()
-    model.train(was_training)
     return out
 
 
-@torch.no_grad()
-def caption_features(model: Captioner, split: datasets.Dataset, max_pixels: int, device: torch.device,
-                     autocast: Callable[[], Any], rows: list[int]) -> tuple[torch.Tensor, list[int]]:
+def caption_features(model: Captioner, split: datasets.Dataset, max_pixels: int, runtime: Runtime,
+                     rows: list[int]) -> tuple[torch.Tensor, list[int]]:
     """The vision features of some rows of a caption split, for drawing on-policy pairs.
 
     Returns:
-        (B, S, Dv) features on ``device`` of the rows whose image could be read, and those rows;
+        (B, S, Dv) features on the runtime's device of the rows whose image could be read, and those rows;
         an unreadable image is skipped with a warning.
     """
-    features, good = _tower(model, split.select(rows)["image"], max_pixels, device, autocast,
+    features, good = _tower(model, split.select(rows)["image"], max_pixels, runtime,
                             "drawing no captions for an unreadable image")
     return features, [rows[n] for n in good]
 
 
-def _tower(model: Captioner, values: list[Any], max_pixels: int, device: torch.device,
-           autocast: Callable[[], Any], skipping: str) -> tuple[torch.Tensor, list[int]]:
+def _tower(model: Captioner, values: list[Any], max_pixels: int, runtime: Runtime,
+           skipping: str) -> tuple[torch.Tensor, list[int]]:
     """Decode image values and run the tower on those that can be read, in eval mode: the (B, S, Dv)
-    features on ``device`` and the positions in ``values`` they belong to (a warning for each other)."""
+    features on the runtime's device and the positions in ``values`` they belong to (a warning for each other)."""
     pixels, good = [], []
     for n, value in enumerate(values):
         try:
@@ -128,10 +122,8 @@ def _tower(model: Captioner, values: list[Any], max_pixels: int, device: torch.d
         except ImageLoadError as err:
             print(f"warning: {skipping}: {err}", file=sys.stderr)
     if not pixels:
-        return torch.empty(0, model.feature_tokens, model.config.vision["arch"]["output_dim"], device=device), good
-    was_training = model.training
-    model.eval()
-    with autocast():
-        features = model.image_features(torch.stack(pixels).to(device))
-    model.train(was_training)
+        return torch.empty(0, model.feature_tokens, model.config.vision["arch"]["output_dim"],
+                           device=runtime.device), good
+    with runtime.inference(model):
+        features = model.image_features(torch.stack(pixels).to(runtime.device))
     return features, good

@@ -229,9 +229,10 @@ def caption_items(
 def load_captioner(checkpoint: Path, settings: Settings) -> ImageCaptioner:
     """The checkpoint, loaded through the Python API on the settings' device and precision."""
     from capcli.api import ImageCaptioner
+    from capcli.runtime import Runtime
 
-    return ImageCaptioner.load(checkpoint, settings.runtime.device, settings.runtime.precision,
-                               max_pixels=settings.data.max_pixels)
+    return ImageCaptioner.load(checkpoint, max_pixels=settings.data.max_pixels,
+                               runtime=Runtime.from_settings(settings.runtime))
 
 
 def write_captions(items: Sequence[Item], checkpoint: Path, options: CaptionOptions, settings: Settings,

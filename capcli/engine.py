@@ -6,7 +6,7 @@ device and precision, accumulation, clipping, AdamW and the cosine schedule,
 validation and early stopping, checkpoints and resume, Ctrl-C, progress and the
 metrics log.
 
-The life cycle is explicit (``_Training``): setup (device, optimizer, resume) → epochs of
+The life cycle is explicit (``_Training``): setup (the runtime's device, optimizer, resume) → epochs of
 optimizer steps, each made of ``grad_accum`` micro-batches → validation and checkpoints
 after each epoch → the result.
 """
@@ -21,7 +21,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,16 +40,11 @@ from capcli.errors import (
     TrainingInterrupted,
 )
 from capcli.optim import build_optimizer, build_scheduler
-from capcli.precision import (
-    autocast_context,
-    grad_scaler,
-    resolve_device,
-    resolve_precision,
-)
 from capcli.progress import ProgressDisplay
 from capcli.runlog import RunLog
-from capcli.sampler import StepBatchSampler, in_order, micro_batches_per_epoch
-from capcli.settings import EngineSettings, OptimizerSettings, RuntimeSettings
+from capcli.runtime import Runtime
+from capcli.sampler import EpochLayout, EpochLoader, in_order, micro_batches_per_epoch
+from capcli.settings import EngineSettings, OptimizerSettings
 
 
 class Batch(Protocol):
@@ -64,18 +59,27 @@ class Batch(Protocol):
 class Objective(Protocol):
     """Turns a batch into named losses. Keys ending in ``_loss`` are summed into the loss to
     minimise; other 0-d tensors are logged as metrics. ``progress`` runs from 0 to 1 over
-    the phase's optimizer steps (for schedules such as align's α(t)). An optional
-    ``monitor`` attribute names the validation value (lower is better) that picks the best
-    checkpoint and drives early stopping; the default is ``loss``."""
+    the phase's optimizer steps (for schedules such as align's α(t)). ``monitor`` names the
+    validation value (lower is better) that picks the best checkpoint and drives early
+    stopping: ``loss`` for most."""
+
+    monitor: str
 
     def __call__(self, model: nn.Module, batch: Any, progress: float) -> dict[str, torch.Tensor]: ...
 
 
+class EpochData(Protocol):
+    """A training split, indexed or streamed: what the engine reads of it, epoch by epoch."""
+
+    def __len__(self) -> int: ...
+    def epoch_loader(self, epoch: int, start: int, layout: EpochLayout) -> EpochLoader: ...
+
+
 @dataclass
 class TrainData:
-    """The datasets of a phase (indexed by ``SampleKey``) and how to batch them."""
+    """The datasets of a phase and how to batch them. ``val`` is indexed by ``SampleKey``."""
 
-    train: Dataset
+    train: EpochData
     val: Dataset | None
     collate: Callable[[list[Any]], Batch]
     num_workers: int = 0
@@ -106,7 +110,7 @@ def fit(
     data: TrainData,
     engine: EngineSettings,
     optimizer: OptimizerSettings,
-    runtime: RuntimeSettings,
+    runtime: Runtime,
     *,
     title: str = "train",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
@@ -119,7 +123,9 @@ def fit(
             Parameters without ``requires_grad`` are left alone (frozen towers).
         objective: see ``Objective``.
         data: train and validation datasets and their collate.
-        engine, optimizer, runtime: the settings groups this function reads.
+        engine, optimizer: the settings groups this function reads.
+        runtime: the command's device, precision and process group (under torchrun, one built with
+            ``Runtime.from_settings(..., join=True)``), and the runtime settings.
         title: the name shown on the progress display.
         on_step: called after every optimizer step with the step number and its losses.
         describe: called with each checkpoint's folder, before it is swapped in, and its training
@@ -137,52 +143,73 @@ def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return sum(v for k, v in losses.items() if k.endswith("_loss"))
 
 
-@torch.no_grad()
-def validate(model: nn.Module, objective: Objective, loader: DataLoader, device: torch.device,
-             autocast: Callable[[], Any], progress: float) -> dict[str, float]:
+def validate(model: nn.Module, objective: Objective, loader: DataLoader, runtime: Runtime,
+             progress: float) -> dict[str, float]:
     """Sample-weighted means of every value the objective returns, plus ``loss``, their sum.
 
     Under data parallelism each rank validates its shard and the sums are reduced over the
     ranks, so every rank gets the means over the whole split (and takes the same early-stopping
     decision).
     """
-    model.eval()
     sums: dict[str, float] = {}
     count = 0
-    for batch in loader:
-        # Empty: every image of it unreadable. All ranks skip it together, or the others would
-        # wait in its gathers (with one process the sum is this batch's own flag).
-        if distributed.all_sum([float(len(batch) == 0)], device)[0] > 0:
-            continue
-        batch = batch.to(device)
-        with autocast():
+    device = runtime.device
+    with runtime.inference(model):
+        for batch in loader:
+            # Empty: every image of it unreadable. All ranks skip it together, or the others would
+            # wait in its gathers (with one process the sum is this batch's own flag).
+            if distributed.all_sum([float(len(batch) == 0)], device)[0] > 0:
+                continue
+            batch = batch.to(device)
             out = objective(model, batch, progress)
-        for key, value in {"loss": total_loss(out), **out}.items():
-            sums[key] = sums.get(key, 0.0) + float(value) * len(batch)
-        count += len(batch)
-    model.train()
+            for key, value in {"loss": total_loss(out), **out}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * len(batch)
+            count += len(batch)
     keys = sorted({k for ks in distributed.all_objects(list(sums)) for k in ks})  # a rank may have no batch
     *totals, count = distributed.all_sum([sums.get(k, 0.0) for k in keys] + [count], device)
     sums = dict(zip(keys, totals, strict=True))
     return {k: v / count for k, v in sums.items()} if count else {}
 
 
+@dataclass
+class TrainingState:
+    """Everything the loop counts: saved in ``state.pt`` (as plain keys beside the optimizer's
+    state) and restored by ``--resume``."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # this rank's micro-batches of the epoch consumed
+    samples: int = 0  # trained on, over all ranks
+    skipped: int = 0  # unreadable samples dropped
+    best_val_loss: float = math.inf  # of the objective's monitor
+    bad_validations: int = 0  # since the best one, for early stopping
+    first_val: dict[str, float] = field(default_factory=dict)  # the validation before training
+    bad_steps: int = 0  # non-finite steps whose update was dropped
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainingState:
+        """The counters of a saved state; a key an older checkpoint lacks keeps its default."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
 class _Training:
     """One call of ``fit``: the live objects and the counters that a checkpoint saves."""
 
-    def __init__(self, model, objective, data, engine, optimizer, runtime, title, on_step, describe=None):
+    def __init__(self, model, objective, data, engine, optimizer, runtime: Runtime, title, on_step, describe=None):
         self.model, self.objective, self.data = model, objective, data
         self.engine, self.runtime, self.title, self.on_step = engine, runtime, title, on_step
         self.describe = describe
         self.run_dir = Path(engine.output)
-        self.world, self.device = distributed.setup(resolve_device(runtime.device))
-        dtype = resolve_precision(runtime.precision, self.device)
-        self.autocast = autocast_context(self.device, dtype)
-        self.scaler = grad_scaler(self.device, dtype)
+        self.world, self.device = runtime.world, runtime.device
+        self.scaler = runtime.grad_scaler()
+        settings = runtime.settings
         model.to(self.device).train()
-        if runtime.gradient_checkpointing:
+        if settings.gradient_checkpointing:
             _require(model, "set_gradient_checkpointing", "runtime.gradient_checkpointing")(True)
-        if runtime.compile:
+        if settings.compile:
             _require(model, "compile_blocks", "runtime.compile")()
         # What a step calls: the objective as the forward of a module, so that DDP, which hooks
         # forward and backward, can wrap it; checkpoints save the bare model inside.
@@ -202,19 +229,19 @@ class _Training:
         self.total_steps = min(per_epoch * engine.epochs, engine.max_steps or math.inf)
         self.scheduler = build_scheduler(self.optimizer, optimizer, self.total_steps)
 
-        # Everything the loop counts; saved in state.pt and restored by --resume.
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "skipped": 0,
-                                      "best_val_loss": math.inf, "bad_validations": 0, "first_val": {},
-                                      "bad_steps": 0}
+        self.state = TrainingState()
         if engine.resume:
             self._restore()
         else:
-            random.seed(runtime.seed)
+            random.seed(settings.seed)
             if self.world.rank > 0:  # each rank its own dropout masks, as one process's rows would have
-                torch.manual_seed(runtime.seed * 1_000_003 + self.world.rank)
+                torch.manual_seed(settings.seed * 1_000_003 + self.world.rank)
+        self.layout = EpochLayout(engine.batch_size, engine.grad_accum, settings.seed, self.world.rank,
+                                  self.world.size, data.collate, data.num_workers, self.device.type == "cuda")
+        self.epoch_batches = 0  # micro-batches of the current epoch, set by _train_epoch
         # Rank 0 alone writes the log, the checkpoints and the progress; the others train quietly.
-        self.log = (RunLog(self.run_dir, resume_step=self.state["step"] if engine.resume else None,
-                           tensorboard=runtime.log == "tensorboard")
+        self.log = (RunLog(self.run_dir, resume_step=self.state.step if engine.resume else None,
+                           tensorboard=settings.log == "tensorboard")
                     if self.world.main else _NoLog())
         self.val_loader = None
         if data.val is not None and len(data.val) > 0:
@@ -233,12 +260,12 @@ class _Training:
     def run(self) -> FitResult:
         started = time.monotonic()
         state, engine = self.state, self.engine
-        quiet = self.runtime.quiet or not self.world.main
-        with self.stop, ProgressDisplay(self.title, self.total_steps, quiet=quiet, start=state["step"]) as self.display:
-            if self.val_loader is not None and state["step"] == 0 and not state["first_val"]:
-                state["first_val"] = self._validate()
-                self.display.print(f"{self.title} before training: val loss {state['first_val']['loss']:.4f}")
-            while (state["epoch"] < engine.epochs and state["step"] < self.total_steps
+        quiet = self.runtime.settings.quiet or not self.world.main
+        with self.stop, ProgressDisplay(self.title, self.total_steps, quiet=quiet, start=state.step) as self.display:
+            if self.val_loader is not None and state.step == 0 and not state.first_val:
+                state.first_val = self._validate()
+                self.display.print(f"{self.title} before training: val loss {state.first_val['loss']:.4f}")
+            while (state.epoch < engine.epochs and state.step < self.total_steps
                    and not self.result.stopped_early):
                 self._train_epoch()
                 self._end_of_epoch()
@@ -247,30 +274,21 @@ class _Training:
             self._save("best")
         distributed.barrier()  # rank 0 has written its checkpoints before any rank reads them
         r = self.result
-        r.steps, r.epochs, r.samples, r.skipped = state["step"], state["epoch"], state["samples"], state["skipped"]
-        r.seconds, r.first_val, r.best_val_loss = time.monotonic() - started, state["first_val"], state["best_val_loss"]
+        r.steps, r.epochs, r.samples, r.skipped = state.step, state.epoch, state.samples, state.skipped
+        r.seconds, r.first_val, r.best_val_loss = time.monotonic() - started, state.first_val, state.best_val_loss
         r.best_checkpoint = best if best.exists() else None
         return r
 
     def _train_epoch(self) -> None:
         state, engine = self.state, self.engine
         train, world = self.data.train, self.world
-        if hasattr(train, "stream"):  # a streamed split (StreamingCaptions): its epoch's stream, batched in order
-            self.sampler = _EpochPlan(micro_batches_per_epoch(len(train), engine.batch_size, engine.grad_accum,
-                                                              world.size))
-            source = train.stream(state["epoch"], state["batch_in_epoch"], engine.batch_size, world.rank, world.size)
-            loader = DataLoader(source, batch_size=engine.batch_size, collate_fn=self.data.collate,
-                                num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda")
-        else:
-            self.sampler = StepBatchSampler(len(train), engine.batch_size, engine.grad_accum, self.runtime.seed,
-                                            state["epoch"], state["batch_in_epoch"], world.rank, world.size)
-            loader = DataLoader(train, batch_sampler=self.sampler, collate_fn=self.data.collate,
-                                num_workers=self.data.num_workers, pin_memory=self.device.type == "cuda")
-        batches = iter(loader)
+        loader = train.epoch_loader(state.epoch, state.batch_in_epoch, self.layout)
+        self.epoch_batches = loader.num_batches
+        batches = iter(loader.batches)
         window: dict[str, float] = {}
         window_steps, window_samples, window_start = 0, 0, time.monotonic()
         # A Ctrl-C is acted on after a step, once every rank agrees (_stop_agreed).
-        while state["step"] < self.total_steps and state["batch_in_epoch"] < self.sampler.num_batches:
+        while state.step < self.total_steps and state.batch_in_epoch < self.epoch_batches:
             micro = _take(batches, engine.grad_accum)
             readable = [b for b in micro if len(b) > 0]
             # One process drops a micro-batch whose images were all unreadable. Under DDP every
@@ -281,33 +299,33 @@ class _Training:
             lost = not readable if not world.distributed else len(readable) < len(micro)
             lost_ranks, skipped, short_ranks = distributed.all_sum(
                 [float(lost), sum(b.skipped for b in micro), float(short)], self.device)
-            state["skipped"] += int(skipped)
+            state.skipped += int(skipped)
             if short_ranks:  # only a stream shorter than train_size runs out before the plan
                 if world.main:
-                    print(f"warning: the training stream ran out after {state['batch_in_epoch']} of "
-                          f"{self.sampler.num_batches} micro-batches; set --train-size to its length", file=sys.stderr)
-                state["batch_in_epoch"] = self.sampler.num_batches
+                    print(f"warning: the training stream ran out after {state.batch_in_epoch} of "
+                          f"{self.epoch_batches} micro-batches; set --train-size to its length", file=sys.stderr)
+                state.batch_in_epoch = self.epoch_batches
                 break
-            state["batch_in_epoch"] += len(micro)
+            state.batch_in_epoch += len(micro)
             _check_unreadable(state, self.data.max_bad_fraction, at_least=100)
             if lost_ranks:
                 continue
             losses, n = self._optimizer_step(readable)
-            state["step"] += 1
-            state["samples"] += n
+            state.step += 1
+            state.samples += n
             for key, value in losses.items():
                 window[key] = window.get(key, 0.0) + value
             window_steps, window_samples = window_steps + 1, window_samples + n
             lr = self.scheduler.get_last_lr()[0]
             rate = window_samples / max(1e-9, time.monotonic() - window_start)
-            self.display.update(state["step"], {"loss": losses["loss"], "lr": lr, "samples/s": rate})
-            if state["step"] % engine.log_every == 0 or state["step"] == self.total_steps:
+            self.display.update(state.step, {"loss": losses["loss"], "lr": lr, "samples/s": rate})
+            if state.step % engine.log_every == 0 or state.step == self.total_steps:
                 self.result.train = {k: v / window_steps for k, v in window.items()}
-                self.log.write({"split": "train", "step": state["step"], "epoch": state["epoch"], "lr": lr,
+                self.log.write({"split": "train", "step": state.step, "epoch": state.epoch, "lr": lr,
                                 "samples_per_s": round(rate, 2), **self.result.train})
                 window, window_steps, window_samples, window_start = {}, 0, 0, time.monotonic()
             if self.on_step is not None:
-                self.on_step(state["step"], losses)
+                self.on_step(state.step, losses)
             if self._stop_agreed():
                 self._interrupted()
         _check_unreadable(state, self.data.max_bad_fraction, at_least=1)
@@ -325,7 +343,7 @@ class _Training:
             The step's losses and metrics, and its number of samples over all ranks.
         """
         total = sum(len(b) for b in micro)
-        progress = self.state["step"] / self.total_steps
+        progress = self.state.step / self.total_steps
         sums: dict[str, float] = {}
         for i, batch in enumerate(micro):
             batch = batch.to(self.device)
@@ -333,7 +351,7 @@ class _Training:
             last = i == len(micro) - 1
             sync = nullcontext() if last or not self.world.distributed else self.runner.no_sync()
             with sync:
-                with self.autocast():
+                with self.runtime.autocast():
                     losses = self.runner(self.objective, batch, progress)
                     loss = total_loss(losses)
                 self.scaler.scale(loss * weight).backward()
@@ -360,21 +378,21 @@ class _Training:
     def _bad_step(self, bad: list[str], sums: dict[str, float]) -> None:
         """A step whose loss or gradient is not finite: stop before the update (the weights, and every
         checkpoint on disk, stay good), or with ``max_bad_steps`` drop its update and go on."""
-        step = self.state["step"] + 1
+        step = self.state.step + 1
         parts = [k for k in bad if k.endswith("_loss")] or [k for k in bad if k != "loss"] or bad
         what = (f"non-finite {', '.join(parts)} at step {step}" if parts != ["grad_norm"]
                 else f"non-finite gradient at step {step} (first in {_first_nonfinite_grad(self.model)}; "
                      f"the losses were finite)")
         self.optimizer.zero_grad(set_to_none=True)
-        self.state["bad_steps"] = self.state.get("bad_steps", 0) + 1
-        if self.state["bad_steps"] > self.engine.max_bad_steps:
+        self.state.bad_steps += 1
+        if self.state.bad_steps > self.engine.max_bad_steps:
             shown = {k: round(v, 4) for k, v in sums.items()}
             allowed = (f"after {self.engine.max_bad_steps} skipped bad step(s) " if self.engine.max_bad_steps else "")
             raise CapcliError(f"{what} {allowed}(losses: {shown}); the last good checkpoint is in "
                               f"{self.run_dir / 'checkpoints'}; try a lower --lr or --precision fp32, or set "
                               f"engine.max_bad_steps to skip such steps")
         if self.world.main:
-            print(f"warning: {what}: its update was skipped ({self.state['bad_steps']} of at most "
+            print(f"warning: {what}: its update was skipped ({self.state.bad_steps} of at most "
                   f"{self.engine.max_bad_steps})", file=sys.stderr)
         self.scaler.update()
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant so here
@@ -383,20 +401,20 @@ class _Training:
 
     def _end_of_epoch(self) -> None:
         state = self.state
-        if state["batch_in_epoch"] >= self.sampler.num_batches:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
+        if state.batch_in_epoch >= self.epoch_batches:
+            state.epoch += 1
+            state.batch_in_epoch = 0
         if self.val_loader is not None:
             self.result.val = self._validate()
-            monitor = getattr(self.objective, "monitor", "loss")
+            monitor = self.objective.monitor
             loss = self.result.val[monitor]
-            self.display.print(f"{self.title} epoch {state['epoch']} step {state['step']}: val {monitor} {loss:.4f}")
-            if loss < state["best_val_loss"]:
-                state["best_val_loss"], state["bad_validations"] = loss, 0
+            self.display.print(f"{self.title} epoch {state.epoch} step {state.step}: val {monitor} {loss:.4f}")
+            if loss < state.best_val_loss:
+                state.best_val_loss, state.bad_validations = loss, 0
                 self._save("best")
             else:
-                state["bad_validations"] += 1
-                if self.engine.patience and state["bad_validations"] >= self.engine.patience:
+                state.bad_validations += 1
+                if self.engine.patience and state.bad_validations >= self.engine.patience:
                     self.result.stopped_early = True
                     self.display.print(f"early stop: no val improvement in {self.engine.patience} validations")
         self._save("last")
@@ -404,21 +422,21 @@ class _Training:
             self._interrupted(saved=True)
 
     def _validate(self) -> dict[str, float]:
-        metrics = validate(self.model, self.objective, self.val_loader, self.device, self.autocast,
-                           self.state["step"] / self.total_steps)
+        metrics = validate(self.model, self.objective, self.val_loader, self.runtime,
+                           self.state.step / self.total_steps)
         # Prefixed so that a line read alone says what it measured (val_reward_accuracy, not reward_accuracy).
-        self.log.write({"split": "val", "step": self.state["step"], "epoch": self.state["epoch"],
+        self.log.write({"split": "val", "step": self.state.step, "epoch": self.state.epoch,
                         **{f"val_{k}": v for k, v in metrics.items()}})
         return metrics
 
     def _interrupted(self, saved: bool = False) -> None:
         if not self.engine.save_checkpoints:
-            raise TrainingInterrupted(f"interrupted at step {self.state['step']} (engine.save_checkpoints is off: "
+            raise TrainingInterrupted(f"interrupted at step {self.state.step} (engine.save_checkpoints is off: "
                                       f"nothing was saved)")
         if not saved:
             self._save("last")
         self.display.print(f"interrupted: resumable checkpoint written to {self.run_dir / 'checkpoints' / 'last'}")
-        raise TrainingInterrupted(f"interrupted at step {self.state['step']}; "
+        raise TrainingInterrupted(f"interrupted at step {self.state.step}; "
                                   f"continue with --resume --output {self.run_dir}")
 
     # ------------------------------------------------------------------ checkpoints
@@ -435,7 +453,7 @@ class _Training:
         rng = distributed.all_objects(_rng_state())
         if not self.world.main:
             return None
-        state = {**self.state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        state = {**self.state.as_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0],
                  "world_size": self.world.size}
         described = _Described(self.model, self.describe, state)
@@ -472,14 +490,7 @@ class _Training:
         random.setstate(_as_tuple(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
-        self.state.update(saved)
-
-
-@dataclass
-class _EpochPlan:
-    """How many micro-batches make a streamed epoch (what StepBatchSampler says of an indexed one)."""
-
-    num_batches: int
+        self.state = TrainingState.from_dict(saved)
 
 
 class _ObjectiveRunner(nn.Module):
@@ -540,11 +551,11 @@ class _StopOnInterrupt:
             signal.signal(sig, previous)
 
 
-def _check_unreadable(state: dict[str, Any], max_fraction: float, at_least: int) -> None:
+def _check_unreadable(state: TrainingState, max_fraction: float, at_least: int) -> None:
     """Fail once more than ``max_fraction`` of the samples read so far were unreadable."""
-    total = state["samples"] + state["skipped"]
-    if state["skipped"] and total >= at_least and state["skipped"] > max_fraction * total:
-        raise DataError(f"{state['skipped']} of {total} training samples could not be read, more than "
+    total = state.samples + state.skipped
+    if state.skipped and total >= at_least and state.skipped > max_fraction * total:
+        raise DataError(f"{state.skipped} of {total} training samples could not be read, more than "
                         f"max_bad_fraction {max_fraction}; the warnings above name the files")
 
 

@@ -48,7 +48,7 @@ from capcli.metrics import (
 )
 from capcli.model import Captioner
 from capcli.objectives import score_pairs
-from capcli.precision import autocast_context, resolve_device, resolve_precision
+from capcli.runtime import Runtime
 from capcli.settings import DataSettings, Settings
 
 RESULTS_FILE = Path("results/evaluation_metrics.json")
@@ -77,15 +77,15 @@ class EvalOptions:
 
 def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Evaluate ``options.checkpoint`` on ``options.split``; returns the results document."""
-    device = resolve_device(settings.runtime.device)
-    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    runtime = Runtime.from_settings(settings.runtime)
+    device = runtime.device
     model = Captioner.from_pretrained(options.checkpoint, device).eval()
     judge = load_judge(options.judge, model, options.checkpoint, device, settings.data.max_pixels)
     rows, pixels, skipped, overlap = _load_split(settings, options, model.image_size)
     n = len(rows)
     seed = settings.runtime.seed
     log(f"evaluate: captioning {n} {options.split} images with beams={options.decode.beams}")
-    with autocast():
+    with runtime.autocast():
         predictions = _decode(model, pixels, options)
     references = [list(captions) for captions in rows["captions"]]
 
@@ -104,7 +104,7 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
         words = np.asarray(words, dtype=float)
         put(name, float(words.mean()), bootstrap_interval(words, options.resamples, seed=seed))
 
-    with autocast():
+    with runtime.autocast():
         image_emb = _batched(judge.embed_images, list(rows["image"]), options.batch_size)
         cand_emb = _batched(judge.embed_texts, predictions, options.batch_size)
         ref_emb = _batched(judge.embed_texts, [r for refs in references for r in refs], options.batch_size)
@@ -118,14 +118,14 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     # Win rate: the judge's CLIP score of our caption against the baseline's, per image.
     if options.baseline is not None:
         baseline_model = Captioner.from_pretrained(options.baseline, device).eval()
-        with autocast():
+        with runtime.autocast():
             baseline_captions = _decode(baseline_model, pixels, options)
         del baseline_model
         baseline_name = f"checkpoint:{options.baseline}"
     else:
         baseline_captions = _shuffled(predictions, seed)
         baseline_name = "shuffled captions (each image gets another image's generated caption)"
-    with autocast():
+    with runtime.autocast():
         baseline_emb = _batched(judge.embed_texts, baseline_captions, options.batch_size)
     baseline_clip = clip_score(image_emb, baseline_emb).cpu().numpy()
     outcomes = pairwise_outcomes(clip, baseline_clip, tie=0.5)
@@ -134,7 +134,7 @@ def evaluate(settings: Settings, options: EvalOptions, log: Callable[[str], None
     # Preference accuracy: the model's log-probs rank the true caption over its corruption.
     pairs = generate_pairs(rows, seed, f"evaluate-{options.split}")
     if len(pairs):
-        ranked, kinds = _preference_outcomes(model, pairs, settings, device, autocast, options.batch_size)
+        ranked, kinds = _preference_outcomes(model, pairs, settings, runtime, options.batch_size)
         put("preference_accuracy", float(ranked.mean()), bootstrap_interval(ranked, options.resamples, seed=seed))
         # By kind: relation pairs ask whether the model knows where things are, which its captions may never say.
         for kind in sorted(set(kinds)):
@@ -274,11 +274,11 @@ def _shuffled(captions: list[str], seed: int) -> list[str]:
     return [captions[shifted[i]] for i in range(len(captions))]
 
 
-def _preference_outcomes(model, pairs, settings, device, autocast, batch_size) -> tuple[np.ndarray, np.ndarray]:
+def _preference_outcomes(model, pairs, settings, runtime, batch_size) -> tuple[np.ndarray, np.ndarray]:
     """1 where log p(chosen | image) > log p(rejected | image), else 0 (ties are wrong); and each pair's kind."""
     data = PreferenceDataset(pairs, model.image_size, settings.data.max_pixels)
     collate = PreferenceCollator(model.tokenizer, settings.data.max_caption_tokens)
-    logps = pair_logps(model, data, collate, score_pairs, device, autocast, batch_size)
+    logps = pair_logps(model, data, collate, score_pairs, runtime, batch_size)
     read = ~logps.isnan().any(dim=1)  # pairs whose image could not be read are left out
     kinds = np.asarray(pairs["corruption"], dtype=object)[read.numpy()]
     return (logps[read, 0] > logps[read, 1]).float().numpy(), kinds

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from capcli.model import Captioner
+from capcli.runtime import evaluating
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,6 @@ def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, 
         return model.decoder.generate(**{**arguments, **search})
 
 
-@torch.no_grad()
 def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeSettings, beams: int,
                        samples: int, temperature: float = 1.0) -> list[list[str]]:
     """Several captions of each image, as the model writes them: the material of on-policy pairs.
@@ -196,8 +196,6 @@ def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeS
     Returns:
         For each image, its ``beams + samples`` captions (beam candidates first), duplicates kept.
     """
-    was_training = model.training
-    model.eval()
     runs = []
     if beams:
         runs.append((beams, dict(num_beams=beams, num_return_sequences=beams)))
@@ -206,11 +204,11 @@ def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeS
                                    num_return_sequences=samples)))
     out: list[list[str]] = [[] for _ in range(len(features))]
     for copies, search in runs:
-        ids = _generate(model, features, decode, copies, **search)  # (B·copies, T), an image's rows together
+        with evaluating(model):
+            ids = _generate(model, features, decode, copies, **search)  # (B·copies, T), an image's rows together
         texts = [t.strip() for t in model.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         for i, text in enumerate(texts):
             out[i // copies].append(text)
-    model.train(was_training)
     return out
 
 

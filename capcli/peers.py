@@ -495,7 +495,7 @@ def _sync(device: torch.device) -> None:
 CAPTION_TOKENS = 32  # tokens every side writes a caption: DecodeSettings' default max_length
 
 
-def bench_peers(report: Any, settings: Any, model: Captioner, test: Any, work: Path, repeats: int,
+def bench_peers(report: Any, settings: Any, runtime: Any, model: Captioner, test: Any, work: Path, repeats: int,
                 peak: Callable[[], float], log: Callable[[str], None]) -> None:
     """``capcli benchmark --sections peers``: capcli beside each peer that can be built here.
 
@@ -522,16 +522,13 @@ def bench_peers(report: Any, settings: Any, model: Captioner, test: Any, work: P
     if missing:
         log(f"benchmark: peer(s) {', '.join(missing)} skipped ({'; '.join(missing.values())})")
     b = settings.benchmark
-    device = model.pixel_mean.device
-    from capcli.precision import autocast_context, resolve_precision
-
-    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    autocast = runtime.autocast
     peers = build_peers(model, names)
     report.context["peer_parameters"] = {"capcli": sum(p.numel() for p in model.parameters()),
                                          **{name: peer.parameters for name, peer in peers.items()}}
     report.context["peer_caption_tokens"] = CAPTION_TOKENS
     files = image_files(test, b.images, work / "peer-images")
-    captioner = ImageCaptioner(model, autocast, batch_size=b.caption_batch, max_pixels=settings.data.max_pixels)
+    captioner = ImageCaptioner(model, runtime, batch_size=b.caption_batch, max_pixels=settings.data.max_pixels)
     sides: dict[str, Callable[[int], CaptionRun]] = {
         "capcli": lambda beams: caption_capcli(captioner, files, beams, CAPTION_TOKENS)}
     if "ved" in peers:
@@ -552,7 +549,7 @@ def bench_peers(report: Any, settings: Any, model: Captioner, test: Any, work: P
             report.add(f"peer_{name}_caption_beam{beams}_speedup",
                        [c / p for c, p in zip(rates["capcli"], rates[name], strict=True)])
     log(f"benchmark: peers, training ({repeats} repeats after a warm-up)")
-    bench_peer_training(report, settings, model, peers, work, repeats, peak, autocast)
+    bench_peer_training(report, settings, runtime, model, peers, work, repeats, peak)
 
 
 def image_files(split: Any, count: int, folder: Path) -> list[Path]:
@@ -570,8 +567,8 @@ def image_files(split: Any, count: int, folder: Path) -> list[Path]:
     return files
 
 
-def bench_peer_training(report: Any, settings: Any, model: Captioner, peers: dict[str, Peer], work: Path,
-                        repeats: int, peak: Callable[[], float], autocast: Callable[[], Any]) -> None:
+def bench_peer_training(report: Any, settings: Any, runtime: Any, model: Captioner, peers: dict[str, Peer],
+                        work: Path, repeats: int, peak: Callable[[], float]) -> None:
     """Samples/s, model FLOPs per sample and MFU of capcli's pretrain step and each peer's training step.
 
     capcli's side is ``engine.fit`` as ``bench_pretrain`` times it (its data loader, fused
@@ -594,7 +591,8 @@ def bench_peer_training(report: Any, settings: Any, model: Captioner, peers: dic
                                   token_dropout=p.token_dropout)
     counted = Counted(objective, partial(_pretrain_flops, model), lambda batch: int(batch.caption_mask.sum()))
     data = TrainData(train=dataset, val=None, collate=collate, num_workers=settings.data.num_workers)
-    runs = [partial(timed_fit, copy.deepcopy(model), counted, data, settings, "pretrain", work / "peers-pretrain")]
+    runs = [partial(timed_fit, copy.deepcopy(model), counted, data, settings, runtime, "pretrain",
+                    work / "peers-pretrain")]
     batches = [peer_batch(model, collate([dataset[(i, 0)] for i in range(s * per_step, (s + 1) * per_step)]))
                for s in range(engine.max_steps)]
     losses = {"ved": lambda peer, x, ids, mask: ved_loss(peer, x, ids, mask),
@@ -604,7 +602,7 @@ def bench_peer_training(report: Any, settings: Any, model: Captioner, peers: dic
         peer.model.train()
         flops[name] = step_flops(partial(losses[name], peer, *batches[0])) / per_step
         peer.model.zero_grad(set_to_none=True)
-        runs.append(partial(train_peer, peer, partial(losses[name], peer), batches, autocast, engine.clip_grad))
+        runs.append(partial(train_peer, peer, partial(losses[name], peer), batches, runtime.autocast, engine.clip_grad))
     peaks, fast, *peer_runs = _interleaved([peak, *runs], repeats)
     capcli_rate = [r.per_s("samples") for r in fast]
     report.add("peer_capcli_train_samples_per_s", capcli_rate)

@@ -28,6 +28,7 @@ from capcli.data.batches import (
     StreamingCaptions,
     caption_dataset,
     other_images,
+    training_dataset,
 )
 from capcli.data.concepts import caption_words
 from capcli.data.preferences import load_preferences
@@ -39,9 +40,9 @@ from capcli.heldout import heldout_metrics
 from capcli.model import Captioner, build_model
 from capcli.objectives import AlignObjective, PretrainObjective, score_pairs
 from capcli.policy_pairs import draw_pairs
-from capcli.precision import autocast_context, resolve_device, resolve_precision
 from capcli.rewards import JUDGES, load_judge
 from capcli.runlog import RunLog
+from capcli.runtime import Runtime
 from capcli.settings import EngineSettings, Settings, to_yaml
 
 
@@ -66,6 +67,7 @@ class Phase:
     model: Captioner
     objective: Objective
     data: TrainData
+    runtime: Runtime  # the command's, resolved once: every round of align shares it
 
 
 @dataclass
@@ -86,11 +88,12 @@ def _write_config(run_dir: Path, settings: Settings) -> None:
         (run_dir / "config.yaml").write_text(to_yaml(settings), encoding="utf-8")
 
 
-def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
-    """Phase 1's model, objective and data; writes the run's ``config.yaml``."""
+def prepare_pretrain(settings: Settings, overwrite: bool = False, runtime: Runtime | None = None) -> Phase:
+    """Phase 1's model, objective and data, and the command's runtime (resolved here unless given);
+    writes the run's ``config.yaml``."""
     phase = settings.pretrain
     run_dir = prepare_run_dir(phase.engine, overwrite)
-    distributed.setup(resolve_device(settings.runtime.device))  # under torchrun: join now, so that...
+    runtime = runtime or Runtime.from_settings(settings.runtime, join=True)  # under torchrun: join now, so that...
     with distributed.main_first():  # ...rank 0 alone materialises the data, and the others read it
         splits = load_splits(settings.data)
     torch.manual_seed(settings.runtime.seed)
@@ -113,10 +116,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     def dataset(name: str) -> CaptionDataset | StreamingCaptions | None:
         if name not in splits:
             return None
-        if isinstance(splits[name], datasets.IterableDataset):
-            return StreamingCaptions(splits[name], settings.data.train_size, model.image_size,
-                                     settings.data.max_pixels, settings.runtime.seed)
-        return caption_dataset(splits[name], model.image_size, settings.data)
+        return training_dataset(splits[name], model.image_size, settings.data, settings.runtime.seed)
 
     data = TrainData(
         train=dataset("train"), val=dataset("val"),
@@ -125,7 +125,7 @@ def prepare_pretrain(settings: Settings, overwrite: bool = False) -> Phase:
     )
     objective = PretrainObjective(phase.contrastive_weight, phase.caption_weight, settings.runtime.local_loss,
                                   phase.concept_weight, phase.token_dropout)
-    return Phase(model, objective, data)
+    return Phase(model, objective, data, runtime)
 
 
 def concept_words_for(settings: Settings, captions: Iterable[Sequence[str]] = ()) -> tuple[str, ...]:
@@ -143,7 +143,7 @@ def pretrain(settings: Settings, overwrite: bool = False,
     """Phase 1: contrastive + captioning loss on image-caption pairs."""
     run = prepare_pretrain(settings, overwrite)
     phase = settings.pretrain
-    result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, settings.runtime,
+    result = fit(run.model, run.objective, run.data, phase.engine, phase.optimizer, run.runtime,
                  title="pretrain", on_step=on_step, describe=describer(settings, "pretrain", phase.engine.output))
     _draw_curves(result.run_dir)
     runlock.release(result.run_dir)
@@ -176,8 +176,10 @@ class AlignRound:
     reference: Path  # the checkpoint whose log-probs are the DPO reference
 
 
-def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRound | None = None) -> AlignPhase:
-    """Phase 2's model (the starting checkpoint), objective, pairs and caches; writes ``config.yaml``.
+def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRound | None = None,
+                  runtime: Runtime | None = None) -> AlignPhase:
+    """Phase 2's model (the starting checkpoint), objective, pairs and caches, and the command's runtime
+    (resolved here unless given); writes ``config.yaml``.
 
     The starting checkpoint is also the reference model: its log-probs of every pair are
     computed here, once, and so are the frozen tower's features. On ``--resume`` the
@@ -191,8 +193,8 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
     start = resolve_checkpoint(phase.checkpoint or DEFAULT_START, "best")
     round_ = round_ or AlignRound(1, 1, phase.engine, start, start)
     run_dir = prepare_run_dir(round_.engine, overwrite)
-    world, device = distributed.setup(resolve_device(settings.runtime.device))
-    autocast = autocast_context(device, resolve_precision(settings.runtime.precision, device))
+    runtime = runtime or Runtime.from_settings(settings.runtime, join=True)
+    device = runtime.device
     model = Captioner.from_pretrained(round_.policy, device)
     if phase.freeze_vision:
         model.freeze_vision()
@@ -204,9 +206,8 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
             pairs, report = load_preferences(phase.preferences, settings.data, caption_splits, phase.pairs_per_image)
             summary = report.summary()
         else:
-            pairs, summary = _policy_pairs(settings, policy, caption_splits, model, run_dir, round_, device,
-                                           autocast)
-    if world.main:
+            pairs, summary = _policy_pairs(settings, policy, caption_splits, model, run_dir, round_, runtime)
+    if runtime.world.main:
         print(summary, file=sys.stderr)
     _write_config(run_dir, settings)
 
@@ -223,21 +224,21 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
         split, features, index = pairs[name], None, None
         has_images = "image" in split.column_names and any(v is not None for v in split["image"])
         if phase.freeze_vision and has_images:
-            split, features, index = frozen_features(model, split, settings.data.max_pixels, device, autocast, batch)
+            split, features, index = frozen_features(model, split, settings.data.max_pixels, runtime, batch)
         other = other_images([image_identity(v) for v in split["image"]], settings.data.seed) \
             if phase.image_weight and has_images else None
         data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index, other=other)
         if phase.reference == "checkpoint":
-            data.reference = pair_logps(reference, data, collate, score, device, autocast, batch)
+            data.reference = pair_logps(reference, data, collate, score, runtime, batch)
         return data
 
     val_captions = caption_splits.get("val")
     data = TrainData(train=dataset("train"), val=dataset("val"), collate=collate,
                      num_workers=settings.data.num_workers, max_bad_fraction=settings.data.max_bad_fraction)
     captions = None if val_captions is None else caption_dataset(val_captions, model.image_size, settings.data)
-    measure = partial(heldout_metrics, objective=objective, pairs=data.val, captions=captions, device=device,
-                      autocast=autocast, batch_size=batch, max_tokens=settings.data.max_caption_tokens)
-    return AlignPhase(model, objective, data, start=start, measure=measure, pairs=summary)
+    measure = partial(heldout_metrics, objective=objective, pairs=data.val, captions=captions, runtime=runtime,
+                      batch_size=batch, max_tokens=settings.data.max_caption_tokens)
+    return AlignPhase(model, objective, data, runtime, start=start, measure=measure, pairs=summary)
 
 
 PAIRS_DIR = "pairs"  # a round's drawn pairs, kept so that --resume trains on the same ones
@@ -247,7 +248,7 @@ DRAW_FILE = "draw.json"  # what a round's draw found, written with its pairs
 
 
 def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, model: Captioner, run_dir: Path,
-                  round_: AlignRound, device: torch.device, autocast) -> tuple[dict[str, datasets.Dataset], str]:
+                  round_: AlignRound, runtime: Runtime) -> tuple[dict[str, datasets.Dataset], str]:
     """On-policy training pairs (drawn now, or read back on --resume), and generated held-out ones."""
     phase, data = settings.align, settings.data
     if "train" not in caption_splits:
@@ -261,10 +262,10 @@ def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, m
     else:
         train = caption_splits["train"]
         judge = load_judge(policy[0] or ("grounding" if "scene" in train.column_names else "cider"), policy[1],
-                           train, device, data.max_pixels)
+                           train, runtime.device, data.max_pixels)
         decode = DecodeSettings(max_length=data.max_caption_tokens)  # guided, as evaluate decodes
         drawn, drawn_report = draw_pairs(
-            model, train, partial(caption_features, model, train, data.max_pixels, device, autocast), judge,
+            model, train, partial(caption_features, model, train, data.max_pixels, runtime), judge,
             decode, phase.policy, seed=data.seed + round_.number, batch_size=phase.engine.batch_size)
         if distributed.current().main:
             drawn.save_to_disk(str(saved))
@@ -279,10 +280,6 @@ def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, m
                         "lower align.policy.min_gap or draw more candidates (align.policy.beams, samples)")
     summary += f"; held out: {report.summary()}"
     return {**generated, "train": train}, summary
-
-
-def device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def policy_spec(spec: str | None) -> tuple[str, str] | None:
@@ -333,6 +330,7 @@ def align(settings: Settings, overwrite: bool = False,
             shutil.rmtree(run_dir / ROUNDS_DIR)
     policy, reference, records = start, start, []
     before: dict[str, float] | None = None
+    runtime: Runtime | None = None  # resolved by the first round's prepare_align, where pretrain resolves it
     for number in range(1, rounds + 1):
         output = run_dir if number == rounds else run_dir / ROUNDS_DIR / str(number)
         done = output / ROUND_FILE
@@ -343,11 +341,12 @@ def align(settings: Settings, overwrite: bool = False,
             continue
         resume = phase.engine.resume and has_checkpoint(output)  # also one a kill left as .old-last
         engine = phase.engine.model_copy(update={"output": output, "resume": resume})
-        run = prepare_align(settings, overwrite, AlignRound(number, rounds, engine, policy, reference))
+        run = prepare_align(settings, overwrite, AlignRound(number, rounds, engine, policy, reference), runtime)
+        runtime = run.runtime
         if before is None:
-            before = run.measure(run.model if policy == start else Captioner.from_pretrained(start, device_of(run.model)))
+            before = run.measure(run.model if policy == start else Captioner.from_pretrained(start, runtime.device))
         try:
-            result = fit(run.model, run.objective, run.data, engine, phase.optimizer, settings.runtime,
+            result = fit(run.model, run.objective, run.data, engine, phase.optimizer, runtime,
                          title="align" if rounds == 1 else f"align round {number}/{rounds}", on_step=on_step,
                          describe=describer(settings, "align", output, run.start))
         except TrainingInterrupted as err:
@@ -372,7 +371,7 @@ def align(settings: Settings, overwrite: bool = False,
         for record in records:
             log.write({"split": "round", **record})
     runlock.release(run_dir)
-    model = Captioner.from_pretrained(policy, device_of(run.model))
+    model = Captioner.from_pretrained(policy, runtime.device)
     after = run.measure(model)
     out = AlignResult(result, run.start, before, after, run.pairs)
     if "retrieval_r1" in before and "retrieval_r1" in after:

@@ -1,11 +1,9 @@
-"""Device and precision: what ``--device`` and ``--precision`` resolve to."""
+"""Device and precision: what ``--device`` and ``--precision`` resolve to (``Runtime`` resolves them once)."""
 
 from __future__ import annotations
 
 import platform
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -60,15 +58,3 @@ def cpu_has_fast_bf16() -> bool:
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     probes = [probe for probe in probes if callable(probe)]
     return not probes or any(probe() for probe in probes)
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype) -> Callable[[], AbstractContextManager]:
-    """Built once: ``nullcontext`` for fp32, ``torch.autocast`` otherwise."""
-    if dtype == torch.float32:
-        return nullcontext
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def grad_scaler(device: torch.device, dtype: torch.dtype) -> torch.amp.GradScaler:
-    """Loss scaling for fp16; created disabled otherwise, where every call is a no-op."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -7,11 +7,12 @@ resumed run repeat the uninterrupted one.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class SampleKey(NamedTuple):
@@ -56,6 +57,41 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
             start = (b * self.world + self.rank) * self.batch_size
             rows = self.order[start : start + self.batch_size]
             yield [SampleKey(i, self.epoch) for i in rows]
+
+
+@dataclass(frozen=True)
+class EpochLayout:
+    """How the engine cuts an epoch into micro-batches, and how it loads them."""
+
+    batch_size: int  # per micro-batch, per rank
+    grad_accum: int  # micro-batches to an optimizer step
+    seed: int
+    rank: int = 0
+    world: int = 1
+    collate: Callable[[list[Any]], Any] | None = None
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
+@dataclass
+class EpochLoader:
+    """One epoch of a training split, from a given micro-batch on."""
+
+    batches: Iterable[Any]  # this rank's collated micro-batches, those already consumed left out
+    num_batches: int  # this rank's micro-batches in the whole epoch, those consumed included
+
+
+class IndexedDataset(Dataset):
+    """A map-style dataset indexed by ``SampleKey``: each epoch visits it in a seeded order
+    (``StepBatchSampler``). A streamed split gives the same ``epoch_loader`` its own way."""
+
+    def epoch_loader(self, epoch: int, start: int, layout: EpochLayout) -> EpochLoader:
+        """The loader of epoch ``epoch`` from its micro-batch ``start`` on."""
+        sampler = StepBatchSampler(len(self), layout.batch_size, layout.grad_accum, layout.seed, epoch, start,
+                                   layout.rank, layout.world)
+        loader = DataLoader(self, batch_sampler=sampler, collate_fn=layout.collate, num_workers=layout.num_workers,
+                            pin_memory=layout.pin_memory)
+        return EpochLoader(loader, sampler.num_batches)
 
 
 def in_order(n: int, batch_size: int, rank: int = 0, world: int = 1) -> list[list[SampleKey]]:

@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from capcli.sampler import IndexedDataset  # noqa: E402
 from capcli.settings import Settings, load_settings, override  # noqa: E402
 
 # Under pytest-xdist (the default, see pyproject) every worker is a process of its own: one
@@ -51,7 +52,7 @@ def png_claiming_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-class SameCaptionEveryEpoch(torch.utils.data.Dataset):
+class SameCaptionEveryEpoch(IndexedDataset):
     """Each image with the caption of epoch 0 only: one batch really is the same batch every
     step, and a few steps teach image-dependent captions."""
 

@@ -7,7 +7,6 @@ reach metrics.jsonl, and the command's errors are one line with exit 2.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -236,10 +235,11 @@ def test_retrieval_r1_by_hand():
     column's largest value is on the diagonal), so the direction is pinned down too. Batches of 2
     split the rows, and every image is scored against the captions of the other batch."""
     from capcli.heldout import retrieval_r1
+    from capcli.runtime import Runtime
 
     similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.2], [0.1, 0.3, 0.7]])
     model, rows = _FixedEmbeddings(similarity).train(), _Rows(3)
-    r1 = retrieval_r1(model, rows, rows.collate, torch.device("cpu"), contextlib.nullcontext, batch_size=2)
+    r1 = retrieval_r1(model, rows, rows.collate, Runtime(torch.device("cpu")), batch_size=2)
     assert r1 == pytest.approx(2 / 3)
     assert model.modes == [False, False] and model.training  # measured in eval mode, and put back
     assert rows.epochs == {0}  # each image's epoch-0 caption, the same every time
@@ -286,7 +286,7 @@ def test_resumed_align_repeats_the_uninterrupted_run(settings_factory, start_che
         align(parted, on_step=lambda step, _: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None)
     resumed = override(parted, {"align.engine.resume": True})
     phase = prepare_align(resumed)
-    fit(phase.model, phase.objective, phase.data, resumed.align.engine, resumed.align.optimizer, resumed.runtime)
+    fit(phase.model, phase.objective, phase.data, resumed.align.engine, resumed.align.optimizer, phase.runtime)
 
     def losses(run: Path) -> list[tuple[int, float]]:
         return [(r["step"], r["loss"]) for r in read_metrics(run / "metrics.jsonl") if r["split"] == "train"]

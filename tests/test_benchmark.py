@@ -150,7 +150,7 @@ def test_timed_steps_count_the_formula_flops_of_the_batches_the_engine_ran(setti
         return pretrain_step_flops(phase.model, len(batch), batch.caption_ids.shape[1])
 
     counted = Counted(phase.objective, flops_of, lambda batch: int(batch.caption_mask.sum()))
-    steps = timed_fit(phase.model, counted, replace(phase.data, val=None), settings, "pretrain",
+    steps = timed_fit(phase.model, counted, replace(phase.data, val=None), settings, phase.runtime, "pretrain",
                       settings.pretrain.engine.output)
     assert len(seen) == 4  # validation would add calls; there is none, and each step is one micro-batch
     assert steps.samples == 3 * 8  # steps 2 to 4

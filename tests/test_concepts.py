@@ -19,14 +19,26 @@ from test_grounding import _scene
 from test_sources import _write_folder
 
 from capcli.data.batches import CaptionCollator, CaptionExample, _Examples
-from capcli.data.concepts import canonical, caption_words, concept_targets, scene_concepts
+from capcli.data.concepts import (
+    canonical,
+    caption_words,
+    concept_targets,
+    scene_concepts,
+)
 from capcli.data.sources import concept_words
-from capcli.data.synthetic import COLOURS, NOVEL_COMBOS, SHAPES, SIZES, generate, render
+from capcli.data.synthetic import generate
 from capcli.model import Captioner, build_model
 from capcli.model.captioner import CONFIG_FILE, CaptionerConfig
 from capcli.model.towers import build_vision, conv_stem, vision_spec_tiny
 from capcli.phases import prepare_pretrain
 from capcli.sampler import SampleKey
+from capcli.scenes import (
+    COLOURS,
+    NOVEL_COMBOS,
+    SHAPES,
+    SIZES,
+    render,
+)
 from capcli.settings import ModelSettings
 
 

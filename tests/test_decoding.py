@@ -52,7 +52,7 @@ def trained(tmp_path_factory, data_cache) -> tuple[Captioner, torch.Tensor]:
     phase = prepare_pretrain(settings)
     phase.data.train = SameCaptionEveryEpoch(phase.data.train)
     p = settings.pretrain
-    fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime)
+    fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, phase.runtime)
     pixels = torch.stack([phase.data.train[(i, 0)].pixels for i in range(8)])
     return phase.model.eval(), pixels
 

@@ -236,7 +236,7 @@ def test_a_failure_on_one_rank_stops_the_job_with_its_error(env, tmp_path: Path)
         "from capcli import engine\n"
         "original = engine._Training._optimizer_step\n"
         "def failing(self, micro):\n"
-        "    if os.environ['RANK'] == '1' and self.state['step'] == 1:\n"
+        "    if os.environ['RANK'] == '1' and self.state.step == 1:\n"
         "        raise RuntimeError('rank 1 broke on purpose')\n"
         "    return original(self, micro)\n"
         "engine._Training._optimizer_step = failing\n"

@@ -7,6 +7,7 @@ killed at any stage leaves one that resumes, and NaN and Ctrl-C (a second one at
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -25,7 +26,7 @@ from capcli.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from capcli.engine import fit
+from capcli.engine import TrainingState, fit
 from capcli.errors import CapcliError, TrainingInterrupted
 from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
@@ -33,7 +34,8 @@ from capcli.optim import cosine_with_warmup
 from capcli.phases import prepare_pretrain, pretrain
 from capcli.precision import resolve_precision
 from capcli.runlog import read_metrics
-from capcli.settings import override
+from capcli.runtime import Runtime
+from capcli.settings import RuntimeSettings, override
 
 
 def train_log(run_dir) -> list[dict]:
@@ -42,7 +44,7 @@ def train_log(run_dir) -> list[dict]:
 
 def fit_phase(settings, phase, **kwargs):
     p = settings.pretrain
-    return fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime, **kwargs)
+    return fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, phase.runtime, **kwargs)
 
 
 def interrupt_at(step_to_stop: int, sig: int = signal.SIGINT):
@@ -212,6 +214,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(setting
             out["caption_loss"] = out["caption_loss"] * float("nan")
         return out
 
+    poisoned.monitor = inner.monitor  # an objective names the value that picks the best checkpoint
     phase.objective = poisoned
     with pytest.raises(CapcliError, match="non-finite caption_loss at step 11"):
         fit_phase(settings, phase)
@@ -244,6 +247,32 @@ def test_automatic_precision_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_the_runtime_is_resolved_once_and_measures_in_eval_mode_without_gradients():
+    runtime = Runtime.from_settings(RuntimeSettings(device="cpu", precision="bf16", seed=3))
+    assert (runtime.device, runtime.dtype, runtime.world.size, runtime.settings.seed) == (torch.device("cpu"),
+                                                                                           torch.bfloat16, 1, 3)
+    assert not runtime.grad_scaler().is_enabled()  # loss scaling is fp16's alone
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    for mode in (True, False):
+        layer.train(mode)
+        with runtime.inference(layer):
+            assert not layer.training and not torch.is_grad_enabled()
+            out = layer(torch.ones(2, 4))
+        assert layer.training is mode  # given back as it was
+        assert out.dtype == torch.bfloat16 and not out.requires_grad
+    assert Runtime.named("cpu", "fp32").autocast().__class__ is contextlib.nullcontext
+
+
+def test_training_state_is_saved_in_the_dict_form_of_older_checkpoints():
+    """state.pt keeps the counters as plain keys; a checkpoint written before ``bad_steps`` existed resumes."""
+    state = TrainingState(step=5, epoch=1, batch_in_epoch=2, samples=40, best_val_loss=0.5, first_val={"loss": 2.0})
+    saved = state.as_dict()
+    assert saved["step"] == 5 and saved["first_val"] == {"loss": 2.0} and saved["best_val_loss"] == 0.5
+    assert TrainingState.from_dict({**saved, "optimizer": {}}) == state
+    older = {k: v for k, v in saved.items() if k != "bad_steps"}
+    assert TrainingState.from_dict(older).bad_steps == 0
 
 
 # --- speed options: each must train the same model as the plain step -----------------------------------------------

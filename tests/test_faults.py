@@ -64,7 +64,7 @@ def trained(tmp_path_factory, data_cache) -> Path:
     settings = make_settings(run_dir, data_cache, **{"pretrain.engine.max_steps": 2})
     phase = prepare_pretrain(settings)
     p = settings.pretrain
-    fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime)
+    fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, phase.runtime)
     runlock.release(run_dir)
     return run_dir
 
@@ -424,12 +424,13 @@ def _poisoned(phase, at_steps: set[int], how: str):
                 out["contrastive_loss"] = _InfGrad.apply(out["contrastive_loss"])
         return out
 
+    objective.monitor = inner.monitor  # an objective names the value that picks the best checkpoint
     return objective
 
 
 def _fit(settings, phase):
     p = settings.pretrain
-    return fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime)
+    return fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, phase.runtime)
 
 
 def _mtimes(folder: Path) -> dict[str, int]:
@@ -463,7 +464,7 @@ def test_max_bad_steps_skips_that_many_updates_then_stops(settings_factory, caps
             after_two.update({k: v.clone() for k, v in phase.model.state_dict().items()})
 
     p = settings.pretrain
-    result = fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, settings.runtime, on_step=record)
+    result = fit(phase.model, phase.objective, phase.data, p.engine, p.optimizer, phase.runtime, on_step=record)
     assert result.steps == 8
     assert all(torch.equal(after_two[k], start[k]) for k in start), "a skipped step changed the weights"
     assert capsys.readouterr().err.count("its update was skipped") == 2

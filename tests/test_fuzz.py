@@ -29,9 +29,9 @@ from capcli.cli import app
 from capcli.data.images import ImageLoadError, load_image
 from capcli.data.preferences import load_preferences
 from capcli.data.sources import check_metadata
-from capcli.data.synthetic import sample_scene
 from capcli.errors import CapcliError, ConfigError
 from capcli.metrics import caption_errors, read_caption
+from capcli.scenes import sample_scene
 from capcli.settings import DataSettings, Settings, load_settings
 
 settings.register_profile("fast", max_examples=40, deadline=None,

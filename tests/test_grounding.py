@@ -13,19 +13,7 @@ import random
 import numpy as np
 import pytest
 
-from capcli.data.corrupt import scene_negatives
-from capcli.data.scene_text import is_true
-from capcli.data.synthetic import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPE_PLURALS,
-    SHAPES,
-    SIZES,
-    Scene,
-    SceneObject,
-    compute_relations,
-    generate,
-)
+from capcli.data.synthetic import generate
 from capcli.metrics import (
     GROUNDING_METRICS,
     bootstrap_interval,
@@ -35,6 +23,18 @@ from capcli.metrics import (
     read_caption,
     resample_indices,
 )
+from capcli.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPE_PLURALS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+    compute_relations,
+)
+from capcli.scenes.corrupt import scene_negatives
+from capcli.scenes.reader import is_true
 
 NAN = math.nan
 

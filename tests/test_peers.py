@@ -21,6 +21,7 @@ from capcli.cli import app
 from capcli.data.sources import load_splits
 from capcli.model import build_model
 from capcli.phases import concept_words_for
+from capcli.runtime import Runtime
 
 runner = CliRunner()
 
@@ -159,7 +160,7 @@ def test_every_side_writes_the_same_number_of_tokens(tiny, tmp_path) -> None:
         files.append(tmp_path / f"{i}.png")
         Image.new("RGB", (80, 60), (40 * i, 100, 200)).save(files[-1])
     built = peers.build_peers(tiny, peers.PEERS)
-    runs = [peers.caption_capcli(ImageCaptioner(tiny, nullcontext, batch_size=2), files, 3, 4),
+    runs = [peers.caption_capcli(ImageCaptioner(tiny, Runtime(torch.device('cpu')), batch_size=2), files, 3, 4),
             peers.caption_ved(built["ved"], files, 2, 3, 4, nullcontext),
             peers.caption_coca(built["coca"], files, 2, 3, 4, nullcontext)]
     assert [run.tokens for run in runs] == [4, 4, 4]

@@ -25,7 +25,6 @@ from test_sources import _write_folder
 from torch.testing import assert_close
 
 from capcli.data.batches import PreferenceDataset, other_images
-from capcli.data.synthetic import Scene, SceneObject, compute_relations
 from capcli.errors import ConfigError, TrainingInterrupted
 from capcli.generation import DecodeSettings, candidate_captions
 from capcli.metrics.grounding import grounding_reward
@@ -37,6 +36,7 @@ from capcli.policy_pairs import Candidate, pair_candidates
 from capcli.rewards import cider_d
 from capcli.runlog import read_metrics
 from capcli.sampler import SampleKey
+from capcli.scenes import Scene, SceneObject, compute_relations
 from capcli.settings import override
 
 

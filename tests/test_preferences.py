@@ -18,7 +18,6 @@ import datasets
 import pytest
 from PIL import Image
 
-from capcli.data.corrupt import CORRUPTIONS, scene_negatives, text_negatives
 from capcli.data.preferences import (
     PAIR_FEATURES,
     PairReport,
@@ -27,18 +26,20 @@ from capcli.data.preferences import (
     load_preferences,
     pairs_for_image,
 )
-from capcli.data.scene_text import Claims, Mention, RelationClaim, is_true, parse
-from capcli.data.synthetic import (
+from capcli.data.synthetic import generate
+from capcli.errors import ConfigError, DataError
+from capcli.scenes import (
     COLOURS,
     NOVEL_COMBOS,
     SHAPE_PLURALS,
     SHAPES,
+    Relation,
     Scene,
     SceneObject,
     compute_relations,
-    generate,
 )
-from capcli.errors import ConfigError, DataError
+from capcli.scenes.corrupt import CORRUPTIONS, scene_negatives, text_negatives
+from capcli.scenes.reader import Claims, Mention, is_true, parse
 from capcli.settings import DataSettings
 
 N_SCENES = 1000
@@ -151,7 +152,7 @@ def test_parser_gives_the_claims_of_a_relation_caption() -> None:
     claims = parse("two small red circles are to the left of a blue square, which is above a green star")
     assert claims == Claims(
         mentions=(Mention(2, "red", "circle", "small"), Mention(1, "blue", "square"), Mention(1, "green", "star")),
-        relations=(RelationClaim(0, "left of", 1), RelationClaim(1, "above", 2)),
+        relations=(Relation(0, "left of", 1), Relation(1, "above", 2)),
     )
     assert parse("Three shapes: a red circle, a blue square and a green star.").total == 3
     assert parse("a red circle on a light gray background").background == "light gray"

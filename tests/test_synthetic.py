@@ -18,7 +18,9 @@ import pytest
 from PIL import Image
 
 from capcli.data import synthetic as syn
-from capcli.data.synthetic import (
+from capcli.data.synthetic import generate, materialise
+from capcli.errors import ConfigError
+from capcli.scenes import (
     BACKGROUNDS,
     COLOURS,
     NOVEL_COMBOS,
@@ -30,11 +32,8 @@ from capcli.data.synthetic import (
     SceneObject,
     compute_relations,
     describe,
-    generate,
-    materialise,
     render,
 )
-from capcli.errors import ConfigError
 
 SMALL_SIZES = {"train": 6, "val": 2, "test": 0, "test_novel": 3}
 

@@ -12,14 +12,21 @@ import random
 import sys
 from dataclasses import dataclass, replace
 
+import datasets
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from capcli.data.concepts import concept_targets
 from capcli.data.images import ImageLoadError, load_image, resize_center_crop
 from capcli.data.pixel_cache import PixelCache, pixel_cache_for
 from capcli.data.sources import cache_root
+from capcli.sampler import (
+    EpochLayout,
+    EpochLoader,
+    IndexedDataset,
+    micro_batches_per_epoch,
+)
 from capcli.settings import DataSettings
 
 
@@ -51,7 +58,7 @@ class CaptionBatch:
                        caption_mask=self.caption_mask.to(**move), concepts=concepts)
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(IndexedDataset):
     """Image-caption pairs from a split with ``image`` (undecoded) and ``captions`` columns.
 
     Indexed by the engine's ``SampleKey(index, epoch)``: an image with several reference
@@ -111,6 +118,14 @@ class StreamingCaptions:
     def __len__(self) -> int:
         return self.size
 
+    def epoch_loader(self, epoch: int, start: int, layout: EpochLayout) -> EpochLoader:
+        """Epoch ``epoch``'s stream from micro-batch ``start`` on, batched in the order it comes."""
+        source = self.stream(epoch, start, layout.batch_size, layout.rank, layout.world)
+        loader = DataLoader(source, batch_size=layout.batch_size, collate_fn=layout.collate,
+                            num_workers=layout.num_workers, pin_memory=layout.pin_memory)
+        return EpochLoader(loader, micro_batches_per_epoch(len(self), layout.batch_size, layout.grad_accum,
+                                                           layout.world))
+
     def stream(self, epoch: int, skip_batches: int, batch_size: int, rank: int,
                world: int) -> torch.utils.data.IterableDataset:
         from datasets.distributed import split_dataset_by_node
@@ -161,6 +176,14 @@ def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDatase
     if why:
         print(f"note: {why}; the images are decoded every epoch", file=sys.stderr)
     return CaptionDataset(split, image_size, data.max_pixels, data.seed, cache)
+
+
+def training_dataset(split, image_size: int, data: DataSettings, seed: int) -> CaptionDataset | StreamingCaptions:
+    """A caption split as the engine reads it: a stream read afresh each epoch (its shuffle seeded
+    by ``seed``, ``data.train_size`` rows an epoch), else indexed (``caption_dataset``)."""
+    if isinstance(split, datasets.IterableDataset):
+        return StreamingCaptions(split, data.train_size, image_size, data.max_pixels, seed)
+    return caption_dataset(split, image_size, data)
 
 
 def load_image_field(value: dict | object, max_pixels: int):
@@ -256,7 +279,7 @@ class PreferenceBatch:
                                move(self.other_features))
 
 
-class PreferenceDataset(Dataset):
+class PreferenceDataset(IndexedDataset):
     """Preference pairs (``image``, ``chosen``, ``rejected``) indexed by ``SampleKey``.
 
     ``features[feature_index[i]]`` replaces pair ``i``'s image when the vision tower is

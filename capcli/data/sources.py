@@ -50,7 +50,7 @@ def concept_words(spec: str) -> tuple[str, ...]:
     (``model.concept_source`` patches), the factors of one object meet at its place in the image.
     """
     if spec == "synthetic":
-        from capcli.data.synthetic import COLOURS, SHAPES, SIZES
+        from capcli.scenes.vocabulary import COLOURS, SHAPES, SIZES
 
         return (*SHAPES, *COLOURS, *SIZES)
     return ()

@@ -3,7 +3,7 @@
 A caption is read into what it says about objects (``read_caption``), and every checkable
 statement is one *claim*, true or false against the scene graph. An object "matches" a
 mention when its shape is the same, and its colour and size too where the caption gives
-them (``scene_text.matches``; a count word is not part of matching).
+them (``reader.matches``; a count word is not part of matching).
 
 Metrics. Each is a ratio, per image ``numerator / denominator`` (NaN where the denominator
 is 0: the caption makes no claim of that kind), and for the corpus the ratio of the sums
@@ -20,7 +20,7 @@ over mentioned objects, and the caption-level rates (denominator 1) are means ov
   the same words add up to one claim ("a red circle and a red circle": two red circles).
 - ``relation_accuracy``: of the stated relations whose two mentions both match objects, the
   share recorded in the scene graph for every pair of matching objects
-  (``scene_text.relation_holds``). Captions with no relation contribute nothing.
+  (``reader.relation_holds``). Captions with no relation contribute nothing.
 - ``relations_stated``: of the captions of scenes whose graph records a relation (two or more
   objects clearly apart), the share that state one, true or not: with ``relation_accuracy``,
   how often a caption says where things are, and how often rightly.
@@ -30,7 +30,7 @@ over mentioned objects, and the caption-level rates (denominator 1) are means ov
   object matches.
 - ``hallucinated_mentions`` (CHAIR-i): of the mentions, the share that no object matches.
 - ``caption_accuracy``: the share of captions in ``describe``'s grammar of which everything
-  is true, the background and the total included (``scene_text.is_true``).
+  is true, the background and the total included (``reader.is_true``).
 - ``unparsed``: the share of captions outside ``describe``'s grammar.
 
 Each error is charged once, at the first level it fails: an absent shape is an object error
@@ -54,34 +54,21 @@ grammar is treated that way.
 
 from __future__ import annotations
 
-import itertools
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from capcli.data.scene_text import RelationClaim, parse, relation_holds
-from capcli.data.synthetic import (
-    _COUNT_WORDS,  # the count words and relation phrasings describe() uses
-    _RELATION_PHRASES,
-    BACKGROUNDS,
-    COLOURS,
-    SHAPE_PLURALS,
-    SHAPES,
-    SIZES,
-    Scene,
-)
 from capcli.metrics.bootstrap import resample_counts, resample_indices
+from capcli.scenes.graph import Scene
+from capcli.scenes.reader import Claims, Mention, matches, read_caption, relation_holds
+from capcli.scenes.vocabulary import SHAPE_PLURALS
 
 __all__ = [
     "GROUNDING_METRICS",
     "GroundingScores",
-    "Reading",
-    "SaidObject",
-    "RelationClaim",
     "caption_errors",
     "grounding_intervals",
     "grounding_metrics",
@@ -102,112 +89,7 @@ GROUNDING_METRICS = (
 )
 """Result keys, in report order."""
 
-_WORD = re.compile(r"[a-z]+")
-_NOUNS = {shape: shape for shape in SHAPES} | {plural: shape for shape, plural in SHAPE_PLURALS.items()}
-_DET_COUNTS = {word: n for n, word in _COUNT_WORDS.items()} | {"a": 1, "an": 1, "single": 1}
-_TOTAL_COUNTS = {word: n for n, word in _COUNT_WORDS.items()}
-_TOTAL_NOUNS = {"object", "objects", "shape", "shapes"}
-_LINKS = {tuple(phrase.split()): rel for rel, phrases in _RELATION_PHRASES.items() for phrase in phrases}
-_BACKGROUND_WORDS = sorted((tuple(bg.split()) for bg in BACKGROUNDS), key=len, reverse=True)
-
-
-@dataclass(frozen=True)
-class SaidObject:
-    """One object mention: "two small red circles" is (circle, red, small, 2).
-
-    ``colour``, ``size`` and ``count`` are None where the caption does not give them; only a
-    word-by-word reading leaves out a colour or a count.
-    """
-
-    shape: str
-    colour: str | None = None
-    size: str | None = None
-    count: int | None = None
-
-
-@dataclass(frozen=True)
-class Reading:
-    """What a caption says that can be checked against a scene graph."""
-
-    mentions: tuple[SaidObject, ...]
-    relations: tuple[RelationClaim, ...] = ()
-    total: int | None = None
-    background: str | None = None
-    parsed: bool = True  # False: outside describe()'s grammar, read word by word (or not at all)
-
-
-def _scan(caption: str) -> Reading:
-    """The word-by-word reading of a caption outside the grammar (see the module docstring)."""
-    words = _WORD.findall(caption.lower())
-    mentions: list[SaidObject] = []
-    spans: list[tuple[int, int]] = []
-    free = 0  # the first word not yet taken by a mention
-    for j, word in enumerate(words):
-        if word not in _NOUNS:
-            continue
-        k, colour, size, count = j, None, None, None
-        if k > free and words[k - 1] in COLOURS:
-            k -= 1
-            colour = words[k]
-        if k > free and words[k - 1] in SIZES:
-            k -= 1
-            size = words[k]
-        if k > free and words[k - 1] in _DET_COUNTS:
-            k -= 1
-            count = _DET_COUNTS[words[k]]
-            if words[k] == "single" and k > free and words[k - 1] == "a":
-                k -= 1
-        mentions.append(SaidObject(_NOUNS[word], colour, size, count))
-        spans.append((k, j + 1))
-        free = j + 1
-    relations = []
-    for a in range(len(spans) - 1):
-        between = words[spans[a][1]:spans[a + 1][0]]
-        if between[:1] == ["which"]:
-            between = between[1:]
-        if between[:1] in (["is"], ["are"]):
-            between = between[1:]
-        if tuple(between) in _LINKS:
-            relations.append(RelationClaim(a, _LINKS[tuple(between)], a + 1))
-    total = next((_TOTAL_COUNTS[w] for w, nxt in itertools.pairwise(words)
-                  if w in _TOTAL_COUNTS and nxt in _TOTAL_NOUNS), None)
-    background = None
-    for j, word in enumerate(words):
-        if word == "background":
-            background = next((" ".join(bg) for bg in _BACKGROUND_WORDS
-                               if j >= len(bg) and tuple(words[j - len(bg):j]) == bg), None)
-            break
-    return Reading(tuple(mentions), tuple(relations), total, background, parsed=False)
-
-
-def read_caption(caption: str, lenient: bool = True) -> Reading:
-    """Reads what ``caption`` says about objects; never raises on a string.
-
-    Args:
-        caption: a generated caption, in ``describe``'s grammar or not.
-        lenient: read a caption outside the grammar word by word; if False, such a caption
-            reads as saying nothing.
-
-    Returns:
-        Reading. ``parsed`` is False for a caption outside the grammar.
-    """
-    claims = parse(caption)
-    if claims is None:
-        return _scan(caption) if lenient else Reading((), parsed=False)
-    return Reading(
-        mentions=tuple(SaidObject(m.shape, m.colour, m.size, m.count) for m in claims.mentions),
-        relations=claims.relations,
-        total=claims.total,
-        background=claims.background,
-    )
-
-
-def _matches(scene: Scene, said: SaidObject) -> list[int]:
-    return [i for i, o in enumerate(scene.objects) if o.shape == said.shape
-            and said.colour in (None, o.colour) and said.size in (None, o.size)]
-
-
-def _phrase(said: SaidObject, count: int = 1) -> str:
+def _phrase(said: Mention, count: int = 1) -> str:
     """"large red circle", "red circles": the words of a mention, without a count."""
     noun = said.shape if count == 1 else SHAPE_PLURALS[said.shape]
     return " ".join(w for w in (said.size, said.colour, noun) if w)
@@ -216,7 +98,7 @@ def _phrase(said: SaidObject, count: int = 1) -> str:
 Tally = dict[str, tuple[int, int]]  # metric → (numerator, denominator) for one caption
 
 
-def _judge(reading: Reading, scene: Scene) -> tuple[Tally, list[str]]:
+def _judge(reading: Claims, scene: Scene) -> tuple[Tally, list[str]]:
     """Every claim of ``reading`` checked against ``scene``: the tally and what is wrong."""
     errors = [] if reading.parsed or not reading.mentions else ["outside the grammar; read word by word"]
     tally: dict[str, list[int]] = {name: [0, 0] for name in GROUNDING_METRICS}
@@ -226,7 +108,7 @@ def _judge(reading: Reading, scene: Scene) -> tuple[Tally, list[str]]:
         tally[name][1] += 1
 
     shapes = {o.shape for o in scene.objects}
-    groups = [_matches(scene, m) for m in reading.mentions]
+    groups = [matches(scene, m) for m in reading.mentions]
     # "an orange diamond and an orange diamond" says two orange diamonds: the counts of mentions
     # with the same words add up, and that sum is scored once.
     claimed: dict[tuple, int] = {}
@@ -294,7 +176,7 @@ def caption_errors(caption: str, scene: Scene | Mapping[str, Any], lenient: bool
 
     For example "no green star in the image", "the image has 1 red circle, not 2", "the
     red circle is not left of the blue square"; each sentence once. A caption outside the
-    grammar gets a note saying so first. ``[]`` exactly when ``scene_text.is_true(caption,
+    grammar gets a note saying so first. ``[]`` exactly when ``reader.is_true(caption,
     scene)``.
     """
     return _judge(read_caption(caption, lenient), _as_scene(scene))[1]

@@ -24,38 +24,34 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import replace
 
-from capcli.data.scene_text import (
+from capcli.scenes.graph import Relation, Scene
+from capcli.scenes.reader import (
     Layout,
     Mention,
     MentionSpan,
-    RelationClaim,
     holds,
     parse_layout,
 )
-from capcli.data.synthetic import (
-    _COUNT_WORDS,
-    _RELATION_PHRASES,
+from capcli.scenes.vocabulary import (
     COLOURS,
+    COUNT_WORDS,
+    RELATION_PHRASES,
     SHAPE_PLURALS,
     SHAPES,
     SIZES,
-    Scene,
+    article,
 )
 
 CORRUPTIONS = ("object", "colour", "size", "count", "relation", "swap", "other_image")
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 # Phrase by phrase, so the wording stays parallel: "to the left of" -> "to the right of".
 _FLIP = {
-    phrase: _RELATION_PHRASES[_OPPOSITE[rel]][min(k, len(_RELATION_PHRASES[_OPPOSITE[rel]]) - 1)]
-    for rel, phrases in _RELATION_PHRASES.items()
+    phrase: RELATION_PHRASES[_OPPOSITE[rel]][min(k, len(RELATION_PHRASES[_OPPOSITE[rel]]) - 1)]
+    for rel, phrases in RELATION_PHRASES.items()
     for k, phrase in enumerate(phrases)
 }
 
 Edit = tuple[int, int, str]  # replace tokens [start, end) with this text
-
-
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
 
 
 def _apply(caption: str, layout: Layout, edits: list[Edit]) -> str:
@@ -74,9 +70,9 @@ def _retell(layout: Layout, span: MentionSpan, old: Mention, new: Mention) -> li
     edits: list[Edit] = []
     det = " ".join(words[span.det[0]:span.det[1]])
     if new.count > 1:
-        new_det = _COUNT_WORDS[new.count]
+        new_det = COUNT_WORDS[new.count]
     elif det in ("a", "an") or old.count > 1:
-        new_det = _article(new.size or new.colour)
+        new_det = article(new.size or new.colour)
     else:
         new_det = det  # "one", "a single"
     if new_det != det:
@@ -142,21 +138,21 @@ def scene_negatives(caption: str, scene: Scene, kinds: Iterable[str] = CORRUPTIO
                 if size != m.size and (size, m.colour, m.shape) not in triples:
                     offer("size", {i: Mention(m.count, m.colour, m.shape, size)})
         if "count" in kinds:
-            for count in _COUNT_WORDS:
+            for count in COUNT_WORDS:
                 if count != m.count:
                     offer("count", {i: Mention(count, m.colour, m.shape, m.size)})
     if "count" in kinds and claims.total is not None and layout.total is not None:
         at, noun_at = layout.total
         noun = layout.tokens[noun_at][0].removesuffix("s")
-        for total in _COUNT_WORDS:
+        for total in COUNT_WORDS:
             if total != claims.total:
-                edits = [(at, at + 1, _COUNT_WORDS[total]), (noun_at, noun_at + 1, noun + ("s" if total > 1 else ""))]
+                edits = [(at, at + 1, COUNT_WORDS[total]), (noun_at, noun_at + 1, noun + ("s" if total > 1 else ""))]
                 offer("count", {}, edits, total=total)
     if "relation" in kinds:
         for k, (rel, (start, end)) in enumerate(zip(claims.relations, layout.links)):
             phrase = " ".join(t[0] for t in layout.tokens[start:end])
             relations = list(claims.relations)
-            relations[k] = RelationClaim(rel.subject, _OPPOSITE[rel.relation], rel.object)
+            relations[k] = Relation(rel.subject, _OPPOSITE[rel.relation], rel.object)
             offer("relation", {}, [(start, end, _FLIP[phrase])], relations=tuple(relations))
     if "swap" in kinds:
         for i, a in enumerate(claims.mentions):
@@ -225,11 +221,11 @@ def _replace_word(text: str, start: int, end: int, new: str) -> str:
     if text[start].isupper():
         new = new[:1].upper() + new[1:]
     head = text[:start]
-    article = _ARTICLE_BEFORE.search(head)
-    if article:
-        fixed = _article(new.lower())
-        fixed = fixed.capitalize() if article.group(1)[0].isupper() else fixed
-        head = head[:article.start(1)] + fixed + article.group(2)
+    before = _ARTICLE_BEFORE.search(head)
+    if before:
+        fixed = article(new.lower())
+        fixed = fixed.capitalize() if before.group(1)[0].isupper() else fixed
+        head = head[:before.start(1)] + fixed + before.group(2)
     return head + new + text[end:]
 
 

@@ -3,7 +3,8 @@
 ``describe`` writes its captions from a small grammar; ``parse`` reads every phrasing it
 produces back into ``Claims``: the mentioned objects (count, optional size, colour,
 shape), the relations between them, an optional total ("two shapes: ...") and an
-optional background. ``holds`` checks claims against a ``Scene`` exactly, so generated
+optional background. ``read_caption`` reads any caption: by ``parse`` where it is in the
+grammar, word by word where it is not (``Claims.parsed`` is then False). ``holds`` checks claims against a ``Scene`` exactly, so generated
 preference pairs can prove their rejected caption false, and grounding metrics can score
 generated captions. Text outside the grammar parses to None.
 
@@ -19,45 +20,39 @@ Semantics (the same ones ``describe`` writes by):
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 
-from capcli.data.synthetic import (
-    _COUNT_WORDS,  # the count words and relation phrasings describe() uses
-    _RELATION_PHRASES,
+from capcli.scenes.graph import Relation, Scene
+from capcli.scenes.vocabulary import (
     BACKGROUNDS,
     COLOURS,
-    SHAPE_PLURALS,
-    SHAPES,
+    COUNT_WORDS,
+    LEADS,
+    RELATION_PHRASES,
+    SHAPE_OF_NOUN,
     SIZES,
-    Scene,
+    TOTAL_NOUNS,
 )
 
 _TOKEN = re.compile(r"[a-z]+|[,:]")
-_LEADS = ("a picture of", "an image of", "a drawing of", "a render of")
-_LINK_RELATION = {phrase: rel for rel, phrases in _RELATION_PHRASES.items() for phrase in phrases}
-_COUNTS = {word: n for n, word in _COUNT_WORDS.items()} | {"a": 1, "an": 1, "a single": 1}
-_NOUNS = {shape: shape for shape in SHAPES} | {plural: shape for shape, plural in SHAPE_PLURALS.items()}
-_TOTAL_NOUNS = ("object", "objects", "shape", "shapes")
+_LINK_RELATION = {phrase: rel for rel, phrases in RELATION_PHRASES.items() for phrase in phrases}
+_COUNTS = {word: n for n, word in COUNT_WORDS.items()} | {"a": 1, "an": 1, "a single": 1}
 
 
 @dataclass(frozen=True)
 class Mention:
-    """``count`` objects of this colour and shape (and size, when given): "two small red circles"."""
+    """``count`` objects of this colour and shape (and size, when given): "two small red circles".
 
-    count: int
-    colour: str
+    In ``describe``'s grammar every mention has a count and a colour; a caption read word by
+    word (``read_caption``) may leave them out, and they are None.
+    """
+
+    count: int | None
+    colour: str | None
     shape: str
     size: str | None = None
-
-
-@dataclass(frozen=True)
-class RelationClaim:
-    """``mentions[subject]`` is ``relation`` ``mentions[object]``, e.g. 0 "left of" 1."""
-
-    subject: int
-    relation: str
-    object: int
 
 
 @dataclass(frozen=True)
@@ -65,9 +60,10 @@ class Claims:
     """Everything a caption asserts, in the order it says it."""
 
     mentions: tuple[Mention, ...]
-    relations: tuple[RelationClaim, ...] = ()
+    relations: tuple[Relation, ...] = ()  # over the mentions: mentions[subject] is ... mentions[object]
     total: int | None = None
     background: str | None = None
+    parsed: bool = True  # False: outside describe()'s grammar, read word by word (or not at all)
 
 
 @dataclass(frozen=True)
@@ -108,7 +104,7 @@ def _options(*phrases: str) -> tuple[tuple[str, ...], ...]:
 _DETS = _options(*_COUNTS)
 _SIZE_WORDS = _options(*SIZES)
 _COLOUR_WORDS = _options(*COLOURS)
-_NOUN_WORDS = _options(*_NOUNS)
+_NOUN_WORDS = _options(*SHAPE_OF_NOUN)
 _LINKS = _options(*_LINK_RELATION)
 _VERBS = _options("is", "are")
 _ARTICLES = _options("a", "an")
@@ -148,7 +144,7 @@ class _Builder:
     def __init__(self) -> None:
         self.mentions: list[Mention] = []
         self.spans: list[MentionSpan] = []
-        self.relations: list[RelationClaim] = []
+        self.relations: list[Relation] = []
         self.links: list[tuple[int, int]] = []
         self.total: int | None = None
         self.total_at: tuple[int, int] | None = None
@@ -166,7 +162,7 @@ class _Builder:
         colour = r.need(_COLOUR_WORDS)
         shape_at = r.at
         noun = r.need(_NOUN_WORDS)
-        self.mentions.append(Mention(_COUNTS[det], colour, _NOUNS[noun], size))
+        self.mentions.append(Mention(_COUNTS[det], colour, SHAPE_OF_NOUN[noun], size))
         self.spans.append(MentionSpan((start, det_end), size_at, colour_at, shape_at, self.pending_verb))
         self.pending_verb = None
         return len(self.mentions) - 1
@@ -181,7 +177,7 @@ class _Builder:
         link = r.need(_LINKS)
         self.links.append((start, r.at))
         obj = self.mention(r)
-        self.relations.append(RelationClaim(subject, _LINK_RELATION[link], obj))
+        self.relations.append(Relation(subject, _LINK_RELATION[link], obj))
         return obj
 
 
@@ -192,13 +188,13 @@ def _prefix(r: _Reader, b: _Builder) -> None:
         b.pending_verb = r.at
         r.need(_VERBS)
         return
-    if r.take(_options(*_LEADS)):
+    if r.take(_options(*LEADS)):
         return
     if r.take(_ARTICLES) and (bg := r.take(_BACKGROUND_WORDS)) and r.take((("background", "with"),)):
         b.background = bg
         return
     r.at = start
-    if (count := r.take(_options(*_COUNT_WORDS.values()))) and r.take(_options(*_TOTAL_NOUNS)) and r.take(((":",),)):
+    if (count := r.take(_options(*COUNT_WORDS.values()))) and r.take(_options(*TOTAL_NOUNS)) and r.take(((":",),)):
         b.total, b.total_at = _COUNTS[count], (start, start + 1)
         return
     r.at = start
@@ -265,9 +261,12 @@ def parse(caption: str) -> Claims | None:
 
 
 def matches(scene: Scene, mention: Mention) -> list[int]:
-    """Indices of the scene's objects that ``mention`` describes (ignoring its count)."""
-    return [i for i, o in enumerate(scene.objects)
-            if o.colour == mention.colour and o.shape == mention.shape and mention.size in (None, o.size)]
+    """Indices of the scene's objects that ``mention`` describes (ignoring its count).
+
+    A colour or size the mention leaves out (None) matches any.
+    """
+    return [i for i, o in enumerate(scene.objects) if o.shape == mention.shape
+            and mention.colour in (None, o.colour) and mention.size in (None, o.size)]
 
 
 def relation_holds(scene: Scene, subjects: list[int], relation: str, objects: list[int]) -> bool:
@@ -292,3 +291,77 @@ def is_true(caption: str, scene: Scene) -> bool:
     """True when ``caption`` parses and all it claims is true of ``scene``; unparseable text is not."""
     claims = parse(caption)
     return claims is not None and holds(claims, scene)
+
+
+# --- captions outside the grammar -------------------------------------------------------
+# Generated captions may be cut short or stutter ("a red circle circle", "a red circle and
+# a"). ``parse`` rejects them; ``read_caption`` then reads them word by word, as CHAIR reads
+# free text: every shape word is a mention, with the colour, size and count words directly
+# before it, and a relation phrase directly between two mentions is a relation.
+
+_WORD = re.compile(r"[a-z]+")
+_DET_COUNTS = {word: n for n, word in COUNT_WORDS.items()} | {"a": 1, "an": 1, "single": 1}
+_TOTAL_COUNTS = {word: n for n, word in COUNT_WORDS.items()}
+_WORD_LINKS = {tuple(phrase.split()): rel for rel, phrases in RELATION_PHRASES.items() for phrase in phrases}
+_BACKGROUND_PHRASES = sorted((tuple(bg.split()) for bg in BACKGROUNDS), key=len, reverse=True)
+
+
+def _read_words(caption: str) -> Claims:
+    """The word-by-word reading of a caption outside the grammar (see above)."""
+    words = _WORD.findall(caption.lower())
+    mentions: list[Mention] = []
+    spans: list[tuple[int, int]] = []
+    free = 0  # the first word not yet taken by a mention
+    for j, word in enumerate(words):
+        if word not in SHAPE_OF_NOUN:
+            continue
+        k, colour, size, count = j, None, None, None
+        if k > free and words[k - 1] in COLOURS:
+            k -= 1
+            colour = words[k]
+        if k > free and words[k - 1] in SIZES:
+            k -= 1
+            size = words[k]
+        if k > free and words[k - 1] in _DET_COUNTS:
+            k -= 1
+            count = _DET_COUNTS[words[k]]
+            if words[k] == "single" and k > free and words[k - 1] == "a":
+                k -= 1
+        mentions.append(Mention(count, colour, SHAPE_OF_NOUN[word], size))
+        spans.append((k, j + 1))
+        free = j + 1
+    relations = []
+    for a in range(len(spans) - 1):
+        between = words[spans[a][1]:spans[a + 1][0]]
+        if between[:1] == ["which"]:
+            between = between[1:]
+        if between[:1] in (["is"], ["are"]):
+            between = between[1:]
+        if tuple(between) in _WORD_LINKS:
+            relations.append(Relation(a, _WORD_LINKS[tuple(between)], a + 1))
+    total = next((_TOTAL_COUNTS[w] for w, nxt in itertools.pairwise(words)
+                  if w in _TOTAL_COUNTS and nxt in TOTAL_NOUNS), None)
+    background = None
+    for j, word in enumerate(words):
+        if word == "background":
+            background = next((" ".join(bg) for bg in _BACKGROUND_PHRASES
+                               if j >= len(bg) and tuple(words[j - len(bg):j]) == bg), None)
+            break
+    return Claims(tuple(mentions), tuple(relations), total, background, parsed=False)
+
+
+def read_caption(caption: str, lenient: bool = True) -> Claims:
+    """Reads what ``caption`` says about objects; never raises on a string.
+
+    Args:
+        caption: a generated caption, in ``describe``'s grammar or not.
+        lenient: read a caption outside the grammar word by word; if False, such a caption
+            reads as saying nothing.
+
+    Returns:
+        Claims. ``parsed`` is False for a caption outside the grammar.
+    """
+    claims = parse(caption)
+    if claims is None:
+        return _read_words(caption) if lenient else Claims((), parsed=False)
+    return claims
