@@ -180,6 +180,71 @@ def test_align_logs_reward_metrics_each_step_and_at_validation(settings_factory,
         "reward_accuracy", "preference_accuracy", "val_caption_loss", "retrieval_r1"}
 
 
+class _Rows:
+    """Images and captions that are their own row numbers, in the shape ``retrieval_r1`` reads."""
+
+    def __init__(self, n: int):
+        self.n, self.epochs = n, set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key: SampleKey) -> int:
+        self.epochs.add(key.epoch)
+        return key.index
+
+    def collate(self, rows: list[int]) -> _Batch:
+        return _Batch(torch.tensor(rows))
+
+
+class _Batch:
+    """A caption batch of row numbers: the image is its row, the caption one token, the row again."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.pixels, self.caption_ids, self.caption_mask = rows, rows[:, None], torch.ones(len(rows), 1)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def to(self, device: torch.device) -> _Batch:
+        return self
+
+
+class _FixedEmbeddings(torch.nn.Module):
+    """Image i embeds as the i-th unit vector and caption j as the j-th column of ``similarity``,
+    so that image i · caption j = similarity[i, j]."""
+
+    def __init__(self, similarity: torch.Tensor):
+        super().__init__()
+        self.similarity, self.modes = similarity, []
+
+    def image_features(self, pixels):
+        self.modes.append(self.training)
+        return pixels
+
+    def embed_image(self, rows):
+        return torch.eye(len(self.similarity))[rows]
+
+    def embed_text(self, ids, mask):
+        return self.similarity.t()[ids[:, 0]]
+
+
+def test_retrieval_r1_by_hand():
+    """Rows are images, columns captions: image 0's best caption is its own (0.9), image 1's is
+    caption 0 (0.8 > 0.5), image 2's its own (0.7): R@1 = 2/3. Caption→image would give 3/3 (each
+    column's largest value is on the diagonal), so the direction is pinned down too. Batches of 2
+    split the rows, and every image is scored against the captions of the other batch."""
+    from capcli.heldout import retrieval_r1
+    from capcli.runtime import Runtime
+
+    similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.2], [0.1, 0.3, 0.7]])
+    model, rows = _FixedEmbeddings(similarity).train(), _Rows(3)
+    r1 = retrieval_r1(model, rows, rows.collate, Runtime(torch.device("cpu")), batch_size=2)
+    assert r1 == pytest.approx(2 / 3)
+    assert model.modes == [False, False] and model.training  # measured in eval mode, and put back
+    assert rows.epochs == {0}  # each image's epoch-0 caption, the same every time
+
+
 def test_text_only_pairs_train_the_decoder_without_an_image(start_checkpoint):
     model = Captioner.from_pretrained(start_checkpoint)
     pairs = datasets.Dataset.from_list([
@@ -191,7 +256,11 @@ def test_text_only_pairs_train_the_decoder_without_an_image(start_checkpoint):
     out = AlignObjective()(model, batch, progress=0.0)
     assert "contrastive_loss" not in out
     out["preference_loss"].backward()
-    assert model.decoder.transformer.wte.weight.grad is not None
+    # Not merely present: each token of both captions gets a gradient that moves its embedding.
+    grad = model.decoder.transformer.wte.weight.grad
+    tokens = [t for text in ("a helpful and correct answer", "a rude answer")
+              for t in model.tokenizer.encode(" " + text, add_special_tokens=False)]
+    assert grad is not None and bool((grad[tokens].abs().sum(dim=1) > 0).all())
     assert all(p.grad is None for p in model.vision.parameters())
 
 

@@ -8,14 +8,17 @@ that the FLOPs behind MFU are the formula's for the batches the engine really ra
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
+from capcli import benchmark
 from capcli.benchmark import (
     SECTIONS,
     Counted,
@@ -52,8 +55,34 @@ FIGURES = {
 }
 
 
+# Figures measured once, not once per repeat: memory peaks, latency percentiles over every timing, agreements.
+ONCE = ("_peak_memory_mb", "_p50_ms", "_p95_ms", "_agreement")
+
+
+@pytest.fixture
+def measured(monkeypatch) -> dict[str, list[float]]:
+    """Each figure's repeat values, as the benchmark hands them to its report."""
+    values: dict[str, list[float]] = {}
+    add = Report.add
+
+    def recording(self, key, repeats):
+        values[key] = list(repeats)
+        add(self, key, repeats)
+
+    monkeypatch.setattr(Report, "add", recording)
+    return values
+
+
+def assert_figures_are_their_repeats(document: dict, measured: dict[str, list[float]], repeats: int) -> None:
+    """Each figure the median of its repeats and its range their min and max, exactly; one value per repeat."""
+    for key, values in measured.items():
+        assert len(values) == (1 if key.endswith(ONCE) else repeats), (key, values)
+        assert document[key] == statistics.median(values), key
+        assert document["range"][key] == [min(values), max(values)], key
+
+
 @pytest.mark.slow
-def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path) -> None:
+def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path, measured) -> None:
     out = tmp_path / "bench" / "results.json"
     result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "2", "--steps", "3",
                                  "--batch-size", "8", "--out", str(out)], env=SMALL)
@@ -62,9 +91,9 @@ def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path) -
     assert json.loads(out.read_text()) == document
     expected = [key for section in SECTIONS for key in FIGURES[section]]
     assert [k for k in document if k not in ("range", "context")] == expected
+    assert set(measured) == set(expected)
+    assert_figures_are_their_repeats(document, measured, repeats=2)
     for key in expected:
-        low, high = document["range"][key]
-        assert low <= document[key] <= high, key
         # Random weights write no caption the judge can rank (all equally wrong), so pairs may be 0.
         assert document[key] > 0 or key == "policy_pairs_per_s", key
     assert 0 < document["policy_judge_share"] < 1
@@ -146,9 +175,18 @@ def test_percentiles_match_numpy() -> None:
         assert _percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
 
 
-def test_matmul_peak_is_a_rate_of_the_named_size() -> None:
-    rate = matmul_peak(torch.device("cpu"), torch.float32, 128, repeats=2)
-    assert 1e6 < rate < 1e14  # FLOP/s: 2·128³ flops in a plausible time
+def test_matmul_peak_is_the_formula_flops_over_the_median_time(monkeypatch) -> None:
+    """A 128² × 128² matmul is 2·m·n·k = 2·128³ FLOPs, as torch's own counter says for each of the
+    warm-up and the 3 timed ones; with the clock made to take 0.5, 0.25 and 1.0 s, the median is
+    0.5 s and the peak exactly 2·128³ / 0.5."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ticks = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])  # (start, end) of each timed matmul
+    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    with FlopCounterMode(display=False) as counter:
+        rate = matmul_peak(torch.device("cpu"), torch.float32, 128, repeats=3)
+    assert counter.get_total_flops() == 4 * 2 * 128 * 128 * 128
+    assert rate == 2 * 128**3 / 0.5
 
 
 def test_report_keeps_median_and_range() -> None:

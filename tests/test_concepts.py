@@ -8,6 +8,7 @@ checkpoints written before either part existed still load as they were.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -184,14 +185,17 @@ def test_the_tiny_tower_has_a_convolutional_stem_on_the_patch_grid() -> None:
 
 
 def test_pretrain_trains_the_concept_head_on_the_synthetic_shapes(settings_factory) -> None:
-    settings = settings_factory(**{"pretrain.engine.max_steps": 3, "pretrain.concept_weight": 5.0})
+    """One batch of 8 images, 4 steps: the head changes, and the concept loss falls at every step
+    (a loss above zero whose gradient pushed the wrong way would change the head as well)."""
+    settings = settings_factory(**{"data.train_size": 8, "data.val_size": 1, "pretrain.engine.epochs": 4,
+                                   "pretrain.engine.patience": None, "pretrain.concept_weight": 5.0})
     phase = prepare_pretrain(settings)
     assert phase.model.config.concept_words == list(concept_words("synthetic"))
     before = phase.model.concept_head.weight.detach().clone()
     fit_phase(settings, phase)
     assert not torch.equal(phase.model.concept_head.weight, before)
-    log = train_log(settings.pretrain.engine.output)
-    assert all(row["concept_loss"] > 0 for row in log), log
+    losses = [row["concept_loss"] for row in train_log(settings.pretrain.engine.output)]
+    assert len(losses) == 4 and all(b < a for a, b in itertools.pairwise(losses)), losses
 
 
 def test_own_concept_words_override_the_sources(settings_factory) -> None:

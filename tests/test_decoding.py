@@ -71,13 +71,29 @@ def next_token_logits(model: Captioner, prefix: torch.Tensor, sequences: list[li
     return model.decoder(inputs_embeds=embeds, use_cache=False).logits[:, -1].float()  # (R, V)
 
 
+def repeating(tokens: list[int], n: int) -> set[int]:
+    """The tokens that, appended, would repeat an ``n``-gram already in ``tokens`` (for ``no_repeat_ngram``)."""
+    if n == 0 or len(tokens) < n - 1:
+        return set()
+    last = tokens[len(tokens) - (n - 1):]
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tokens[i : i + n - 1] == last}
+
+
+def has_repeated_ngram(tokens: list[int], n: int) -> bool:
+    ngrams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(ngrams)) < len(ngrams)
+
+
 def reference_greedy(model: Captioner, prefix: torch.Tensor, decode: DecodeSettings) -> list[int]:
-    """Greedy search as ``generate`` does it: argmax of the logits, end-of-text barred before ``min_length``."""
+    """Greedy search as ``generate`` does it: argmax of the logits, end-of-text barred before
+    ``min_length``, and with ``no_repeat_ngram`` every token that would repeat an n-gram barred."""
     eos, tokens = model.tokenizer.eos_token_id, []
     while len(tokens) < decode.max_length:
         logits = next_token_logits(model, prefix, [tokens])[0]
         if len(tokens) < decode.min_length:
             logits[eos] = -math.inf
+        for token in repeating(tokens, decode.no_repeat_ngram):
+            logits[token] = -math.inf
         token = int(logits.argmax())
         if token == eos:
             break
@@ -207,6 +223,19 @@ def test_max_length_cuts_as_the_reference(trained, reference, beams):
     decode = DecodeSettings(beams=beams, max_length=6)
     assert generate_captions(model, pixels, decode) == texts(model, reference(decode))
     assert any(len(tokens) > 6 for tokens in reference(DecodeSettings(beams=beams)))  # some captions were cut
+
+
+def test_no_repeat_ngram_changes_the_captions_that_repeat_and_equals_the_reference(trained, reference):
+    """Held to 20 tokens, far past where they end, greedy captions go round in circles; with
+    ``no_repeat_ngram`` 2 no pair of tokens comes twice, as the reference bars them."""
+    model, pixels = trained
+    free = DecodeSettings(min_length=20, max_length=20)
+    barred = DecodeSettings(min_length=20, max_length=20, no_repeat_ngram=2)
+    assert any(has_repeated_ngram(tokens, 2) for tokens in reference(free))  # the case it is for
+    assert not any(has_repeated_ngram(tokens, 2) for tokens in reference(barred))
+    fast = generate_captions(model, pixels, barred)
+    assert fast == texts(model, reference(barred))
+    assert fast != generate_captions(model, pixels, free)
 
 
 # --- the benchmark's naive baseline decodes the same captions --------------------------------------------------------

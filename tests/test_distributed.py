@@ -98,8 +98,12 @@ def losses(run: Path, key: str = "loss") -> list[tuple[int, float]]:
 
 
 def assert_same_run(a: Path, b: Path, keys: tuple[str, ...]) -> None:
-    """Same steps, same logged losses and the same final weights, to float rounding."""
-    for key in keys:
+    """Same steps, same logged losses, gradient norms and final weights, to float rounding.
+
+    The gradient norm (logged before clipping) is compared as well: AdamW divides each update by
+    the gradient's own scale, so a gradient summed over the ranks instead of averaged would leave
+    the losses and weights equal and show only there."""
+    for key in (*keys, "grad_norm"):
         got, expected = losses(b, key), losses(a, key)
         assert [s for s, _ in got] == [s for s, _ in expected], key
         assert_close([v for _, v in got], [v for _, v in expected], rtol=2e-4, atol=2e-5, msg=key)

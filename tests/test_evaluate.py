@@ -69,7 +69,15 @@ def test_results_document_has_every_metric_with_an_interval(tmp_path, checkpoint
     assert 0.0 <= metrics["clip_score_self"]["value"] <= 2.5
 
 
-def test_test_novel_split_and_saved_captions(tmp_path, checkpoint, env):
+def distinct_captions(model, pixels, options) -> list[str]:
+    """A caption of its own for each image: the briefly trained model writes one caption for all,
+    which would make every CLIP score tie with the shuffled baseline's and the win rate 0.5."""
+    words = [(colour, shape) for shape in ("circle", "square", "star") for colour in ("red", "blue", "green", "yellow")]
+    return [f"a {colour} {shape} on a white background" for colour, shape in words[: len(pixels)]]
+
+
+def test_test_novel_split_and_saved_captions(tmp_path, checkpoint, env, monkeypatch):
+    monkeypatch.setattr("capcli.evaluation._decode", distinct_captions)
     saved = tmp_path / "captions.jsonl"
     result, _ = run_evaluate(tmp_path, checkpoint, env, "--split", "test_novel", "--save-captions", str(saved))
     assert result.exit_code == 0, result.output
@@ -86,6 +94,45 @@ def test_test_novel_split_and_saved_captions(tmp_path, checkpoint, env):
     assert "grounding_relations_stated" in metrics
     kinds = [name for name in metrics if name.startswith("preference_accuracy_")]
     assert kinds and all(0.0 <= metrics[name]["value"] <= 1.0 for name in kinds)
+    assert_the_saved_captions_give_the_metrics(json.loads(result.stdout), lines, checkpoint, env)
+
+
+def assert_the_saved_captions_give_the_metrics(doc: dict, lines: list[dict], checkpoint: Path, env: dict) -> None:
+    """What ``--save-captions`` wrote is what was scored: each line's image is the split's row with
+    its references, its CLIP score is that image's with that caption, and the caption metrics and
+    the win rate against shuffled captions come back from the file alone."""
+    import torch
+
+    from capcli.data.sources import load_splits
+    from capcli.judge import load_judge
+    from capcli.metrics import caption_metrics, clip_score
+    from capcli.model import Captioner
+    from capcli.settings import load_settings
+
+    data = load_settings(environ=env).data
+    rows = load_splits(data)[doc["split"]].select(range(len(lines)))
+    assert [line["image"] for line in lines] == [row["image"]["path"] for row in rows]
+    assert [line["references"] for line in lines] == [list(row["captions"]) for row in rows]
+
+    captions = [line["caption"] for line in lines]
+    references = [line["references"] for line in lines]
+    scores = caption_metrics(dict(enumerate(captions)), dict(enumerate(references)), tokenizer=doc["tokenizer"])
+    for name in CAPTION_METRICS:
+        assert doc["metrics"][name]["value"] == pytest.approx(scores.corpus[name], rel=1e-12), name
+    assert [line["cider_d"] for line in lines] == pytest.approx(scores.per_image["cider_d"], rel=1e-12)
+
+    model = Captioner.from_pretrained(checkpoint).eval()
+    judge = load_judge("self", model, checkpoint, torch.device("cpu"), data.max_pixels)
+    with torch.no_grad():
+        images = judge.embed_images([line["image"] for line in lines])
+        ours = clip_score(images, judge.embed_texts(captions)).tolist()
+        # The baseline: each image given another image's caption (a seeded derangement).
+        theirs = clip_score(images, judge.embed_texts(_shuffled(captions, doc["bootstrap"]["seed"]))).tolist()
+    assert [line["clip_score_self"] for line in lines] == pytest.approx(ours, abs=1e-5)
+    assert doc["metrics"]["clip_score_self"]["value"] == pytest.approx(sum(ours) / len(ours), abs=1e-5)
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs, strict=True)]
+    assert wins.count(0.5) < len(wins), "every caption ties with its baseline: the win rate says nothing"
+    assert doc["metrics"]["win_rate"]["value"] == pytest.approx(sum(wins) / len(wins))
 
 
 def test_baseline_checkpoint_is_named_and_itself_ties(tmp_path, checkpoint, env):

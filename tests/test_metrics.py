@@ -103,6 +103,44 @@ def test_pinned_pycocoevalcap_values(python_scores):
     assert corpus["cider_d"] == pytest.approx(python_scores.per_image["cider_d"].mean())
 
 
+def test_cider_d_by_hand_on_two_images(no_java):
+    """CIDEr-D (Vedantam et al. 2015, as pycocoevalcap computes it) worked out on two images.
+
+    For n = 1..4, each caption is a vector of its n-grams' tf·idf, with
+    idf(g) = ln(N) − ln(max(1, df(g))): N = 2 images, df(g) the number of images whose
+    references hold g. So an n-gram in both images' references ("a", "square") weighs 0, and
+    every other one, in one image's references or in none ("star"), weighs L = ln 2. Then
+    sim_n(c, r) = Σ_g min(c_g, r_g)·r_g / (|c|·|r|) (candidate counts clipped at the
+    reference's), times the length penalty exp(−(len c − len r)² / (2·6²)); an image scores
+    10 · mean over n of Σ_r sim_n / (number of references). L cancels in every ratio below.
+
+    Image 0, "a red circle circle" (4 words) against "a red circle" and "a red square"
+    (3 words each, penalty p = exp(−1/72) for both):
+      n=1: c = {a:0, red:L, circle:2L}, |c| = L√5
+           r1 = {a:0, red:L, circle:L}, |r1| = L√2: (L·L + min(2L, L)·L) / (L√5·L√2) = 2/√10
+           r2 = {a:0, red:L, square:0}, |r2| = L:   L·L / (L√5·L) = 1/√5
+      n=2: c = {a red, red circle, circle circle} all L, |c| = L√3
+           r1 = {a red, red circle}: 2/√6;  r2 = {a red, red square}: 1/√6
+      n=3: c = {a red circle, red circle circle}, |c| = L√2; r1 = {a red circle}: 1/√2; r2: 0
+      n=4: c = {a red circle circle}; no reference has a 4-gram (|r| = 0): 0
+    Image 1, "a blue star" (3 words) against "a blue square" (3, penalty 1) and
+    "one small blue square" (4, penalty p):
+      n=1: c = {a:0, blue:L, star:L}, |c| = L√2; r1 = {a:0, blue:L, square:0}: 1/√2;
+           r2 = {one:L, small:L, blue:L, square:0}, |r2| = L√3: 1/√6, times p
+      n=2: c = {a blue, blue star}; r1 = {a blue, blue square}: 1/2; r2 = {one small, small blue, blue square}: 0
+      n=3, n=4: nothing shared: 0
+    """
+    references = {0: ["a red circle", "a red square"], 1: ["a blue square", "one small blue square"]}
+    predictions = {0: "a red circle circle", 1: "a blue star"}
+    p = math.exp(-1 / (2 * 6**2))
+    per_n_0 = [p * (2 / math.sqrt(10) + 1 / math.sqrt(5)), p * 3 / math.sqrt(6), p / math.sqrt(2), 0.0]
+    per_n_1 = [1 / math.sqrt(2) + p / math.sqrt(6), 1 / 2, 0.0, 0.0]
+    expected = [10 * sum(per_n) / 4 / 2 for per_n in (per_n_0, per_n_1)]  # ≈ 3.712479, 2.012155
+    scores = caption_metrics(predictions, references, tokenizer="python")
+    assert scores.per_image["cider_d"] == pytest.approx(expected, abs=1e-6)
+    assert scores.corpus["cider_d"] == pytest.approx(sum(expected) / 2, abs=1e-6)
+
+
 def test_corpus_bleu_reproduces_pycocoevalcap(python_scores):
     """Our vectorised BLEU (used by the bootstrap) equals pycocoevalcap's, corpus and per image.
     Per-image BLEU-4 of "a red circle" is not 0 although it has no 4-gram: pycocoevalcap's

@@ -45,9 +45,26 @@ def test_one_run_gets_its_curves_png_of_the_expected_size(tmp_path: Path) -> Non
 
 
 def test_two_phases_are_drawn_end_to_end_into_one_picture(tmp_path: Path) -> None:
+    """Each run logs steps 1..20: pretrain is drawn at 1..20 and align after it, at 21..40, on
+    every panel; the shared panels' x-axes span both runs."""
+    from capcli.report import draw_curves
+    from capcli.runlog import read_metrics
+
     runs = [fake_run(tmp_path / "pretrain", align=False), fake_run(tmp_path / "align", align=True)]
     path = write_curves(runs, tmp_path / "out" / "both.png")
     assert png_size(path) == (1200, 900)
+    figure = draw_curves([(run, read_metrics(run / "metrics.jsonl")) for run in runs])
+    by_title = {ax.get_title(): ax for ax in figure.axes}
+    steps = {"pretrain": list(range(1, 21)), "align": list(range(21, 41))}
+    for name, expected in steps.items():
+        train = [line for line in by_title[f"{name}: loss"].get_lines() if line.get_label() == "train"]
+        assert [list(line.get_xdata()) for line in train] == [expected], name
+    lr = by_title["learning rate"]
+    assert {line.get_label(): list(line.get_xdata()) for line in lr.get_lines() if line.get_label() in steps} == steps
+    assert sorted(line.get_xdata()[0] for line in lr.get_lines() if line.get_label() not in steps) == [0, 20]
+    for title in ("learning rate", "align: α(t) and reward accuracy"):
+        low, high = by_title[title].get_xlim()
+        assert low <= 1 and high >= 40, (title, low, high)
 
 
 def readme_job_run(root: Path, align: bool) -> Path:
