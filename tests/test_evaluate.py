@@ -122,7 +122,7 @@ def assert_the_saved_captions_give_the_metrics(doc: dict, lines: list[dict], che
     assert [line["cider_d"] for line in lines] == pytest.approx(scores.per_image["cider_d"], rel=1e-12)
 
     model = Captioner.from_pretrained(checkpoint).eval()
-    judge = load_judge("self", model, checkpoint, torch.device("cpu"), data.max_pixels)
+    judge = load_judge("self", model, checkpoint, torch.device("cpu"), data.max_pixels, data.max_caption_tokens)
     with torch.no_grad():
         images = judge.embed_images([line["image"] for line in lines])
         ours = clip_score(images, judge.embed_texts(captions)).tolist()
