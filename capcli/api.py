@@ -29,13 +29,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capcli.checkpoint import default_checkpoint, resolve_checkpoint
 from capcli.data.batches import CaptionCollator, tokenize_captions
 from capcli.data.images import DEFAULT_MAX_PIXELS, load_image, resize_center_crop
 from capcli.errors import CapcliError
-from capcli.generation import DecodeSettings, ScoredCaption, caption_logprobs, generate_scored_captions
 from capcli.model import Captioner
-from capcli.runtime import Runtime
+from capcli.model.generation import (
+    DecodeSettings,
+    ScoredCaption,
+    caption_logprobs,
+    generate_scored_captions,
+)
+from capcli.train.checkpoint import default_checkpoint, resolve_checkpoint
+from capcli.train.runtime import Runtime
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor | np.ndarray
 Caption = ScoredCaption  # text, logprob, score, tokens (generation.ScoredCaption)

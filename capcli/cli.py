@@ -156,7 +156,7 @@ def _speed(compile: bool, gradient_checkpointing: bool, local_loss: bool = False
 
 def _main_process() -> bool:
     """Under torchrun, rank 0 alone prints the result; the other ranks print nothing on stdout."""
-    from capcli.distributed import launched
+    from capcli.train.distributed import launched
 
     return launched().main
 
@@ -237,8 +237,8 @@ def align(
         }
         settings = load_settings(config, cli)
         from capcli import phases, results
-        from capcli.carve import follow_run
-        from capcli.checkpoint import resolve_checkpoint
+        from capcli.data.carve import follow_run
+        from capcli.train.checkpoint import resolve_checkpoint
 
         start = resolve_checkpoint(settings.align.checkpoint or phases.DEFAULT_START, "best")
         run = follow_run(start, config, cli)
@@ -297,7 +297,7 @@ def caption(
     A missing, corrupt, non-image or oversized file gets one line on stderr, "error: PATH: reason", and the rest is still captioned. Exit codes: 0 every image captioned, 1 some failed, 2 usage error.
     """
     with exit_codes():
-        from capcli.captioning import expand_inputs, write_captions
+        from capcli.inference.captioning import expand_inputs, write_captions
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
@@ -307,7 +307,7 @@ def caption(
         })
         items = expand_inputs(images or [], sys.stdin)
         # torch and friends: only once the options are known to be good
-        from capcli.checkpoint import default_checkpoint, resolve_checkpoint
+        from capcli.train.checkpoint import default_checkpoint, resolve_checkpoint
 
         directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
         failed = write_captions(items, directory, settings)
@@ -352,9 +352,10 @@ def evaluate(
             "evaluate.judge": judge, "evaluate.allow_train_images": allow_train_images or None,
         }
         load_settings(config, cli)  # the options are checked before a checkpoint is looked for
-        from capcli import evaluation, results
-        from capcli.carve import follow_run
-        from capcli.checkpoint import default_checkpoint, resolve_checkpoint
+        from capcli import results
+        from capcli.data.carve import follow_run
+        from capcli.evaluate import evaluation
+        from capcli.train.checkpoint import default_checkpoint, resolve_checkpoint
 
         directory = resolve_checkpoint(checkpoint) if checkpoint else default_checkpoint()
         run = follow_run(directory, config, cli)
@@ -372,7 +373,7 @@ def evaluate(
 
 def _add_to_card(checkpoint: Path, outcome: dict, log) -> None:
     """evaluate's results into the checkpoint's model card; a read-only checkpoint only warns."""
-    from capcli.card import add_evaluation
+    from capcli.train.card import add_evaluation
 
     try:
         log(f"results added to the model card {add_evaluation(checkpoint, outcome)}")
@@ -387,7 +388,7 @@ def report(
 ) -> None:
     """Draw a run's training curves into curves.png: losses, loss components, learning rate, α(t) and reward accuracy."""
     with exit_codes():
-        from capcli.report import write_curves
+        from capcli.evaluate.report import write_curves
 
         print(write_curves(runs, output))
 
@@ -414,8 +415,8 @@ def export(
         decode = validated(DecodeSettings, {key: value for key, value in given.items() if value is not None})
 
         require_onnx()  # before torch is imported: a missing extra answers at once
-        from capcli.checkpoint import resolve_checkpoint
-        from capcli.export import export_onnx
+        from capcli.inference.export import export_onnx
+        from capcli.train.checkpoint import resolve_checkpoint
 
         export_onnx(resolve_checkpoint(checkpoint), output, decode.max_length, decode.min_length,
                     decode.concept_guidance)
@@ -445,8 +446,8 @@ def benchmark(
             "benchmark.repeats": repeats, "benchmark.steps": steps,
         })
         from capcli import results
-        from capcli.benchmark import run_benchmark
-        from capcli.checkpoint import resolve_checkpoint
+        from capcli.bench.benchmark import run_benchmark
+        from capcli.train.checkpoint import resolve_checkpoint
 
         chosen = tuple(part.strip() for part in sections.split(",") if part.strip())
         report = run_benchmark(settings, resolve_checkpoint(checkpoint) if checkpoint else None, chosen,

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from capcli import distributed
 from capcli.data.batches import CaptionBatch, PreferenceBatch
 from capcli.losses import (
     alpha_schedule,
@@ -25,6 +24,7 @@ from capcli.losses import (
 )
 from capcli.metrics.preference import preference_accuracy
 from capcli.model import Captioner
+from capcli.train import distributed
 
 
 def contrastive(model: Captioner, image: torch.Tensor, text: torch.Tensor, local_loss: bool = False,

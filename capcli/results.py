@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from capcli import faults
-from capcli.engine import FitResult
+from capcli.train.engine import FitResult
 
 stdout = Console(highlight=False)
 

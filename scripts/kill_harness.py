@@ -102,7 +102,7 @@ def run_to_completion(args, output, env, plan, timeout=600.0) -> tuple[Counter, 
 def compare(whole: Path, killed: Path) -> dict[str, object]:
     from safetensors.torch import load_file
 
-    from capcli.runlog import read_metrics
+    from capcli.train.runlog import read_metrics
 
     lost: dict[str, object] = {}
     for name in ("last", "best"):

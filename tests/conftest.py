@@ -27,8 +27,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from capcli.sampler import IndexedDataset  # noqa: E402
 from capcli.settings import Settings, load_settings, override  # noqa: E402
+from capcli.train.sampler import IndexedDataset  # noqa: E402
 
 # Under pytest-xdist (the default, see pyproject) every worker is a process of its own: one
 # thread each, for the worker and for the capcli processes it starts, so that N workers share N

@@ -21,14 +21,14 @@ from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.data.batches import PreferenceCollator, PreferenceDataset
-from capcli.engine import fit
 from capcli.errors import TrainingInterrupted
 from capcli.model import Captioner
 from capcli.objectives import AlignObjective, score_pairs
 from capcli.phases import align, prepare_align, pretrain
-from capcli.runlog import read_metrics
-from capcli.sampler import SampleKey
 from capcli.settings import override
+from capcli.train.engine import fit
+from capcli.train.runlog import read_metrics
+from capcli.train.sampler import SampleKey
 
 runner = CliRunner()
 
@@ -234,8 +234,8 @@ def test_retrieval_r1_by_hand():
     caption 0 (0.8 > 0.5), image 2's its own (0.7): R@1 = 2/3. Caption→image would give 3/3 (each
     column's largest value is on the diagonal), so the direction is pinned down too. Batches of 2
     split the rows, and every image is scored against the captions of the other batch."""
-    from capcli.heldout import retrieval_r1
-    from capcli.runtime import Runtime
+    from capcli.phases.heldout import retrieval_r1
+    from capcli.train.runtime import Runtime
 
     similarity = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.5, 0.2], [0.1, 0.3, 0.7]])
     model, rows = _FixedEmbeddings(similarity).train(), _Rows(3)

@@ -18,8 +18,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import benchmark
-from capcli.benchmark import (
+from capcli.bench import benchmark
+from capcli.bench.benchmark import (
     SECTIONS,
     Counted,
     Report,
@@ -28,8 +28,8 @@ from capcli.benchmark import (
     peak_memory,
     timed_fit,
 )
+from capcli.bench.flops import pretrain_step_flops
 from capcli.cli import app
-from capcli.flops import pretrain_step_flops
 from capcli.phases import prepare_pretrain
 
 runner = CliRunner()

@@ -22,18 +22,18 @@ from PIL import Image
 from torch.testing import assert_close
 from typer.testing import CliRunner
 
-from capcli.captioning import (
+from capcli.cli import app
+from capcli.data.images import load_image, resize_center_crop
+from capcli.errors import ConfigError
+from capcli.inference.captioning import (
     Item,
     escape,
     expand_inputs,
     format_record,
     write_captions,
 )
-from capcli.checkpoint import default_checkpoint
-from capcli.cli import app
-from capcli.data.images import load_image, resize_center_crop
-from capcli.errors import ConfigError
-from capcli.generation import (
+from capcli.model import Captioner, build_model
+from capcli.model.generation import (
     DecodeSettings,
     ScoredCaption,
     caption_logprobs,
@@ -41,8 +41,8 @@ from capcli.generation import (
     generate_scored_captions,
     scored_mask,
 )
-from capcli.model import Captioner, build_model
 from capcli.settings import ModelSettings, load_settings
+from capcli.train.checkpoint import default_checkpoint
 
 runner = CliRunner()
 CAPTIONS = ["a red circle above a blue square", "two green triangles", "a small yellow star left of a big red circle"]

@@ -10,16 +10,16 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from capcli.card import add_evaluation, card_metadata, read_card
-from capcli.checkpoint import load_state
 from capcli.cli import app
 from capcli.settings import load_settings
+from capcli.train.card import add_evaluation, card_metadata, read_card
+from capcli.train.checkpoint import load_state
 
 runner = CliRunner()
 
 
 def front_matter(path: Path) -> dict:
-    """The YAML between the card's two ``---`` lines, parsed independently of capcli.card."""
+    """The YAML between the card's two ``---`` lines, parsed independently of capcli.train.card."""
     text = path.read_text(encoding="utf-8")
     assert text.startswith("---\n")
     return yaml.safe_load(text.split("\n---\n", 1)[0][4:])

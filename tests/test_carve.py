@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from capcli.carve import carve_changes, follow_run, record_of, train_overlap
 from capcli.cli import app
+from capcli.data.carve import carve_changes, follow_run, record_of, train_overlap
 from capcli.data.sources import load_splits
 from capcli.settings import DataSettings
 

@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from capcli import __version__
 from capcli.cli import app
-from capcli.runlog import read_metrics
 from capcli.settings import PRESETS, DecodeSettings, field_doc, load_settings
+from capcli.train.runlog import read_metrics
 
 runner = CliRunner()
 

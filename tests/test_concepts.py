@@ -31,7 +31,6 @@ from capcli.model import Captioner, build_model
 from capcli.model.captioner import CONFIG_FILE, CaptionerConfig
 from capcli.model.towers import build_vision, conv_stem, vision_spec_tiny
 from capcli.phases import prepare_pretrain
-from capcli.sampler import SampleKey
 from capcli.scenes import (
     COLOURS,
     NOVEL_COMBOS,
@@ -40,6 +39,7 @@ from capcli.scenes import (
     render,
 )
 from capcli.settings import ModelSettings
+from capcli.train.sampler import SampleKey
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,12 @@ import torch
 from test_engine import interrupt_at, train_log
 from torch.testing import assert_close
 
-from capcli.checkpoint import load_state
 from capcli.errors import TrainingInterrupted
-from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner
+from capcli.model.generation import DecodeSettings, generate_captions
 from capcli.phases import pretrain
 from capcli.settings import override
+from capcli.train.checkpoint import load_state
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

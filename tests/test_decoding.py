@@ -22,11 +22,11 @@ import pytest
 import torch
 from conftest import SameCaptionEveryEpoch
 
-from capcli.benchmark import Report, bench_caption, naive_generate
-from capcli.engine import fit
-from capcli.generation import DecodeSettings, generate_captions
+from capcli.bench.benchmark import Report, bench_caption, naive_generate
 from capcli.model import Captioner
+from capcli.model.generation import DecodeSettings, generate_captions
 from capcli.phases import prepare_pretrain
+from capcli.train.engine import fit
 
 GREEDY = DecodeSettings()
 BEAM = DecodeSettings(beams=5)
@@ -269,8 +269,8 @@ def test_benchmark_times_both_decoders_on_the_same_captions(trained):
 def test_concept_guidance_adds_lambda_log_sigmoid_to_each_concept_token(trained) -> None:
     """By hand: the score of " circle" and " circles" gains λ·log σ(circle's logit), of " red" λ·log σ(red's);
     no other token moves; beams repeat their image's row."""
-    from capcli.generation import ConceptGuidance, concept_token_ids
     from capcli.model import build_model
+    from capcli.model.generation import ConceptGuidance, concept_token_ids
     from capcli.settings import ModelSettings
 
     _, pixels = trained
@@ -298,8 +298,8 @@ def test_concept_guidance_adds_lambda_log_sigmoid_to_each_concept_token(trained)
 def test_concept_guidance_after_a_concept_word_binds_by_place(trained) -> None:
     """By hand, with the head on the patches: after " red", the score of " circle" gains
     λ·log(max_n σ(red_n)·σ(circle_n) / max_n σ(red_n)); after any other token, λ·log σ(circle's logit)."""
-    from capcli.generation import ConceptGuidance
     from capcli.model import build_model
+    from capcli.model.generation import ConceptGuidance
     from capcli.settings import ModelSettings
 
     _, pixels = trained

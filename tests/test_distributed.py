@@ -20,11 +20,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from capcli.checkpoint import load_state
 from capcli.losses import contrastive_loss, local_contrastive_loss
 from capcli.model import Captioner
-from capcli.runlog import read_metrics
-from capcli.sampler import StepBatchSampler, in_order
+from capcli.train.checkpoint import load_state
+from capcli.train.runlog import read_metrics
+from capcli.train.sampler import StepBatchSampler, in_order
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--train-size", "32", "--val-size", "8", "--test-size", "8", "--quiet", "--device", "cpu"]
@@ -233,7 +233,7 @@ def test_a_failure_on_one_rank_stops_the_job_with_its_error(env, tmp_path: Path)
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(
         "import os, sys\n"
-        "from capcli import engine\n"
+        "from capcli.train import engine\n"
         "original = engine._Training._optimizer_step\n"
         "def failing(self, micro):\n"
         "    if os.environ['RANK'] == '1' and self.state.step == 1:\n"

@@ -19,23 +19,23 @@ import torch
 from conftest import SameCaptionEveryEpoch
 from torch.testing import assert_close
 
-from capcli import engine
-from capcli.checkpoint import (
+from capcli.errors import CapcliError, TrainingInterrupted
+from capcli.model import Captioner
+from capcli.model.generation import DecodeSettings, generate_captions
+from capcli.phases import prepare_pretrain, pretrain
+from capcli.settings import RuntimeSettings, override
+from capcli.train import engine
+from capcli.train.checkpoint import (
     load_state,
     resolve_checkpoint,
     resume_checkpoint,
     save_checkpoint,
 )
-from capcli.engine import TrainingState, fit
-from capcli.errors import CapcliError, TrainingInterrupted
-from capcli.generation import DecodeSettings, generate_captions
-from capcli.model import Captioner
-from capcli.optim import cosine_with_warmup
-from capcli.phases import prepare_pretrain, pretrain
-from capcli.precision import resolve_precision
-from capcli.runlog import read_metrics
-from capcli.runtime import Runtime
-from capcli.settings import RuntimeSettings, override
+from capcli.train.engine import TrainingState, fit
+from capcli.train.optim import cosine_with_warmup
+from capcli.train.precision import resolve_precision
+from capcli.train.runlog import read_metrics
+from capcli.train.runtime import Runtime
 
 
 def train_log(run_dir) -> list[dict]:
@@ -184,8 +184,8 @@ def test_a_checkpoint_write_killed_at_any_stage_leaves_one_that_resumes(two_save
         if name == stage:
             raise _Killed(name)
 
-    monkeypatch.setattr("capcli.checkpoint.faults.point", point)
-    monkeypatch.setattr("capcli.checkpoint._undo", lambda *args: None)  # a killed process puts nothing back
+    monkeypatch.setattr("capcli.train.checkpoint.faults.point", point)
+    monkeypatch.setattr("capcli.train.checkpoint._undo", lambda *args: None)  # a killed process puts nothing back
     with pytest.raises(_Killed):
         save_checkpoint(last, Captioner.from_pretrained(new), load_state(new))
     monkeypatch.undo()

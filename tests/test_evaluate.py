@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.evaluation import _shuffled
+from capcli.evaluate.evaluation import _shuffled
 
 runner = CliRunner()
 
@@ -77,7 +77,7 @@ def distinct_captions(model, pixels, options) -> list[str]:
 
 
 def test_test_novel_split_and_saved_captions(tmp_path, checkpoint, env, monkeypatch):
-    monkeypatch.setattr("capcli.evaluation._decode", distinct_captions)
+    monkeypatch.setattr("capcli.evaluate.evaluation._decode", distinct_captions)
     saved = tmp_path / "captions.jsonl"
     result, _ = run_evaluate(tmp_path, checkpoint, env, "--split", "test_novel", "--save-captions", str(saved))
     assert result.exit_code == 0, result.output
@@ -104,7 +104,7 @@ def assert_the_saved_captions_give_the_metrics(doc: dict, lines: list[dict], che
     import torch
 
     from capcli.data.sources import load_splits
-    from capcli.judge import load_judge
+    from capcli.evaluate.judge import load_judge
     from capcli.metrics import caption_metrics, clip_score
     from capcli.model import Captioner
     from capcli.settings import load_settings
@@ -188,10 +188,10 @@ def test_open_clip_judge_from_a_local_weights_file(tmp_path, checkpoint, env):
 
 def test_auto_judge_without_cached_weights_is_self_and_unknown_judge_exits_2(tmp_path, checkpoint, env,
                                                                            monkeypatch):
-    import capcli.judge
+    import capcli.evaluate.judge
 
-    monkeypatch.setattr(capcli.judge, "cached_judge_weights", lambda: None)
-    from capcli.judge import SelfJudge, load_judge
+    monkeypatch.setattr(capcli.evaluate.judge, "cached_judge_weights", lambda: None)
+    from capcli.evaluate.judge import SelfJudge, load_judge
     from capcli.model import Captioner
 
     judge = load_judge("auto", Captioner.from_pretrained(checkpoint), checkpoint, torch_device(), 10**8, 48)

@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.generation import DecodeSettings, generate_captions
 from capcli.model import Captioner, build_model
+from capcli.model.generation import DecodeSettings, generate_captions
 from capcli.settings import ModelSettings
 
 pytest.importorskip("onnxruntime")
@@ -82,7 +82,7 @@ def test_the_vision_graph_gives_capclis_prefix_and_guidance_terms(exported):
     import numpy as np
     import onnxruntime as ort
 
-    from capcli.generation import ConceptGuidance
+    from capcli.model.generation import ConceptGuidance
 
     checkpoint, folder = exported
     model = Captioner.from_pretrained(checkpoint).eval()
@@ -113,7 +113,7 @@ def test_full_size_clip_gpt2_exports_and_runs_on_random_weights(tmp_path, offlin
     from test_model import EXTRA_TEXT, _gpt2_tokenizer_without_pad
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from capcli.export import export_onnx
+    from capcli.inference.export import export_onnx
     from capcli.serving import OnnxCaptioner
 
     torch.manual_seed(0)

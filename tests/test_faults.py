@@ -28,20 +28,21 @@ from conftest import make_settings
 from PIL import Image
 from typer.testing import CliRunner
 
-from capcli import faults, runlock
-from capcli.checkpoint import (
+from capcli import faults
+from capcli.cli import app
+from capcli.data.sources import check_metadata, load_splits
+from capcli.errors import CapcliError, CheckpointError, ConfigError, RunLocked
+from capcli.model import Captioner
+from capcli.phases import prepare_pretrain
+from capcli.train import runlock
+from capcli.train.checkpoint import (
     check_checkpoint,
     load_state,
     resume_checkpoint,
     save_checkpoint,
 )
-from capcli.cli import app
-from capcli.data.sources import check_metadata, load_splits
-from capcli.engine import fit
-from capcli.errors import CapcliError, CheckpointError, ConfigError, RunLocked
-from capcli.model import Captioner
-from capcli.phases import prepare_pretrain
-from capcli.runlog import read_metrics
+from capcli.train.engine import fit
+from capcli.train.runlog import read_metrics
 
 runner = CliRunner()
 
@@ -203,7 +204,7 @@ def test_resume_prefers_the_backup_a_killed_rename_left(run_copy):
 
 # --- one run per output --------------------------------------------------------------------------------------------
 
-_HOLD = "import sys, time; from capcli import runlock; runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)"
+_HOLD = "import sys, time; from capcli.train import runlock; runlock.acquire(sys.argv[1]); print('held', flush=True); time.sleep(60)"
 
 
 def _holder(run_dir: Path) -> subprocess.Popen:
@@ -325,8 +326,8 @@ def test_torchs_opaque_full_disk_error_is_said_in_words(run_copy, monkeypatch):
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1024 vs 896")
 
-    monkeypatch.setattr("capcli.checkpoint.torch.save", full)
-    monkeypatch.setattr("capcli.checkpoint.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
+    monkeypatch.setattr("capcli.train.checkpoint.torch.save", full)
+    monkeypatch.setattr("capcli.train.checkpoint.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(CheckpointError, match="No space left on device"):
         save_checkpoint(last, model, {"step": 99})
     assert load_state(last)["step"] == 2
@@ -530,7 +531,7 @@ def test_a_binary_config_file_exits_2(tmp_path, env, content):
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns_once(monkeypatch, capsys):
-    from capcli import precision
+    from capcli.train import precision
 
     monkeypatch.setattr(precision, "_warned", False)
     monkeypatch.setattr(precision.platform, "machine", lambda: "x86_64")

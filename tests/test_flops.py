@@ -1,4 +1,4 @@
-"""The MFU numerator: capcli.flops' formula against PyTorch's FLOP counter on real steps.
+"""The MFU numerator: capcli.bench.flops' formula against PyTorch's FLOP counter on real steps.
 
 ``torch.utils.flop_counter.FlopCounterMode`` counts every matrix product the step executes,
 forward and backward. Attention runs on SDPA's math backend here, because the counter has
@@ -13,6 +13,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from capcli.bench.flops import align_step_flops, pretrain_step_flops
 from capcli.data.batches import (
     CaptionBatch,
     CaptionCollator,
@@ -22,11 +23,10 @@ from capcli.data.batches import (
     tokenize_captions,
 )
 from capcli.data.concepts import concept_targets
-from capcli.engine import total_loss
-from capcli.flops import align_step_flops, pretrain_step_flops
 from capcli.model import Captioner, build_model
 from capcli.objectives import AlignObjective, PretrainObjective
 from capcli.settings import ModelSettings
+from capcli.train.engine import total_loss
 
 CAPTIONS = ["a red circle above a blue square", "two green triangles", "a small yellow star left of a big cross",
             "one purple circle", "three orange squares below a red triangle", "a blue star"]

@@ -195,11 +195,11 @@ def test_streaming_applies_to_hf_sources_only(disk_folder: Path) -> None:
 def test_a_streamed_run_trains_epochs_and_resumes_to_the_same_losses(hf_folder: Path, tmp_path: Path,
                                                                        data_cache: Path) -> None:
     """2 epochs of a 16-sample stream in steps of 4; stopped after step 6 (mid-epoch 2), then resumed."""
-    from capcli.checkpoint import load_state
-    from capcli.engine import TrainingInterrupted
     from capcli.phases import pretrain
-    from capcli.runlog import read_metrics
     from capcli.settings import load_settings, override
+    from capcli.train.checkpoint import load_state
+    from capcli.train.engine import TrainingInterrupted
+    from capcli.train.runlog import read_metrics
 
     def settings(name: str):
         return load_settings(cli={

@@ -263,7 +263,7 @@ def test_token_dropout_hides_words_from_the_decoder_in_training_only(captions: l
 
 def test_a_checkpoint_written_before_token_prefixes_loads_and_captions(tmp_path: Path, tiny: Captioner) -> None:
     """model.json of the earlier format has no ``concept_source``; it loads as the pooled model it was."""
-    from capcli.generation import generate_captions
+    from capcli.model.generation import generate_captions
 
     tiny.save_pretrained(tmp_path)
     config = json.loads((tmp_path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -643,8 +643,8 @@ def test_compile_blocks_keeps_the_parameter_names(captions: list[str]) -> None:
 
 
 def test_fused_adamw_is_used_where_the_device_has_it(tiny: Captioner) -> None:
-    from capcli.optim import build_optimizer
     from capcli.settings import OptimizerSettings
+    from capcli.train.optim import build_optimizer
 
     assert build_optimizer(tiny, OptimizerSettings(), torch.device("cpu")).defaults["fused"] is True
     assert not build_optimizer(tiny, OptimizerSettings(fused=False), torch.device("cpu")).defaults["fused"]

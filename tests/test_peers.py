@@ -15,13 +15,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import peers
-from capcli.benchmark import SECTIONS
+from capcli.bench import peers
+from capcli.bench.benchmark import SECTIONS
 from capcli.cli import app
 from capcli.data.sources import load_splits
 from capcli.model import build_model
 from capcli.phases import concept_words_for
-from capcli.runtime import Runtime
+from capcli.train.runtime import Runtime
 
 runner = CliRunner()
 

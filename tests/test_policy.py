@@ -26,18 +26,18 @@ from torch.testing import assert_close
 
 from capcli.data.batches import PreferenceDataset, other_images
 from capcli.errors import ConfigError, TrainingInterrupted
-from capcli.generation import DecodeSettings, candidate_captions
 from capcli.metrics.grounding import grounding_reward
 from capcli.metrics.ptb import simple_ptb_tokenize
 from capcli.model import Captioner
+from capcli.model.generation import DecodeSettings, candidate_captions
 from capcli.objectives import score_pairs
 from capcli.phases import ROUND_FILE, ROUNDS_DIR, align, policy_spec, prepare_align
-from capcli.policy_pairs import Candidate, pair_candidates
-from capcli.rewards import cider_d
-from capcli.runlog import read_metrics
-from capcli.sampler import SampleKey
+from capcli.phases.policy import Candidate, pair_candidates
+from capcli.phases.rewards import cider_d
 from capcli.scenes import Scene, SceneObject, compute_relations
 from capcli.settings import override
+from capcli.train.runlog import read_metrics
+from capcli.train.sampler import SampleKey
 
 
 def scene(*objects: tuple[str, str, str, float, float]) -> Scene:
@@ -267,7 +267,7 @@ def test_rounds_resume_exactly_after_ctrl_c(settings_factory, start_checkpoint):
 def test_policy_pairs_with_the_cider_judge_on_an_image_folder(settings_factory, tmp_path):
     """A source without scene graphs: pretrain on an image folder, align on pairs the CIDEr-D
     judge picked, and evaluate CIDEr-D before and after."""
-    from capcli.evaluation import evaluate
+    from capcli.evaluate.evaluation import evaluate
     from capcli.phases import pretrain
 
     folder = _write_folder(tmp_path / "photos", 40)

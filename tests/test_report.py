@@ -9,7 +9,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.report import DPI, HEIGHT, WIDTH, write_curves
+from capcli.evaluate.report import DPI, HEIGHT, WIDTH, write_curves
 
 runner = CliRunner()
 
@@ -47,8 +47,8 @@ def test_one_run_gets_its_curves_png_of_the_expected_size(tmp_path: Path) -> Non
 def test_two_phases_are_drawn_end_to_end_into_one_picture(tmp_path: Path) -> None:
     """Each run logs steps 1..20: pretrain is drawn at 1..20 and align after it, at 21..40, on
     every panel; the shared panels' x-axes span both runs."""
-    from capcli.report import draw_curves
-    from capcli.runlog import read_metrics
+    from capcli.evaluate.report import draw_curves
+    from capcli.train.runlog import read_metrics
 
     runs = [fake_run(tmp_path / "pretrain", align=False), fake_run(tmp_path / "align", align=True)]
     path = write_curves(runs, tmp_path / "out" / "both.png")
@@ -118,8 +118,8 @@ def varying_series(figure):
 
 def test_each_loss_series_spans_a_visible_part_of_its_axis(tmp_path: Path) -> None:
     """The concept loss (about 200 at the start) no longer flattens the caption and contrastive losses."""
-    from capcli.report import draw_curves
-    from capcli.runlog import read_metrics
+    from capcli.evaluate.report import draw_curves
+    from capcli.train.runlog import read_metrics
 
     runs = [readme_job_run(tmp_path / "pretrain", align=False), readme_job_run(tmp_path / "align", align=True)]
     figure = draw_curves([(run, read_metrics(run / "metrics.jsonl")) for run in runs])
@@ -145,8 +145,8 @@ def test_the_visibility_check_fails_on_one_shared_axis(tmp_path: Path) -> None:
 
 def test_the_best_checkpoint_is_marked_where_the_engine_kept_it(tmp_path: Path) -> None:
     """align ranks by val loss_unweighted (lowest at step 75 here), pretrain by val loss."""
-    from capcli.report import best_step, draw_curves
-    from capcli.runlog import read_metrics
+    from capcli.evaluate.report import best_step, draw_curves
+    from capcli.train.runlog import read_metrics
 
     runs = [readme_job_run(tmp_path / "pretrain", align=False), readme_job_run(tmp_path / "align", align=True)]
     records = [read_metrics(run / "metrics.jsonl") for run in runs]
@@ -178,7 +178,7 @@ def test_tensorboard_gets_the_numbers_metrics_jsonl_gets(settings_factory) -> No
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from capcli.phases import pretrain
-    from capcli.runlog import read_metrics
+    from capcli.train.runlog import read_metrics
 
     settings = settings_factory(**{"runtime.log": "tensorboard", "pretrain.engine.max_steps": 3})
     run = settings.pretrain.engine.output
@@ -202,10 +202,10 @@ def test_a_resumed_run_keeps_tensorboard_and_metrics_jsonl_in_step(settings_fact
     import pytest
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from capcli.engine import TrainingInterrupted
     from capcli.phases import pretrain
-    from capcli.runlog import read_metrics
     from capcli.settings import override
+    from capcli.train.engine import TrainingInterrupted
+    from capcli.train.runlog import read_metrics
 
     settings = settings_factory(**{"runtime.log": "tensorboard", "data.train_size": 32})
 

@@ -12,8 +12,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
+from capcli.bench.startup import slowest_imports, wall_seconds
 from capcli.cli import app
-from capcli.startup import slowest_imports, wall_seconds
 
 runner = CliRunner()
 

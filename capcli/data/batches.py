@@ -21,13 +21,13 @@ from capcli.data.concepts import concept_targets
 from capcli.data.images import ImageLoadError, load_image, resize_center_crop
 from capcli.data.pixel_cache import PixelCache, pixel_cache_for
 from capcli.data.sources import cache_root
-from capcli.sampler import (
+from capcli.settings import DataSettings
+from capcli.train.sampler import (
     EpochLayout,
     EpochLoader,
     IndexedDataset,
     micro_batches_per_epoch,
 )
-from capcli.settings import DataSettings
 
 
 @dataclass
@@ -284,7 +284,7 @@ class PreferenceDataset(IndexedDataset):
 
     ``features[feature_index[i]]`` replaces pair ``i``'s image when the vision tower is
     frozen, and ``reference[i]`` holds its reference log-probs: both are computed once
-    before training (``capcli.caches``), so a step decodes no image and runs no tower.
+    before training (``capcli.phases.caches``), so a step decodes no image and runs no tower.
     With ``other`` (``other_images``), pair ``i`` also brings the image of pair ``other[i]``,
     another image, for the image-conditional term.
     """

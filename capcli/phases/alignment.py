@@ -13,10 +13,6 @@ from pathlib import Path
 
 import datasets
 
-from capcli import distributed, runlock
-from capcli.caches import caption_features, frozen_features, image_identity, pair_logps
-from capcli.card import describer
-from capcli.checkpoint import has_checkpoint, resolve_checkpoint, resume_checkpoint
 from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
@@ -25,18 +21,31 @@ from capcli.data.batches import (
 )
 from capcli.data.preferences import load_preferences
 from capcli.data.sources import load_splits
-from capcli.engine import FitResult, TrainData, fit
 from capcli.errors import ConfigError, DataError, TrainingInterrupted
-from capcli.generation import DecodeSettings
-from capcli.heldout import heldout_metrics
 from capcli.model import Captioner
+from capcli.model.generation import DecodeSettings
 from capcli.objectives import AlignObjective, score_pairs
+from capcli.phases.caches import (
+    caption_features,
+    frozen_features,
+    image_identity,
+    pair_logps,
+)
+from capcli.phases.heldout import heldout_metrics
 from capcli.phases.phase import Phase, draw_curves, prepare_run_dir, write_config
-from capcli.policy_pairs import draw_pairs
-from capcli.rewards import JUDGES, load_judge
-from capcli.runlog import RunLog
-from capcli.runtime import Runtime
+from capcli.phases.policy import draw_pairs
+from capcli.phases.rewards import JUDGES, load_judge
 from capcli.settings import EngineSettings, Settings
+from capcli.train import distributed, runlock
+from capcli.train.card import describer
+from capcli.train.checkpoint import (
+    has_checkpoint,
+    resolve_checkpoint,
+    resume_checkpoint,
+)
+from capcli.train.engine import FitResult, TrainData, fit
+from capcli.train.runlog import RunLog
+from capcli.train.runtime import Runtime
 
 DEFAULT_START = Path("runs/pretrain")
 

@@ -6,13 +6,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from capcli import distributed, runlock
-from capcli.checkpoint import resume_checkpoint
-from capcli.engine import Objective, TrainData
 from capcli.errors import ConfigError
 from capcli.model import Captioner
-from capcli.runtime import Runtime
 from capcli.settings import EngineSettings, Settings, to_yaml
+from capcli.train import distributed, runlock
+from capcli.train.checkpoint import resume_checkpoint
+from capcli.train.engine import Objective, TrainData
+from capcli.train.runtime import Runtime
 
 
 def prepare_run_dir(engine: EngineSettings, overwrite: bool = False) -> Path:
@@ -50,7 +50,7 @@ def draw_curves(run_dir: Path) -> None:
     if not distributed.current().main:
         return
     try:
-        from capcli.report import write_curves
+        from capcli.evaluate.report import write_curves
 
         write_curves([run_dir])
     except Exception as err:  # noqa: BLE001 - the run itself succeeded; say why there is no picture

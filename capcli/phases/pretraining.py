@@ -8,9 +8,6 @@ from collections.abc import Callable, Iterable, Sequence
 import datasets
 import torch
 
-from capcli import distributed, runlock
-from capcli.card import describer
-from capcli.checkpoint import resume_checkpoint
 from capcli.data.batches import (
     CaptionCollator,
     CaptionDataset,
@@ -19,12 +16,15 @@ from capcli.data.batches import (
 )
 from capcli.data.concepts import caption_words
 from capcli.data.sources import concept_words, load_splits
-from capcli.engine import FitResult, TrainData, fit
 from capcli.model import Captioner, build_model
 from capcli.objectives import PretrainObjective
 from capcli.phases.phase import Phase, draw_curves, prepare_run_dir, write_config
-from capcli.runtime import Runtime
 from capcli.settings import Settings
+from capcli.train import distributed, runlock
+from capcli.train.card import describer
+from capcli.train.checkpoint import resume_checkpoint
+from capcli.train.engine import FitResult, TrainData, fit
+from capcli.train.runtime import Runtime
 
 TOKENIZER_ROWS = 20_000  # a streamed source: the tiny preset's tokenizer learns from this many first rows
 

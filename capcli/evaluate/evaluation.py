@@ -22,20 +22,17 @@ import numpy as np
 import torch
 
 from capcli import __version__, faults
-from capcli.caches import pair_logps
-from capcli.carve import CARVE_KEYS, carve_changes, train_overlap
-from capcli.checkpoint import resolve_checkpoint
 from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
     load_image_field,
 )
+from capcli.data.carve import CARVE_KEYS, carve_changes, train_overlap
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.data.preferences import generate_pairs
 from capcli.data.sources import load_splits
 from capcli.errors import ConfigError, DataError
-from capcli.generation import generate_captions
-from capcli.judge import load_judge
+from capcli.evaluate.judge import load_judge
 from capcli.metrics import (
     bootstrap_interval,
     caption_intervals,
@@ -48,9 +45,12 @@ from capcli.metrics import (
     ref_clip_score,
 )
 from capcli.model import Captioner
+from capcli.model.generation import generate_captions
 from capcli.objectives import score_pairs
-from capcli.runtime import Runtime
+from capcli.phases.caches import pair_logps
 from capcli.settings import DataSettings, EvaluateSettings, Settings
+from capcli.train.checkpoint import resolve_checkpoint
+from capcli.train.runtime import Runtime
 
 
 def evaluate(settings: Settings, checkpoint: Path, trained_on: DataSettings | None = None,
@@ -140,7 +140,7 @@ def evaluate(settings: Settings, checkpoint: Path, trained_on: DataSettings | No
                        scores, grounding)
 
     if options.report is not None:
-        from capcli.gallery import GalleryRow, write_gallery
+        from capcli.evaluate.gallery import GalleryRow, write_gallery
 
         gallery = [GalleryRow(pixels[i], predictions[i], references[i], float(scores.per_image["cider_d"][i]),
                               float(clip[i]), grounding.errors[i] if grounding is not None else [],

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from capcli import distributed
-from capcli.distributed import World
-from capcli.precision import resolve_device, resolve_precision
 from capcli.settings import RuntimeSettings
+from capcli.train import distributed
+from capcli.train.distributed import World
+from capcli.train.precision import resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
 )
-from capcli.engine import validate
 from capcli.model import Captioner
 from capcli.objectives import AlignObjective, PretrainObjective
-from capcli.runtime import Runtime
-from capcli.sampler import SampleKey, in_order
+from capcli.train.engine import validate
+from capcli.train.runtime import Runtime
+from capcli.train.sampler import SampleKey, in_order
 
 
 def heldout_metrics(

@@ -30,8 +30,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from capcli import distributed
-from capcli.checkpoint import first_line, load_state, resume_checkpoint, save_checkpoint
 from capcli.errors import (
     CapcliError,
     CheckpointError,
@@ -39,12 +37,24 @@ from capcli.errors import (
     DataError,
     TrainingInterrupted,
 )
-from capcli.optim import build_optimizer, build_scheduler
-from capcli.progress import ProgressDisplay
-from capcli.runlog import RunLog
-from capcli.runtime import Runtime
-from capcli.sampler import EpochLayout, EpochLoader, in_order, micro_batches_per_epoch
 from capcli.settings import EngineSettings, OptimizerSettings
+from capcli.train import distributed
+from capcli.train.checkpoint import (
+    first_line,
+    load_state,
+    resume_checkpoint,
+    save_checkpoint,
+)
+from capcli.train.optim import build_optimizer, build_scheduler
+from capcli.train.progress import ProgressDisplay
+from capcli.train.runlog import RunLog
+from capcli.train.runtime import Runtime
+from capcli.train.sampler import (
+    EpochLayout,
+    EpochLoader,
+    in_order,
+    micro_batches_per_epoch,
+)
 
 
 class Batch(Protocol):

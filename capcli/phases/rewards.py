@@ -1,6 +1,6 @@
 """The judges of on-policy preference pairs (``capcli align --preferences policy``): a score per caption.
 
-A judge scores captions the model wrote for training images; ``capcli.policy_pairs`` pairs a
+A judge scores captions the model wrote for training images; ``capcli.phases.policy`` pairs a
 high-scoring caption against a low-scoring one. Higher is better for every judge.
 
 - ``grounding``: truth against the image's scene graph (``grounding_reward``): objects
@@ -143,7 +143,7 @@ class _PerImageCider(CiderScorer):
 
 
 class ClipJudge:
-    """CLIPScore, ``w·max(cos, 0)``, under a judge of ``capcli.judge`` (never the model being trained)."""
+    """CLIPScore, ``w·max(cos, 0)``, under a judge of ``capcli.evaluate.judge`` (never the model being trained)."""
 
     name = "clip"
 
@@ -174,7 +174,11 @@ def load_judge(name: str, arg: str, split: datasets.Dataset, device: torch.devic
     if name == "cider":
         return CiderJudge(split)
     if name == "clip":
-        from capcli.judge import JUDGE_MODEL, OpenClipJudge, cached_judge_weights
+        from capcli.evaluate.judge import (
+            JUDGE_MODEL,
+            OpenClipJudge,
+            cached_judge_weights,
+        )
 
         weights = arg or cached_judge_weights()
         if weights is None:

@@ -60,7 +60,7 @@ def slowest_imports(command: list[str], count: int = 8) -> dict[str, float]:
 def bench_startup(report: Any, checkpoint: Path, image: Path, device: str, repeats: int,
                   log: Callable[[str], None]) -> None:
     """``startup_torch_s``, ``startup_caption_s`` and their ratio ``startup_caption_over_torch``."""
-    from capcli.benchmark import _interleaved
+    from capcli.bench.benchmark import _interleaved
 
     log(f"benchmark: one image, one process ({repeats} repeats after a warm-up)")
     caption = caption_command(image, checkpoint, device)

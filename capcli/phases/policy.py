@@ -7,7 +7,7 @@ what it would otherwise write. For each training image (DESIGN §5):
 
 1. the model writes ``beams`` beam-search candidates and ``samples`` temperature samples
    (batched KV-cache generation, the decoder of ``capcli caption``; ``candidate_captions``);
-2. a judge scores them (``capcli.rewards``), and the image's reference captions too;
+2. a judge scores them (``capcli.phases.rewards``), and the image's reference captions too;
 3. the best caption is chosen (a reference where it beats every sample and
    ``use_references`` is on), and paired against up to ``per_image`` distinct worse
    samples, each at least ``min_gap`` below it, the worst first. Equal scores are never
@@ -28,9 +28,9 @@ import datasets
 import torch
 
 from capcli.data.preferences import PAIR_FEATURES
-from capcli.generation import DecodeSettings, candidate_captions
 from capcli.model import Captioner
-from capcli.rewards import Judge
+from capcli.model.generation import DecodeSettings, candidate_captions
+from capcli.phases.rewards import Judge
 from capcli.settings import PolicySettings
 
 POLICY = "policy"  # the ``corruption`` value of an on-policy pair: it was drawn, not made

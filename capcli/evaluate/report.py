@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from capcli.errors import ConfigError
-from capcli.runlog import METRICS_FILE, read_metrics
+from capcli.train.runlog import METRICS_FILE, read_metrics
 
 WIDTH, HEIGHT, DPI = 12.0, 9.0, 100  # inches and dots per inch: a 1200 × 900 image
 LOG_RANGE = 20.0  # a loss whose largest value is this many times its smallest is drawn on a log axis

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
-from capcli.generation import concept_token_ids
 from capcli.model import Captioner
+from capcli.model.generation import concept_token_ids
 from capcli.serving import DECODING_FILE, require_onnx
 
 OPSET = 17

@@ -24,7 +24,7 @@ from capcli.errors import CapcliError, ConfigError
 
 if TYPE_CHECKING:
     from capcli.api import ImageCaptioner
-    from capcli.generation import DecodeSettings, ScoredCaption
+    from capcli.model.generation import DecodeSettings, ScoredCaption
     from capcli.settings import Settings
 
 TSV_HEADER = ("path", "caption", "score", "logprob", "tokens")
@@ -136,7 +136,7 @@ def format_record(fmt: str, path: str, caption: ScoredCaption) -> str:
 
 def report(message: str) -> None:
     """One line on stderr, printed cleanly above a progress bar when one is drawn."""
-    from capcli.progress import stderr
+    from capcli.train.progress import stderr
 
     stderr.print(message, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
@@ -192,7 +192,7 @@ def caption_items(
 def load_captioner(checkpoint: Path, settings: Settings) -> ImageCaptioner:
     """The checkpoint, loaded through the Python API on the settings' device and precision."""
     from capcli.api import ImageCaptioner
-    from capcli.runtime import Runtime
+    from capcli.train.runtime import Runtime
 
     return ImageCaptioner.load(checkpoint, max_pixels=settings.data.max_pixels,
                                runtime=Runtime.from_settings(settings.runtime))
@@ -206,7 +206,7 @@ def write_captions(items: Sequence[Item], checkpoint: Path, settings: Settings, 
     Returns:
         How many items failed (each reported on stderr as ``error: PATH: reason``).
     """
-    from capcli.progress import ProgressDisplay
+    from capcli.train.progress import ProgressDisplay
 
     out = out or sys.stdout
     failed = 0

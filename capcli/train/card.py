@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from capcli import __version__
-from capcli.carve import RECORD_FILE
-from capcli.runlog import METRICS_FILE, read_metrics
+from capcli.data.carve import RECORD_FILE
 from capcli.settings import Settings, to_yaml
+from capcli.train.runlog import METRICS_FILE, read_metrics
 
 CARD_FILE = "README.md"
 CONFIG_FILE = "model.json"

@@ -14,10 +14,10 @@ that a busy machine slows both alike; the report gives the median and the min–
 | ``caption_beam{1,5}_images_per_s`` | batched ``generate`` with the KV cache | :func:`naive_generate`: the same ``generate``, one image at a time, ``use_cache=False`` |
 | ``caption_onnx_images_per_s`` | greedy captions through onnxruntime on the CPU (``capcli export``) | PyTorch's batched ``generate``, same weights and images: ``caption_onnx_torch_images_per_s`` |
 | ``policy_pairs_per_s`` | on-policy pairs drawn and judged (align's ``draw_pairs``) | the judge alone on as many captions: ``policy_judge_share`` |
-| ``peer_*`` (only when named: ``--sections peers``) | capcli's caption path and pretrain step | transformers' VisionEncoderDecoder and open_clip's CoCa at the same sizes (:mod:`capcli.peers`) |
-| ``startup_caption_s`` (only when named: ``--sections startup``) | ``capcli caption`` of one image in a new process | ``python -c "import torch"`` (:mod:`capcli.startup`) |
+| ``peer_*`` (only when named: ``--sections peers``) | capcli's caption path and pretrain step | transformers' VisionEncoderDecoder and open_clip's CoCa at the same sizes (:mod:`capcli.bench.peers`) |
+| ``startup_caption_s`` (only when named: ``--sections startup``) | ``capcli caption`` of one image in a new process | ``python -c "import torch"`` (:mod:`capcli.bench.startup`) |
 
-``mfu`` is pretrain's model FLOPs per second (``capcli.flops``, counted from each step's
+``mfu`` is pretrain's model FLOPs per second (``capcli.bench.flops``, counted from each step's
 real batch shapes) over the peak of a large matmul in the same precision, timed in the same
 repeat. Weights are random unless ``checkpoint`` is given: speed does not depend on their
 values, except that a random decoder rarely ends a caption early, so every caption runs to
@@ -44,8 +44,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from capcli.caches import caption_features, frozen_features, pair_logps
-from capcli.checkpoint import resolve_checkpoint
+from capcli.bench.flops import align_step_flops, pretrain_step_flops
 from capcli.data.batches import (
     CaptionBatch,
     CaptionCollator,
@@ -55,19 +54,20 @@ from capcli.data.batches import (
 )
 from capcli.data.preferences import PAIRS_PER_IMAGE
 from capcli.data.sources import load_splits
-from capcli.engine import Objective, TrainData, fit
 from capcli.errors import ConfigError
-from capcli.flops import align_step_flops, pretrain_step_flops
-from capcli.generation import DecodeSettings, generate_captions
 from capcli.metrics.captions import caption_metrics
 from capcli.model import Captioner, build_model
+from capcli.model.generation import DecodeSettings, generate_captions
 from capcli.objectives import PretrainObjective, score_pairs
 from capcli.phases import concept_words_for, prepare_align
-from capcli.policy_pairs import draw_pairs
-from capcli.rewards import GroundingJudge
-from capcli.runtime import Runtime
-from capcli.sampler import in_order
+from capcli.phases.caches import caption_features, frozen_features, pair_logps
+from capcli.phases.policy import draw_pairs
+from capcli.phases.rewards import GroundingJudge
 from capcli.settings import Settings, override
+from capcli.train.checkpoint import resolve_checkpoint
+from capcli.train.engine import Objective, TrainData, fit
+from capcli.train.runtime import Runtime
+from capcli.train.sampler import in_order
 
 # --- measuring -----------------------------------------------------------------------------------------------------
 
@@ -460,7 +460,7 @@ def bench_onnx(report: Report, start: Path, work: Path, test, settings: Settings
         log(f"benchmark: onnx skipped ({err})")
         report.context["onnx"] = "not installed"
         return
-    from capcli.export import export_onnx
+    from capcli.inference.export import export_onnx
     from capcli.serving import OnnxCaptioner
 
     b = settings.benchmark
@@ -590,8 +590,8 @@ def bench_policy(report: Report, settings: Settings, runtime: Runtime, model: Ca
 # --- the whole benchmark -------------------------------------------------------------------------------------------
 
 SECTIONS = ("data", "pretrain", "align", "caption", "onnx", "policy", "metrics")
-# Run only when named: capcli beside the tools users would pick instead (capcli.peers); one image
-# in one `capcli caption` process against `import torch` (capcli.startup).
+# Run only when named: capcli beside the tools users would pick instead (capcli.bench.peers); one image
+# in one `capcli caption` process against `import torch` (capcli.bench.startup).
 OPT_IN_SECTIONS = ("peers", "startup")
 
 
@@ -677,12 +677,12 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             log(f"benchmark: metrics ({b.repeats} repeats after a warm-up)")
             bench_metrics(report, test["captions"][: b.metric_captions], b.repeats)
         if "peers" in sections:
-            from capcli.peers import bench_peers  # imports capcli.benchmark
+            from capcli.bench.peers import bench_peers  # imports capcli.bench.benchmark
 
             bench_peers(report, settings, runtime, model, test, work, b.repeats, peak, log)
         if "startup" in sections:
-            from capcli.peers import image_files
-            from capcli.startup import bench_startup
+            from capcli.bench.peers import image_files
+            from capcli.bench.startup import bench_startup
 
             image = image_files(test, 1, work / "startup-image")[0]
             bench_startup(report, start, image, str(device), b.repeats, log)

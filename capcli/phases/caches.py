@@ -23,8 +23,8 @@ from capcli import faults
 from capcli.data.batches import PreferenceCollator, PreferenceDataset, load_image_field
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.model import Captioner
-from capcli.runtime import Runtime
-from capcli.sampler import in_order
+from capcli.train.runtime import Runtime
+from capcli.train.sampler import in_order
 
 
 def image_identity(value: Any) -> str:

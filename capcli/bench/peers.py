@@ -1,6 +1,6 @@
 """The tools a user would pick instead of capcli, built at capcli's sizes and timed beside it.
 
-``capcli benchmark --sections peers`` (see :func:`capcli.benchmark.run_benchmark`) times, in
+``capcli benchmark --sections peers`` (see :func:`capcli.bench.benchmark.run_benchmark`) times, in
 one run and taking turns:
 
 - **captioning**, from image files to caption strings, at beams 1 and 5:
@@ -38,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from capcli.api import ImageCaptioner
 from capcli.data.batches import CaptionBatch
-from capcli.generation import _transformers_errors_only
 from capcli.model import Captioner
+from capcli.model.generation import _transformers_errors_only
 
 PEERS = ("ved", "coca")
 PEER_NAMES = {"ved": "transformers VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention)",
@@ -308,7 +308,7 @@ def coca_generate_available() -> Iterator[str]:
     coca_model._has_transformers = True
     try:
         yield ("open_clip's CoCa.generate; the installed transformers has no BeamSearchScorer (removed in 5.0), "
-               "so capcli.peers.BeamScorer stands in for it (transformers 4's rule)")
+               "so capcli.bench.peers.BeamScorer stands in for it (transformers 4's rule)")
     finally:
         coca_model._has_transformers = False
         coca_model.GENERATION_TYPES.clear()
@@ -331,7 +331,7 @@ class BeamScorer:
 
     def __init__(self, batch_size: int, num_beams: int, device: torch.device, num_beam_groups: int = 1):
         if num_beam_groups != 1:
-            raise ValueError("capcli.peers.BeamScorer runs plain beam search (num_beam_groups=1)")
+            raise ValueError("capcli.bench.peers.BeamScorer runs plain beam search (num_beam_groups=1)")
         self.num_beams, self.num_beam_groups, self.device = num_beams, 1, device
         self._beam_hyps = [[] for _ in range(batch_size)]  # per image: (score, token row), at most num_beams
         self._done = [False] * batch_size
@@ -478,7 +478,7 @@ def train_peer(peer: Peer, loss_of: Callable[..., torch.Tensor], batches: Sequen
 
 def step_flops(run: Callable[[], torch.Tensor]) -> int:
     """Model FLOPs of one training step's forward and backward, by ``torch.utils.flop_counter``
-    (matrix products, convolutions and attention: what ``capcli.flops`` counts for capcli)."""
+    (matrix products, convolutions and attention: what ``capcli.bench.flops`` counts for capcli)."""
     counter = FlopCounterMode(display=False)
     with counter:
         run().backward()
@@ -506,7 +506,7 @@ def bench_peers(report: Any, settings: Any, runtime: Any, model: Captioner, test
     ``peer_<peer>_caption_beam{1,5}_speedup`` and ``peer_<peer>_train_speedup`` are capcli's
     rate over the peer's, repeat by repeat.
     """
-    from capcli.benchmark import _interleaved
+    from capcli.bench.benchmark import _interleaved
 
     missing = missing_peers()
     versions = peer_versions()
@@ -575,11 +575,11 @@ def bench_peer_training(report: Any, settings: Any, runtime: Any, model: Caption
     AdamW, clipping and schedule; the preset's losses); each peer's side is its own step on the
     same batches, already collated and on the device (forward, loss, backward, clipping, AdamW).
     """
-    from capcli.benchmark import Counted, _interleaved, _pretrain_flops, timed_fit
+    from capcli.bench.benchmark import Counted, _interleaved, _pretrain_flops, timed_fit
     from capcli.data.batches import CaptionCollator, caption_dataset
     from capcli.data.sources import load_splits
-    from capcli.engine import TrainData
     from capcli.objectives import PretrainObjective
+    from capcli.train.engine import TrainData
 
     p, engine = settings.pretrain, settings.pretrain.engine
     per_step = engine.batch_size * engine.grad_accum

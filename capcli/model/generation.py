@@ -19,8 +19,8 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from capcli.losses import sequence_logps
 from capcli.model import Captioner
-from capcli.runtime import evaluating
 from capcli.settings import DecodeSettings  # the search controls, one settings group
+from capcli.train.runtime import evaluating
 
 
 @dataclass(frozen=True)
