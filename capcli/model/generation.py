@@ -9,6 +9,7 @@ as beam search ranks it (``score``); see :class:`ScoredCaption`.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,13 +51,17 @@ def _transformers_errors_only() -> Iterator[None]:
 
     Once a caption of a batch has ended, ``generate`` feeds it pad tokens and GPT-2 warns
     that "input_ids may be padded" on stderr; the tokens after end-of-text are discarded,
-    so the warning is noise in a command whose stderr is for the user.
+    so the warning is noise in a command whose stderr is for the user. So is the Python
+    warning that ``no_repeat_ngram_size`` with ``inputs_embeds`` applies only to the new
+    tokens: the prompt is the image prefix, which has no words to repeat.
     """
     logger = logging.getLogger("transformers")
     level = logger.level
     logger.setLevel(max(level, logging.ERROR))
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Passing `no_repeat_ngram_size` with `inputs_embeds`")
+            yield
     finally:
         logger.setLevel(level)
 
