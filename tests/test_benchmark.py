@@ -18,17 +18,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli.bench import benchmark
-from capcli.bench.benchmark import (
-    SECTIONS,
-    Counted,
-    Report,
-    _percentile,
-    matmul_peak,
-    peak_memory,
-    timed_fit,
-)
+from capcli.bench import measure
+from capcli.bench.benchmark import SECTIONS
 from capcli.bench.flops import pretrain_step_flops
+from capcli.bench.measure import Report, matmul_peak, peak_memory, percentile
+from capcli.bench.training import Counted, timed_fit
 from capcli.cli import app
 from capcli.phases import prepare_pretrain
 
@@ -172,7 +166,7 @@ def test_peak_memory_sees_a_large_allocation() -> None:
 def test_percentiles_match_numpy() -> None:
     values = sorted(np.random.default_rng(0).random(13).tolist())
     for q in (0.0, 0.5, 0.95, 1.0):
-        assert _percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
+        assert percentile(values, q) == pytest.approx(np.percentile(values, 100 * q))
 
 
 def test_matmul_peak_is_the_formula_flops_over_the_median_time(monkeypatch) -> None:
@@ -182,7 +176,7 @@ def test_matmul_peak_is_the_formula_flops_over_the_median_time(monkeypatch) -> N
     from torch.utils.flop_counter import FlopCounterMode
 
     ticks = iter([10.0, 10.5, 20.0, 20.25, 30.0, 31.0])  # (start, end) of each timed matmul
-    monkeypatch.setattr(benchmark, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     with FlopCounterMode(display=False) as counter:
         rate = matmul_peak(torch.device("cpu"), torch.float32, 128, repeats=3)
     assert counter.get_total_flops() == 4 * 2 * 128 * 128 * 128

@@ -23,7 +23,8 @@ import pytest
 import torch
 from conftest import SameCaptionEveryEpoch
 
-from capcli.bench.benchmark import Report, bench_caption, naive_generate
+from capcli.bench.decoding import bench_caption, naive_generate
+from capcli.bench.measure import Report
 from capcli.model import Captioner
 from capcli.model.generation import DecodeSettings, generate_captions
 from capcli.phases import prepare_pretrain

@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli.bench import peers
+from capcli.bench import peer_captions, peer_models, peers
 from capcli.bench.benchmark import SECTIONS
 from capcli.cli import app
 from capcli.data.sources import load_splits
@@ -90,7 +90,7 @@ def test_without_the_peers_packages_the_section_says_so_and_is_skipped(monkeypat
     def no_transformers_ved():
         raise ImportError("No module named 'transformers'")
 
-    monkeypatch.setattr(peers, "_import_ved", no_transformers_ved)
+    monkeypatch.setattr(peer_models, "_import_ved", no_transformers_ved)
     result = runner.invoke(app, ["benchmark", "--json", "--sections", "peers"], env=SMALL)
     assert result.exit_code == 0, result.output
     d = json.loads(result.stdout)
@@ -103,7 +103,7 @@ def test_without_the_peers_packages_the_section_says_so_and_is_skipped(monkeypat
 
 def test_one_missing_peer_leaves_the_other(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "open_clip.coca_model", None)
-    assert set(peers.missing_peers()) == {"coca"}
+    assert set(peer_models.missing_peers()) == {"coca"}
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -116,7 +116,7 @@ def _vit_layers(vit: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_the_vision_encoder_decoder_has_the_tiny_presets_sizes(tiny) -> None:
-    ved = peers.ved_for(tiny).model
+    ved = peer_models.ved_for(tiny).model
     arch, gpt = tiny.config.vision["arch"], tiny.decoder.config
     vit = ved.encoder.config
     assert (vit.image_size, vit.patch_size, vit.hidden_size, vit.num_hidden_layers, vit.num_attention_heads,
@@ -133,7 +133,7 @@ def test_the_vision_encoder_decoder_has_the_tiny_presets_sizes(tiny) -> None:
 
 
 def test_the_coca_has_the_tiny_presets_sizes(tiny) -> None:
-    coca = peers.coca_for(tiny).model
+    coca = peer_models.coca_for(tiny).model
     arch, gpt = tiny.config.vision["arch"], tiny.decoder.config
     visual = coca.visual
     assert (visual.image_size[0], visual.patch_size[0], len(visual.transformer.resblocks),
@@ -159,10 +159,10 @@ def test_every_side_writes_the_same_number_of_tokens(tiny, tmp_path) -> None:
     for i in range(3):
         files.append(tmp_path / f"{i}.png")
         Image.new("RGB", (80, 60), (40 * i, 100, 200)).save(files[-1])
-    built = peers.build_peers(tiny, peers.PEERS)
-    runs = [peers.caption_capcli(ImageCaptioner(tiny, Runtime(torch.device('cpu')), batch_size=2), files, 3, 4),
-            peers.caption_ved(built["ved"], files, 2, 3, 4, nullcontext),
-            peers.caption_coca(built["coca"], files, 2, 3, 4, nullcontext)]
+    built = peer_models.build_peers(tiny, peer_models.PEERS)
+    runs = [peer_captions.caption_capcli(ImageCaptioner(tiny, Runtime(torch.device('cpu')), batch_size=2), files, 3, 4),
+            peer_captions.caption_ved(built["ved"], files, 2, 3, 4, nullcontext),
+            peer_captions.caption_coca(built["coca"], files, 2, 3, 4, nullcontext)]
     assert [run.tokens for run in runs] == [4, 4, 4]
     assert all(len(run.captions) == 3 for run in runs)
 
@@ -176,7 +176,7 @@ def test_the_beam_scorer_keeps_finished_and_running_beams_by_hand() -> None:
     One finished of two: not done.
     """
     eos = 9
-    scorer = peers.BeamScorer(batch_size=1, num_beams=2, device=torch.device("cpu"))
+    scorer = peer_captions.BeamScorer(batch_size=1, num_beams=2, device=torch.device("cpu"))
     ids = torch.tensor([[1, 2], [1, 3]])
     out = scorer.process(ids, torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), torch.tensor([[eos, 5, 6, 7]]),
                          torch.tensor([[0, 1, 0, 1]]), pad_token_id=0, eos_token_id=torch.tensor([eos]))
@@ -192,9 +192,9 @@ def test_the_beam_scorer_keeps_finished_and_running_beams_by_hand() -> None:
 
 
 def test_coca_beam_search_of_one_beam_is_open_clips_greedy(tiny) -> None:
-    coca = peers.coca_for(tiny)
+    coca = peer_models.coca_for(tiny)
     pixels = torch.randn(2, 3, tiny.image_size, tiny.image_size)
-    with peers.coca_generate_available():
+    with peer_captions.coca_generate_available():
         greedy = coca.model.generate(pixels, seq_len=7, min_seq_len=6, generation_type="top_k", top_k=1, **coca.special)
         beam = coca.model.generate(pixels, seq_len=7, min_seq_len=6, generation_type="beam_search", num_beams=1,
                                    num_beam_groups=1, **coca.special)
@@ -214,13 +214,13 @@ def test_the_peers_have_the_full_size_clip_gpt2_shapes(tmp_path) -> None:
     GPT2LMHeadModel(GPT2Config()).save_pretrained(str(tmp_path))
     _gpt2_tokenizer_without_pad(["a red circle"] * 20).save_pretrained(str(tmp_path))
     model = build_model(ModelSettings(preset="clip-gpt2", vision_weights="none", decoder=str(tmp_path)))
-    ved = peers.ved_for(model).model
+    ved = peer_models.ved_for(model).model
     assert (ved.encoder.config.hidden_size, ved.encoder.config.num_hidden_layers, ved.encoder.config.patch_size,
             ved.encoder.config.image_size) == (768, 12, 32, 224)
     assert _params(_vit_layers(ved.encoder)) == _params(model.vision.transformer.resblocks)
     cross = sum(_params(block.crossattention) + _params(block.ln_cross_attn) for block in ved.decoder.transformer.h)
     assert _params(ved.decoder) - cross == _params(model.decoder)
-    coca = peers.coca_for(model).model
+    coca = peer_models.coca_for(model).model
     assert _params(coca.visual.transformer.resblocks) == _params(model.vision.transformer.resblocks)
     assert coca.text_decoder.width == 512 and len(coca.text_decoder.resblocks) == 12
     assert coca.text_decoder.text_projection.shape[1] == 49408

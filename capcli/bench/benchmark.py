@@ -10,8 +10,8 @@ that a busy machine slows both alike; the report gives the median and the min–
 |---|---|---|
 | ``data_samples_per_s`` | the pixel cache, warm | decoding and resizing every image |
 | ``pretrain_samples_per_s`` | the engine as configured: fused AdamW, pixel cache, ``--compile`` if asked | the same engine as a plain eager step: no fused optimizer, no cache, no compile |
-| ``align_samples_per_s`` | align's frozen-feature and reference caches | the tower and a reference model run every step (:class:`LiveReference`) |
-| ``caption_beam{1,5}_images_per_s`` | batched ``generate`` with the KV cache | :func:`naive_generate`: the same ``generate``, one image at a time, ``use_cache=False`` |
+| ``align_samples_per_s`` | align's frozen-feature and reference caches | the tower and a reference model run every step (:class:`~capcli.bench.training.LiveReference`) |
+| ``caption_beam{1,5}_images_per_s`` | batched ``generate`` with the KV cache | :func:`~capcli.bench.decoding.naive_generate`: the same ``generate``, one image at a time, ``use_cache=False`` |
 | ``caption_onnx_images_per_s`` | greedy captions through onnxruntime on the CPU (``capcli export``) | PyTorch's batched ``generate``, same weights and images: ``caption_onnx_torch_images_per_s`` |
 | ``policy_pairs_per_s`` | on-policy pairs drawn and judged (align's ``draw_pairs``) | the judge alone on as many captions: ``policy_judge_share`` |
 | ``peer_*`` (only when named: ``--sections peers``) | capcli's caption path and pretrain step | transformers' VisionEncoderDecoder and open_clip's CoCa at the same sizes (:mod:`capcli.bench.peers`) |
@@ -22,21 +22,20 @@ real batch shapes) over the peak of a large matmul in the same precision, timed 
 repeat. Weights are random unless ``checkpoint`` is given: speed does not depend on their
 values, except that a random decoder rarely ends a caption early, so every caption runs to
 ``max_length``.
+
+This module runs the sections and holds the data, metrics and on-policy ones; the others are
+:mod:`capcli.bench.training` (pretrain, align), :mod:`capcli.bench.decoding` (caption, onnx),
+:mod:`capcli.bench.peers` and :mod:`capcli.bench.startup`, all measured with
+:mod:`capcli.bench.measure`.
 """
 
 from __future__ import annotations
 
-import copy
-import gc
 import math
 import platform
-import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,341 +43,32 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from capcli.bench.flops import align_step_flops, pretrain_step_flops
-from capcli.data.batches import (
-    CaptionBatch,
-    CaptionCollator,
-    PreferenceBatch,
-    PreferenceDataset,
-    caption_dataset,
+from capcli.bench.decoding import bench_caption, bench_onnx
+from capcli.bench.measure import (
+    Report,
+    interleaved,
+    matmul_peak,
+    seconds_of,
+    synchronize,
 )
+from capcli.bench.peers import bench_peers, image_files
+from capcli.bench.startup import bench_startup
+from capcli.bench.training import bench_align, bench_pretrain
+from capcli.data.batches import CaptionCollator, caption_dataset
 from capcli.data.preferences import PAIRS_PER_IMAGE
 from capcli.data.sources import load_splits
 from capcli.errors import ConfigError
 from capcli.metrics.captions import caption_metrics
 from capcli.model import Captioner, build_model
-from capcli.model.generation import DecodeSettings, generate_captions
-from capcli.objectives import PretrainObjective, score_pairs
-from capcli.phases import concept_words_for, prepare_align
-from capcli.phases.caches import caption_features, frozen_features, pair_logps
+from capcli.model.generation import DecodeSettings
+from capcli.phases import concept_words_for
+from capcli.phases.caches import caption_features
 from capcli.phases.policy import draw_pairs
 from capcli.phases.rewards import GroundingJudge
 from capcli.settings import Settings, override
 from capcli.train.checkpoint import resolve_checkpoint
-from capcli.train.engine import Objective, TrainData, fit
 from capcli.train.runtime import Runtime
 from capcli.train.sampler import in_order
-
-# --- measuring -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Report:
-    """Medians by figure, with the min and max of the repeats behind each."""
-
-    figures: dict[str, float] = field(default_factory=dict)
-    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
-    context: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, key: str, values: list[float]) -> None:
-        self.figures[key] = statistics.median(values)
-        self.ranges[key] = (min(values), max(values))
-
-    def as_dict(self) -> dict[str, Any]:
-        """Figures at the top level (``mfu``, ``caption_beam5_speedup``...), then ``range`` and ``context``."""
-        return {**self.figures, "range": {k: list(v) for k, v in self.ranges.items()}, "context": self.context}
-
-
-def _interleaved(runs: list[Callable[[], Any]], repeats: int) -> list[list[Any]]:
-    """Each run's results over ``repeats`` turns after one warm-up turn, the runs taking turns."""
-    for run in runs:
-        run()
-    results: list[list[Any]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for run, out in zip(runs, results, strict=True):
-            out.append(run())
-    return results
-
-
-def _seconds(run: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """The peak memory inside the block, in MiB, under ``out["mb"]``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the process's peak resident
-    set (``VmHWM``), reset on entry through ``/proc/self/clear_refs`` where Linux allows it;
-    elsewhere the peak since the process started (``ru_maxrss``), which can only be higher.
-    """
-    out: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        yield out
-        torch.cuda.synchronize(device)
-        out["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        return
-    resettable = _reset_peak_rss()
-    yield out
-    out["mb"] = _peak_rss_kb(resettable) / 1024
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_kb(from_proc: bool) -> float:
-    if from_proc:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return float(line.split()[1])
-    import resource  # Unix only
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
-
-
-def _alone(run: Callable[[], Any], device: torch.device, dropped: list) -> dict[str, float]:
-    """Peak memory of one more ``run`` on its own, after the other runs (baselines holding their
-    own models) are dropped: the memory a run of the fast side needs, not the benchmark's."""
-    dropped.clear()
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    with peak_memory(device) as memory:
-        run()
-    return memory
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
-    """FLOP/s of a ``size``² matmul in ``dtype`` on ``device``: the median of ``repeats`` timings."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times)
-
-
-# --- training: what each optimizer step did ------------------------------------------------------------------------
-
-
-@dataclass
-class Counted:
-    """An objective that also records each training micro-batch's model FLOPs and decoder tokens.
-
-    Validation calls (the model in eval mode) are not recorded. The math is the wrapped
-    objective's.
-    """
-
-    objective: Objective
-    flops_of: Callable[[Any], int]
-    tokens_of: Callable[[Any], int]
-    flops: list[int] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-
-    @property
-    def monitor(self) -> str:
-        return self.objective.monitor
-
-    def __call__(self, model: Captioner, batch: Any, progress: float) -> dict[str, torch.Tensor]:
-        if model.training:
-            self.flops.append(self.flops_of(batch))
-            self.tokens.append(self.tokens_of(batch))
-        return self.objective(model, batch, progress)
-
-
-@dataclass
-class Steps:
-    """Steps 2 to N of one ``engine.fit`` run: the first warms up and is left out."""
-
-    seconds: float
-    samples: int
-    flops: int
-    tokens: int
-
-    def per_s(self, what: str) -> float:
-        return getattr(self, what) / self.seconds
-
-
-def timed_fit(model: Captioner, objective: Counted, data: TrainData, settings: Settings, runtime: Runtime,
-              phase: str, output: Path) -> Steps:
-    """Run ``engine.fit`` for ``{phase}.engine.max_steps`` steps and time steps 2 to the last.
-
-    The engine's setup and its final checkpoint fall outside the timed window. ``runtime`` is the
-    benchmark's, with ``settings.runtime`` (compile, say) as this run's knobs.
-    """
-    group = getattr(settings, phase)
-    stamps: list[tuple[float, int]] = []
-    device = runtime.device
-
-    def on_step(step: int, losses: dict[str, float]) -> None:
-        _synchronize(device)
-        stamps.append((time.perf_counter(), len(objective.flops)))
-
-    objective.flops.clear()
-    objective.tokens.clear()
-    fit(model, objective, data, group.engine.model_copy(update={"output": output}), group.optimizer,
-        replace(runtime, settings=settings.runtime), title=f"benchmark {phase}", on_step=on_step)
-    (start, first), (end, last) = stamps[0], stamps[-1]
-    steps = len(stamps) - 1
-    per_step = group.engine.batch_size * group.engine.grad_accum
-    return Steps(end - start, steps * per_step, sum(objective.flops[first:last]), sum(objective.tokens[first:last]))
-
-
-def _caption_tokens(batch: CaptionBatch) -> int:
-    return int(batch.caption_mask.sum())
-
-
-def _pair_tokens(batch: PreferenceBatch) -> int:
-    return int(batch.chosen_mask.sum() + batch.rejected_mask.sum())
-
-
-def _pretrain_flops(model: Captioner, batch: CaptionBatch) -> int:
-    return pretrain_step_flops(model, len(batch), batch.caption_ids.shape[1], frozen_vision=model.vision_frozen,
-                               concepts=batch.concepts is not None)
-
-
-def _align_flops(model: Captioner, batch: PreferenceBatch) -> int:
-    if batch.features is None:
-        raise ConfigError("the align FLOP formula covers cached image features only")
-    width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
-    return align_step_flops(model, len(batch), width, batch.chosen_ids.shape[1])
-
-
-def _eager(settings: Settings, phase: str) -> Settings:
-    """The plain eager baseline of a phase: no fused optimizer, no pixel cache, no compile."""
-    return override(settings, {f"{phase}.optimizer.fused": False, "data.pixel_cache": False,
-                               "runtime.compile": False})
-
-
-def bench_pretrain(report: Report, settings: Settings, runtime: Runtime, model: Captioner, work: Path,
-                   repeats: int, peak: Callable[[], float]) -> None:
-    """Pretrain steps as configured against the plain eager step, and MFU against the measured peak."""
-    split = load_splits(settings.data)["train"]
-    p = settings.pretrain
-    objective = PretrainObjective(p.contrastive_weight, p.caption_weight, concept_weight=p.concept_weight,
-                                  token_dropout=p.token_dropout)
-    words = tuple(model.config.concept_words) if p.concept_weight else ()
-    runs = []
-    for name, s in (("fast", settings), ("eager", _eager(settings, "pretrain"))):
-        data = TrainData(train=caption_dataset(split, model.image_size, s.data), val=None,
-                         collate=CaptionCollator(model.tokenizer, s.data.max_caption_tokens, words),
-                         num_workers=s.data.num_workers)
-        counted = Counted(objective, partial(_pretrain_flops, model), _caption_tokens)
-        runs.append(partial(timed_fit, copy.deepcopy(model), counted, data, s, runtime, "pretrain",
-                            work / f"pretrain-{name}"))
-    peaks, fast, eager = _interleaved([peak, *runs], repeats)
-    memory = _alone(runs[0], runtime.device, dropped=runs)
-    report.add("pretrain_samples_per_s", [r.per_s("samples") for r in fast])
-    report.add("pretrain_tokens_per_s", [r.per_s("tokens") for r in fast])
-    report.add("pretrain_eager_samples_per_s", [r.per_s("samples") for r in eager])
-    report.add("pretrain_speedup",
-               [e.seconds / e.samples / (f.seconds / f.samples) for f, e in zip(fast, eager, strict=True)])
-    report.add("peak_flops", peaks)
-    report.add("pretrain_model_flops_per_s", [r.per_s("flops") for r in fast])
-    report.add("mfu", [r.per_s("flops") / p for r, p in zip(fast, peaks, strict=True)])
-    report.add("pretrain_peak_memory_mb", [memory["mb"]])
-
-
-# --- align ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LiveReference:
-    """Align's objective without its caches: reference log-probs computed every step.
-
-    The frozen reference model (the starting checkpoint, kept in memory) scores the batch's
-    pairs with ``score_pairs``, as the cache does, running its own tower on the pixels; the
-    wrapped objective then runs on the batch with those log-probs and reads the pixels
-    through the policy's frozen tower. The math is a cached step's.
-    """
-
-    objective: Objective
-    reference: Captioner
-    length_normalize: bool = False
-
-    @property
-    def monitor(self) -> str:
-        return self.objective.monitor
-
-    def __call__(self, model: Captioner, batch: PreferenceBatch, progress: float) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            chosen, rejected = score_pairs(self.reference, batch, self.length_normalize)
-        return self.objective(model, replace(batch, reference=torch.stack([chosen, rejected], dim=1)), progress)
-
-
-def bench_align(report: Report, settings: Settings, runtime: Runtime, start: Path, work: Path, repeats: int,
-                peak: Callable[[], float]) -> None:
-    """Align steps with the frozen-feature and reference caches against the same steps computing both live.
-
-    - cached: the pairs as ``prepare_align`` builds them (features and reference log-probs
-      computed once, before training; ``cache_build_s`` is that one-time cost).
-    - live: the same pairs read from their image files, the policy's frozen tower run on them
-      every step, and a frozen copy of the starting checkpoint kept in memory to score them.
-    """
-    if not settings.align.freeze_vision or settings.align.reference != "checkpoint":
-        raise ConfigError("benchmarking align needs align.freeze_vision and align.reference = checkpoint: "
-                          "otherwise align caches nothing")
-    settings = override(settings, {"align.checkpoint": start, "align.engine.output": work / "align-prepare",
-                                   "align.engine.resume": False})
-    phase = prepare_align(settings, overwrite=True, runtime=runtime)
-    engine, model, cached = settings.align.engine, phase.model, phase.data.train
-    per_step = engine.batch_size * engine.grad_accum
-    if len(cached) < engine.max_steps * per_step:
-        raise ConfigError(f"{len(cached)} training pairs cannot fill {engine.max_steps} steps of {per_step}")
-    device = runtime.device
-    reference = Captioner.from_pretrained(phase.start, device).eval().requires_grad_(False)
-    live_data = PreferenceDataset(cached.pairs, model.image_size, settings.data.max_pixels)
-    fast = Counted(phase.objective, partial(_align_flops, model), _pair_tokens)
-    live = Counted(LiveReference(phase.objective, reference, settings.align.length_normalize),
-                   lambda batch: 0, _pair_tokens)
-    runs = [
-        partial(_seconds, partial(_build_align_caches, model, cached.pairs, phase.data.collate, settings, runtime)),
-        partial(timed_fit, model, fast, replace(phase.data, val=None), settings, runtime, "align",
-                work / "align-cached"),
-        partial(timed_fit, model, live, replace(phase.data, train=live_data, val=None), settings, runtime, "align",
-                work / "align-live"),
-        peak,
-    ]
-    build, fast_runs, live_runs, peaks = _interleaved(runs, repeats)
-    del reference, live
-    memory = _alone(runs[1], device, dropped=runs)
-    report.add("align_samples_per_s", [r.per_s("samples") for r in fast_runs])
-    report.add("align_tokens_per_s", [r.per_s("tokens") for r in fast_runs])
-    report.add("align_live_samples_per_s", [r.per_s("samples") for r in live_runs])
-    report.add("align_cache_speedup", [lv.seconds / f.seconds for f, lv in zip(fast_runs, live_runs, strict=True)])
-    report.add("align_mfu", [r.per_s("flops") / p for r, p in zip(fast_runs, peaks, strict=True)])
-    report.add("align_cache_build_s", build)
-    report.add("align_peak_memory_mb", [memory["mb"]])
-
-
-def _build_align_caches(model: Captioner, pairs, collate, settings: Settings, runtime: Runtime) -> None:
-    """Both align caches over ``pairs``, as ``prepare_align`` builds them (the result is dropped)."""
-    batch, max_pixels = settings.align.engine.batch_size, settings.data.max_pixels
-    pairs, features, index = frozen_features(model, pairs, max_pixels, runtime, batch)
-    data = PreferenceDataset(pairs, model.image_size, max_pixels, features, index)
-    score = partial(score_pairs, length_normalize=settings.align.length_normalize)
-    pair_logps(model, data, collate, score, runtime, batch)
-
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
@@ -391,139 +81,16 @@ def bench_data(report: Report, settings: Settings, model: Captioner, repeats: in
     def read(dataset) -> float:
         loader = DataLoader(dataset, batch_sampler=in_order(len(dataset), settings.pretrain.engine.batch_size),
                             collate_fn=collate, num_workers=settings.data.num_workers)
-        return _seconds(lambda: [None for _ in loader])
+        return seconds_of(lambda: [None for _ in loader])
 
     cached = caption_dataset(split, model.image_size, settings.data)
     if cached.cache is None:
         raise ConfigError("data.pixel_cache is off, or the split is over data.pixel_cache_max_gb: nothing to compare")
     plain = caption_dataset(split, model.image_size, settings.data.model_copy(update={"pixel_cache": False}))
-    fast, slow = _interleaved([partial(read, cached), partial(read, plain)], repeats)  # the warm-up fills the cache
+    fast, slow = interleaved([partial(read, cached), partial(read, plain)], repeats)  # the warm-up fills the cache
     report.add("data_samples_per_s", [len(split) / t for t in fast])
     report.add("data_uncached_samples_per_s", [len(split) / t for t in slow])
     report.add("data_cache_speedup", [t_slow / t_fast for t_fast, t_slow in zip(fast, slow, strict=True)])
-
-
-# --- captions ------------------------------------------------------------------------------------------------------
-
-
-def bench_caption(report: Report, model: Captioner, pixels: torch.Tensor, batch: int, beams: int,
-                  repeats: int) -> list[str]:
-    """Batched KV-cache decoding of ``pixels`` against :func:`naive_generate` on the first batch.
-
-    Returns the fast path's captions of every image (from its last repeat).
-    """
-    # Unguided on both sides, as the figures have always been taken; the two sides do equal work.
-    decode = DecodeSettings(beams=beams, concept_guidance=0.0)
-    batches = list(pixels.split(batch))
-    device = model.pixel_mean.device
-    captions: list[str] = []
-
-    def fast() -> list[float]:
-        times = []
-        captions.clear()
-        for chunk in batches:
-            start = time.perf_counter()
-            captions.extend(generate_captions(model, chunk, decode))
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-        return times
-
-    naive = partial(_seconds, partial(naive_generate, model, batches[0], decode))
-    fast_runs, naive_runs = _interleaved([fast, naive], repeats)
-    with peak_memory(device) as memory:  # the fast path alone
-        fast()
-    naive_captions = naive_generate(model, batches[0], decode)
-    agreement = statistics.fmean(a == b for a, b in zip(captions[: len(naive_captions)], naive_captions, strict=True))
-    key = f"caption_beam{beams}"
-    fast_rate = [len(pixels) / sum(times) for times in fast_runs]
-    naive_rate = [len(batches[0]) / t for t in naive_runs]
-    latencies = sorted(t for times in fast_runs for t in times)
-    report.add(f"{key}_images_per_s", fast_rate)
-    report.add(f"{key}_naive_images_per_s", naive_rate)
-    report.add(f"{key}_speedup", [f / n for f, n in zip(fast_rate, naive_rate, strict=True)])
-    report.add(f"{key}_p50_ms", [1000 * _percentile(latencies, 0.50)])
-    report.add(f"{key}_p95_ms", [1000 * _percentile(latencies, 0.95)])
-    report.add(f"{key}_agreement", [agreement])
-    report.add(f"{key}_peak_memory_mb", [memory["mb"]])
-    return list(captions)
-
-
-def bench_onnx(report: Report, start: Path, work: Path, test, settings: Settings, runtime: Runtime,
-               log: Callable[[str], None]) -> None:
-    """Greedy captions through onnxruntime on the CPU (``capcli export``, ``serving.OnnxCaptioner``) against
-    PyTorch's batched ``generate`` on the runtime's device: the same weights, images, batches and search."""
-    from capcli.serving import require_onnx
-
-    try:
-        require_onnx()
-    except ConfigError as err:
-        log(f"benchmark: onnx skipped ({err})")
-        report.context["onnx"] = "not installed"
-        return
-    from capcli.inference.export import export_onnx
-    from capcli.serving import OnnxCaptioner
-
-    b = settings.benchmark
-    log(f"benchmark: onnxruntime against PyTorch, greedy ({b.repeats} repeats after a warm-up)")
-    device = runtime.device
-    decode = DecodeSettings(beams=1)
-    export_onnx(start, work / "onnx", decode.max_length, decode.min_length, decode.concept_guidance)
-    session = OnnxCaptioner(work / "onnx", threads=torch.get_num_threads())
-    model = Captioner.from_pretrained(start, device).eval()
-    scenes = caption_dataset(test, model.image_size, settings.data)
-    pixels = torch.stack([scenes[(i, 0)].pixels for i in range(min(b.images, len(scenes)))])
-    batches = list(pixels.split(b.caption_batch))
-    captions: dict[str, list[str]] = {"onnx": [], "torch": []}
-
-    def run(side: str) -> float:
-        captions[side].clear()
-        start_time = time.perf_counter()
-        for chunk in batches:
-            if side == "onnx":
-                captions[side].extend(session.caption_pixels(chunk.numpy()))
-            else:
-                captions[side].extend(generate_captions(model, chunk, decode))
-                _synchronize(device)
-        return time.perf_counter() - start_time
-
-    onnx_times, torch_times = _interleaved([partial(run, "onnx"), partial(run, "torch")], b.repeats)
-    onnx_rate = [len(pixels) / t for t in onnx_times]
-    torch_rate = [len(pixels) / t for t in torch_times]
-    report.add("caption_onnx_images_per_s", onnx_rate)
-    report.add("caption_onnx_torch_images_per_s", torch_rate)
-    report.add("caption_onnx_speedup", [o / t for o, t in zip(onnx_rate, torch_rate, strict=True)])
-    report.add("caption_onnx_agreement", [statistics.fmean(a == b for a, b in zip(captions["onnx"], captions["torch"],
-                                                                                  strict=True))])
-    report.context["onnx"] = f"onnxruntime on the CPU, {torch.get_num_threads()} threads; PyTorch on {device}"
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """The ``q`` quantile by linear interpolation between the closest ranks (numpy's default)."""
-    position = q * (len(sorted_values) - 1)
-    low = math.floor(position)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
-
-
-# --- the naive decoder: decoding's baseline ------------------------------------------------------------------------
-
-
-def naive_generate(model: Captioner, pixels: torch.Tensor, decode: DecodeSettings) -> list[str]:
-    """Caption images one at a time with no KV cache: the baseline of :func:`bench_caption`.
-
-    The package's own decoder, transformers' ``generate``, with ``use_cache=False``: each step
-    runs the decoder over the whole [prefix; tokens so far] of every live beam. The search is
-    the fast path's, so the captions are ``generate_captions``'s and the speedup compares equal work.
-
-    Args:
-        model: a Captioner (its device is used).
-        pixels: (B, 3, H, W) uint8 images at the model's resolution.
-        decode: search settings.
-
-    Returns:
-        One caption per image, without special tokens.
-    """
-    return [caption for image in pixels for caption in generate_captions(model, image[None], decode, use_cache=False)]
 
 
 # --- metrics -------------------------------------------------------------------------------------------------------
@@ -539,7 +106,7 @@ def bench_metrics(report: Report, references: list[list[str]], repeats: int) -> 
     predictions = {i: references[(i + 1) % len(references)][0] for i in keys}
     refs = {i: references[i] for i in keys}
     scores: list[Any] = []
-    (times,) = _interleaved([partial(_seconds, lambda: scores.append(caption_metrics(predictions, refs)))], repeats)
+    (times,) = interleaved([partial(seconds_of, lambda: scores.append(caption_metrics(predictions, refs)))], repeats)
     report.add("metrics_s", times)
     report.add("metrics_captions_per_s", [len(references) / t for t in times])
     report.context["metrics_captions"] = len(references)
@@ -568,7 +135,7 @@ def bench_policy(report: Report, settings: Settings, runtime: Runtime, model: Ca
         start = time.perf_counter()
         pairs, found = draw_pairs(model, split, features, judge, decode, draw,
                                   settings.runtime.seed, settings.benchmark.caption_batch)
-        _synchronize(device)
+        synchronize(device)
         drawn.append(found)
         return time.perf_counter() - start
 
@@ -576,9 +143,9 @@ def bench_policy(report: Report, settings: Settings, runtime: Runtime, model: Ca
     rows = list(range(len(split)))
 
     def judged() -> float:
-        return _seconds(lambda: (judge.score(rows, texts), judge.references(rows)))
+        return seconds_of(lambda: (judge.score(rows, texts), judge.references(rows)))
 
-    draws, judges = _interleaved([run, judged], repeats)
+    draws, judges = interleaved([run, judged], repeats)
     found = drawn[-1]
     report.add("policy_pairs_per_s", [found.pairs / t for t in draws])
     report.add("policy_captions_per_s", [found.captions / t for t in draws])
@@ -677,13 +244,8 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             log(f"benchmark: metrics ({b.repeats} repeats after a warm-up)")
             bench_metrics(report, test["captions"][: b.metric_captions], b.repeats)
         if "peers" in sections:
-            from capcli.bench.peers import bench_peers  # imports capcli.bench.benchmark
-
             bench_peers(report, settings, runtime, model, test, work, b.repeats, peak, log)
         if "startup" in sections:
-            from capcli.bench.peers import image_files
-            from capcli.bench.startup import bench_startup
-
             image = image_files(test, 1, work / "startup-image")[0]
             bench_startup(report, start, image, str(device), b.repeats, log)
     return report

@@ -13,22 +13,20 @@ one run and taking turns:
   (contrastive + caption loss, open_clip's ``CoCaLoss``) and a VisionEncoderDecoder step
   (its own caption loss), each with AdamW and gradient clipping, on the same batch.
 
-Each peer is sized from the capcli model measured (:func:`ved_for`, :func:`coca_for`): the
+Each peer is sized from the capcli model measured (:mod:`capcli.bench.peer_models`): the
 same image size, widths, depths, heads and vocabulary; weights are random, as capcli's are
 unless ``--checkpoint`` is given. Every side writes exactly :data:`CAPTION_TOKENS` tokens a
-caption (end-of-text barred before them), so each does the same number of decoding steps
-whatever its weights. The peers are optional (the ``peers`` extra); :func:`missing_peers` says which
-cannot be built here, and the benchmark skips those.
+caption (end-of-text barred before them, :mod:`capcli.bench.peer_captions`), so each does the
+same number of decoding steps whatever its weights. The peers are optional (the ``peers``
+extra); the benchmark skips those that cannot be built here.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,369 +35,30 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from capcli.api import ImageCaptioner
-from capcli.data.batches import CaptionBatch
+from capcli.bench.measure import interleaved, synchronize
+from capcli.bench.peer_captions import (
+    CaptionRun,
+    caption_capcli,
+    caption_coca,
+    caption_ved,
+    coca_generate_available,
+)
+from capcli.bench.peer_models import (
+    PEER_NAMES,
+    PEER_PACKAGES,
+    PEERS,
+    Peer,
+    build_peers,
+    missing_peers,
+    peer_versions,
+)
+from capcli.bench.training import Counted, pretrain_flops, timed_fit
+from capcli.data.batches import CaptionBatch, CaptionCollator, caption_dataset
+from capcli.data.sources import load_splits
 from capcli.model import Captioner
 from capcli.model.generation import _transformers_errors_only
-
-PEERS = ("ved", "coca")
-PEER_NAMES = {"ved": "transformers VisionEncoderDecoderModel (ViT + GPT-2 with cross-attention)",
-              "coca": "open_clip CoCa"}
-PEER_PACKAGES = {"ved": ("transformers",), "coca": ("open_clip", "transformers")}
-
-
-def missing_peers() -> dict[str, str]:
-    """The peers that cannot be built here, each with the reason (an import that failed)."""
-    missing = {}
-    for peer, check in (("ved", _import_ved), ("coca", _import_coca)):
-        try:
-            check()
-        except ImportError as err:
-            missing[peer] = f"{type(err).__name__}: {err}"
-    return missing
-
-
-def peer_versions() -> dict[str, str]:
-    """The installed version of each package a peer uses."""
-    versions = {}
-    for name in ("transformers", "open_clip"):
-        try:
-            versions[name] = importlib.import_module(name).__version__
-        except ImportError:
-            versions[name] = "not installed"
-    return versions
-
-
-def _import_ved() -> Any:
-    from transformers import (
-        GPT2Config,
-        GPT2LMHeadModel,
-        VisionEncoderDecoderModel,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
-
-    return GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel, VisionEncoderDecoderModel
-
-
-def _import_coca() -> Any:
-    import open_clip
-    from open_clip.coca_model import CoCa
-
-    return open_clip, CoCa
-
-
-# --- the peers, at capcli's sizes ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Peer:
-    """A peer model and what it reads images with."""
-
-    name: str
-    model: torch.nn.Module
-    preprocess: Callable[[list], torch.Tensor]
-    """PIL images → (B, 3, S, S) float pixels, as the peer's users prepare them."""
-    decode: Callable[[torch.Tensor], list[str]]
-    """(B, T) generated ids → captions."""
-    special: dict[str, int] = field(default_factory=dict)
-    """Token ids ``generate`` must be told (CoCa's start and end of text in a vocabulary not open_clip's)."""
-
-    @property
-    def parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
-
-def ved_for(model: Captioner) -> Peer:
-    """A ``VisionEncoderDecoderModel`` sized as ``model``: a ViT encoder of its tower's image size,
-    patch, width, depth, heads and MLP ratio (a patch embedding where the tiny tower has a
-    convolutional stem), and a GPT-2 decoder of its decoder's config with cross-attention added,
-    on its vocabulary. The image processor resizes and normalises with the tower's mean and std."""
-    GPT2Config, GPT2LMHeadModel, ViTConfig, ViTImageProcessor, ViTModel, VisionEncoderDecoderModel = _import_ved()
-    arch = model.config.vision["arch"]
-    encoder = ViTConfig(image_size=arch["image_size"], patch_size=arch["patch_size"], hidden_size=arch["width"],
-                        num_hidden_layers=arch["layers"], num_attention_heads=arch["heads"],
-                        intermediate_size=int(arch["width"] * arch["mlp_ratio"]), hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
-    # GPT-2's own activation (capcli's decoder runs the fused twin, one of capcli's own levers)
-    decoder = GPT2Config.from_dict({**model.decoder.config.to_dict(), "add_cross_attention": True,
-                                    "is_decoder": True, "activation_function": "gelu_new"}, attn_implementation="sdpa")
-    tokenizer = model.tokenizer
-    ved = VisionEncoderDecoderModel(encoder=ViTModel(encoder, add_pooling_layer=False),
-                                    decoder=GPT2LMHeadModel(decoder))
-    ved.config.decoder_start_token_id = tokenizer.bos_token_id
-    ved.config.pad_token_id = tokenizer.pad_token_id
-    ved.config.eos_token_id = tokenizer.eos_token_id
-    ved.generation_config.decoder_start_token_id = tokenizer.bos_token_id
-    ved.generation_config.pad_token_id = tokenizer.pad_token_id
-    ved.generation_config.eos_token_id = tokenizer.eos_token_id
-    size = arch["image_size"]
-    processor = ViTImageProcessor(size={"height": size, "width": size}, image_mean=list(model.config.vision["mean"]),
-                                  image_std=list(model.config.vision["std"]))
-    return Peer("ved", ved, lambda images: processor(images=images, return_tensors="pt")["pixel_values"],
-                lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True))
-
-
-def coca_for(model: Captioner) -> Peer:
-    """An open_clip ``CoCa`` sized as ``model``.
-
-    - the ``clip-gpt2`` preset: ``coca_ViT-B-32`` as open_clip ships it (its ViT-B/32 tower,
-      a 12-layer text tower and a 12-layer multimodal decoder of width 512, 256 attention-pool
-      queries, open_clip's vocabulary of 49408);
-    - otherwise (tiny): the same architecture scaled to the capcli model: the tower's image
-      size, patch, width, depth and heads; text and multimodal towers each of the decoder's
-      width, depth and heads (``coca_ViT-B-32``'s two towers each have GPT-2 small's depth);
-      as many attention-pool queries as capcli's decoder reads image positions; capcli's
-      vocabulary and pad token. Its embedding width is the decoder's (open_clip passes the
-      pooled image tokens, of that width, to the multimodal decoder), not capcli's 512.
-    """
-    open_clip, CoCa = _import_coca()
-    arch, vision = model.config.vision["arch"], model.config.vision
-    tokenizer = model.tokenizer
-    if model.config.preset == "clip-gpt2":
-        config = open_clip.get_model_config("coca_ViT-B-32")
-        coca = CoCa(**{k: v for k, v in config.items() if k != "custom_text"})  # a flag for create_model
-        decode, special = (lambda ids: [open_clip.decode(row) for row in ids.cpu()]), {}
-    else:
-        gpt = model.decoder.config
-        width, heads, layers = gpt.n_embd, gpt.n_head, gpt.n_layer
-        context = gpt.n_positions - model.config.prefix_length
-        text = {"context_length": context, "vocab_size": gpt.vocab_size, "width": width, "heads": heads,
-                "layers": layers, "embed_cls": True, "output_tokens": True, "pad_id": model.pad_id}
-        coca = CoCa(
-            embed_dim=width,  # open_clip feeds the pooled image tokens, of this width, to the multimodal decoder
-            vision_cfg={"image_size": arch["image_size"], "patch_size": arch["patch_size"], "width": arch["width"],
-                        "layers": arch["layers"], "head_width": arch["width"] // arch["heads"],
-                        "mlp_ratio": arch["mlp_ratio"], "attentional_pool": True, "attn_pooler_heads": arch["heads"],
-                        "attn_pooler_queries": model.config.prefix_length, "output_tokens": True},
-            text_cfg=text, multimodal_cfg={**text, "attn_pooler_heads": heads},
-            pad_id=model.pad_id,
-        )
-        decode = lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True)
-        # open_clip's tokenizer starts a text with a token of its own; capcli's tiny BPE starts with
-        # end-of-text (GPT-2's way), which CoCa's greedy loop would read as a finished caption.
-        sot = gpt.vocab_size - 1
-        if sot in (tokenizer.eos_token_id, tokenizer.pad_token_id):
-            raise ValueError(f"the vocabulary's last id {sot} is a special token: no row left for CoCa's start token")
-        special = {"sot_token_id": sot, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    # open_clip leaves the multimodal decoder's text projection as torch.empty (pretrained weights
-    # overwrite it; random memory can hold 1e37 or NaN, and the search then runs on inf), and that
-    # decoder's init_parameters is never called (and fails: it reads a missing attribute). Set it
-    # as open_clip's text tower sets its own projection.
-    projection = coca.text_decoder.text_projection
-    torch.nn.init.normal_(projection.data, std=projection.shape[0] ** -0.5)
-    transform = open_clip.image_transform(arch["image_size"], is_train=False, mean=tuple(vision["mean"]),
-                                          std=tuple(vision["std"]))
-    return Peer("coca", coca, lambda images: torch.stack([transform(image) for image in images]), decode, special)
-
-
-def build_peers(model: Captioner, peers: Sequence[str]) -> dict[str, Peer]:
-    """The named peers, sized as ``model``, on its device, in eval mode."""
-    device = model.pixel_mean.device
-    built = {"ved": ved_for, "coca": coca_for}
-    return {name: _on(built[name](model), device) for name in peers}
-
-
-def _on(peer: Peer, device: torch.device) -> Peer:
-    peer.model.to(device).eval()
-    return peer
-
-
-# --- captioning ----------------------------------------------------------------------------------------------------
-
-
-def _images(files: Sequence[Path]) -> list:
-    from PIL import Image
-
-    images = []
-    for file in files:
-        with Image.open(file) as image:
-            images.append(image.convert("RGB"))
-    return images
-
-
-@dataclass
-class CaptionRun:
-    """One pass of a side over the images: its seconds, and the tokens it wrote a caption."""
-
-    seconds: float
-    tokens: float
-    captions: list[str]
-
-
-def caption_capcli(captioner: ImageCaptioner, files: Sequence[Path], beams: int, tokens: int) -> CaptionRun:
-    """capcli's caption path: files → ``ImageCaptioner.caption`` (batches of ``captioner.batch_size``)."""
-    start = time.perf_counter()
-    out = captioner.caption(list(files), beams=beams, max_length=tokens, min_length=tokens, concept_guidance=0.0)
-    _sync(captioner.device)
-    seconds = time.perf_counter() - start
-    return CaptionRun(seconds, sum(c.tokens for c in out) / len(out), [c.text for c in out])
-
-
-@torch.no_grad()
-def caption_ved(peer: Peer, files: Sequence[Path], batch: int, beams: int, tokens: int,
-                autocast: Callable[[], Any]) -> CaptionRun:
-    """A VisionEncoderDecoder model's captions as its users write them: PIL, the image processor,
-    ``generate``, ``batch_decode``; ``tokens`` new tokens a caption."""
-    device = next(peer.model.parameters()).device
-    captions, written = [], []
-    start = time.perf_counter()
-    for at in range(0, len(files), batch):
-        pixels = peer.preprocess(_images(files[at : at + batch])).to(device)
-        with autocast(), _transformers_errors_only():
-            ids = peer.model.generate(pixel_values=pixels, num_beams=beams, max_new_tokens=tokens,
-                                      min_new_tokens=tokens, do_sample=False)
-        captions += peer.decode(ids)
-        written.append(ids.shape[1] - 1)  # after the decoder start token
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return CaptionRun(seconds, sum(written) / len(written), captions)
-
-
-@torch.no_grad()
-def caption_coca(peer: Peer, files: Sequence[Path], batch: int, beams: int, tokens: int,
-                 autocast: Callable[[], Any]) -> CaptionRun:
-    """open_clip's ``CoCa.generate`` as its README calls it: its transform, ``generate``, ``open_clip.decode``.
-
-    Beams 1 is ``generation_type="top_k"`` with ``top_k=1`` (open_clip's greedy); beams > 1 is
-    its beam search with one beam group (plain beam search, as the other sides run). Both run
-    ``tokens`` decoder steps: ``seq_len`` counts the start token, and end-of-text is barred
-    before ``tokens`` tokens.
-    """
-    device = next(peer.model.parameters()).device
-    search = ({"generation_type": "top_k", "top_k": 1} if beams == 1
-              else {"generation_type": "beam_search", "num_beams": beams, "num_beam_groups": 1})
-    captions, written = [], []
-    start = time.perf_counter()
-    with coca_generate_available():
-        for at in range(0, len(files), batch):
-            pixels = peer.preprocess(_images(files[at : at + batch])).to(device)
-            with autocast():
-                ids = peer.model.generate(pixels, seq_len=tokens + 1, min_seq_len=tokens, **peer.special, **search)
-            captions += peer.decode(ids)
-            written.append(ids.shape[1] - 1)  # after the start token
-    _sync(device)
-    seconds = time.perf_counter() - start
-    return CaptionRun(seconds, sum(written) / len(written), captions)
-
-
-@contextmanager
-def coca_generate_available() -> Iterator[str]:
-    """Let ``CoCa.generate`` run with the installed transformers; yields how it runs.
-
-    open_clip's ``coca_model`` imports its logits processors and ``BeamSearchScorer`` from
-    transformers in one ``try``; transformers 5 removed ``BeamSearchScorer``, so the import
-    fails and every ``generate`` call stops at ``assert _has_transformers``, greedy included,
-    though only beam search needs the scorer. Where that happened, this lends the module
-    :class:`BeamScorer` (transformers 4's rule) for the block; open_clip's own search loop
-    runs unchanged around it.
-    """
-    from open_clip import coca_model
-
-    if coca_model._has_transformers:
-        yield "open_clip's CoCa.generate, with transformers' BeamSearchScorer"
-        return
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
-
-    saved = coca_model.GENERATION_TYPES.copy()
-    had = hasattr(coca_model, "BeamSearchScorer")
-    coca_model.GENERATION_TYPES.update(top_k=TopKLogitsWarper, top_p=TopPLogitsWarper)
-    coca_model.BeamSearchScorer = BeamScorer
-    coca_model._has_transformers = True
-    try:
-        yield ("open_clip's CoCa.generate; the installed transformers has no BeamSearchScorer (removed in 5.0), "
-               "so capcli.bench.peers.BeamScorer stands in for it (transformers 4's rule)")
-    finally:
-        coca_model._has_transformers = False
-        coca_model.GENERATION_TYPES.clear()
-        coca_model.GENERATION_TYPES.update(saved)
-        if not had:
-            del coca_model.BeamSearchScorer
-
-
-class BeamScorer:
-    """The part of transformers 4's ``BeamSearchScorer`` that open_clip's CoCa beam search calls.
-
-    The rule (length penalty 1, ``early_stopping=False``): each step, per image, the ``2·beams``
-    best continuations are walked in order; one that ends in end-of-text among the first
-    ``beams`` ranks is kept as finished, scored ``sum / length``; the first ``beams`` others run
-    on. An image is done once ``beams`` are finished and the best running sum over the current
-    length cannot beat the worst finished score. ``finalize`` adds the running beams of images
-    not done and returns each image's best sequence, end-of-text after a finished one, padded to the
-    longest.
-    """
-
-    def __init__(self, batch_size: int, num_beams: int, device: torch.device, num_beam_groups: int = 1):
-        if num_beam_groups != 1:
-            raise ValueError("capcli.bench.peers.BeamScorer runs plain beam search (num_beam_groups=1)")
-        self.num_beams, self.num_beam_groups, self.device = num_beams, 1, device
-        self._beam_hyps = [[] for _ in range(batch_size)]  # per image: (score, token row), at most num_beams
-        self._done = [False] * batch_size
-
-    @property
-    def is_done(self) -> bool:
-        return all(self._done)
-
-    def _add(self, image: int, score: float, row: torch.Tensor) -> None:
-        hyps = self._beam_hyps[image]
-        if len(hyps) < self.num_beams or score > hyps[-1][0]:
-            hyps.append((score, row))
-            hyps.sort(key=lambda h: -h[0])
-            del hyps[self.num_beams :]
-
-    def process(self, input_ids: torch.Tensor, next_scores: torch.Tensor, next_tokens: torch.Tensor,
-                next_indices: torch.Tensor, pad_token_id: int | None = None, eos_token_id: Any = None,
-                beam_indices: Any = None, group_index: int = 0, decoder_prompt_len: int = 0) -> dict[str, torch.Tensor]:
-        beams = self.num_beams
-        eos = {int(e) for e in torch.as_tensor(eos_token_id).flatten().tolist()}
-        length = input_ids.shape[-1] + 1 - decoder_prompt_len
-        batch = len(self._beam_hyps)
-        scores = torch.zeros(batch, beams, dtype=next_scores.dtype, device=self.device)
-        tokens = torch.full((batch, beams), pad_token_id or 0, dtype=next_tokens.dtype, device=self.device)
-        indices = torch.zeros(batch, beams, dtype=next_indices.dtype, device=self.device)
-        for image in range(batch):
-            if self._done[image]:
-                continue  # pads, beam 0 of the image
-            slot = 0
-            for rank, (score, token, index) in enumerate(zip(next_scores[image].tolist(),
-                                                             next_tokens[image].tolist(),
-                                                             next_indices[image].tolist(), strict=True)):
-                row = image * beams + index
-                if token in eos:
-                    if rank < beams:
-                        self._add(image, score / length, input_ids[row].clone())
-                    continue
-                scores[image, slot], tokens[image, slot], indices[image, slot] = score, token, row
-                slot += 1
-                if slot == beams:
-                    break
-            best_running = next_scores[image].max().item() / length
-            hyps = self._beam_hyps[image]
-            self._done[image] = len(hyps) == beams and hyps[-1][0] >= best_running
-            if self._done[image]:
-                indices[image] = image * beams
-        return {"next_beam_scores": scores.view(-1), "next_beam_tokens": tokens.view(-1),
-                "next_beam_indices": indices.view(-1)}
-
-    def finalize(self, input_ids: torch.Tensor, final_beam_scores: torch.Tensor, final_beam_tokens: Any,
-                 final_beam_indices: Any, max_length: int, pad_token_id: int | None = None,
-                 eos_token_id: Any = None, beam_indices: Any = None, decoder_prompt_len: int = 0) -> dict[str, torch.Tensor]:
-        beams, length = self.num_beams, input_ids.shape[-1] - decoder_prompt_len
-        for image, done in enumerate(self._done):
-            if not done:
-                for b in range(beams):
-                    row = image * beams + b
-                    self._add(image, final_beam_scores[row].item() / length, input_ids[row])
-        best = [hyps[0][1] for hyps in self._beam_hyps]
-        width = min(max(len(row) for row in best) + 1, max_length)
-        eos = int(torch.as_tensor(eos_token_id).flatten()[0])
-        out = torch.full((len(best), width), pad_token_id or 0, dtype=input_ids.dtype, device=input_ids.device)
-        for image, row in enumerate(best):
-            out[image, : len(row)] = row
-            if len(row) < width:  # a finished caption gets its end-of-text back
-                out[image, len(row)] = eos
-        return {"sequences": out, "sequence_scores": torch.tensor([h[0][0] for h in self._beam_hyps])}
-
+from capcli.objectives import PretrainObjective
+from capcli.train.engine import TrainData
 
 # --- training ------------------------------------------------------------------------------------------------------
 
@@ -470,7 +129,7 @@ def train_peer(peer: Peer, loss_of: Callable[..., torch.Tensor], batches: Sequen
             torch.nn.utils.clip_grad_norm_(params, clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         stamps.append(time.perf_counter())
     peer.model.eval()
     return TrainSteps(stamps[-1] - stamps[0], (len(batches) - 1) * len(batches[0][0]))
@@ -483,11 +142,6 @@ def step_flops(run: Callable[[], torch.Tensor]) -> int:
     with counter:
         run().backward()
     return counter.get_total_flops()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --- the benchmark section -----------------------------------------------------------------------------------------
@@ -506,8 +160,6 @@ def bench_peers(report: Any, settings: Any, runtime: Any, model: Captioner, test
     ``peer_<peer>_caption_beam{1,5}_speedup`` and ``peer_<peer>_train_speedup`` are capcli's
     rate over the peer's, repeat by repeat.
     """
-    from capcli.bench.benchmark import _interleaved
-
     missing = missing_peers()
     versions = peer_versions()
     names = [name for name in PEERS if name not in missing]
@@ -540,7 +192,7 @@ def bench_peers(report: Any, settings: Any, runtime: Any, model: Captioner, test
             report.context["peer_coca_generate"] = how
     for beams in (1, 5):
         log(f"benchmark: peers, captions at beams {beams} ({repeats} repeats after a warm-up)")
-        runs = dict(zip(sides, _interleaved([partial(side, beams) for side in sides.values()], repeats), strict=True))
+        runs = dict(zip(sides, interleaved([partial(side, beams) for side in sides.values()], repeats), strict=True))
         rates = {side: [len(files) / r.seconds for r in out] for side, out in runs.items()}
         for side, rate in rates.items():
             report.add(f"peer_{side}_caption_beam{beams}_images_per_s", rate)
@@ -575,12 +227,6 @@ def bench_peer_training(report: Any, settings: Any, runtime: Any, model: Caption
     AdamW, clipping and schedule; the preset's losses); each peer's side is its own step on the
     same batches, already collated and on the device (forward, loss, backward, clipping, AdamW).
     """
-    from capcli.bench.benchmark import Counted, _interleaved, _pretrain_flops, timed_fit
-    from capcli.data.batches import CaptionCollator, caption_dataset
-    from capcli.data.sources import load_splits
-    from capcli.objectives import PretrainObjective
-    from capcli.train.engine import TrainData
-
     p, engine = settings.pretrain, settings.pretrain.engine
     per_step = engine.batch_size * engine.grad_accum
     split = load_splits(settings.data)["train"]
@@ -589,7 +235,7 @@ def bench_peer_training(report: Any, settings: Any, runtime: Any, model: Caption
     collate = CaptionCollator(model.tokenizer, settings.data.max_caption_tokens, words)
     objective = PretrainObjective(p.contrastive_weight, p.caption_weight, concept_weight=p.concept_weight,
                                   token_dropout=p.token_dropout)
-    counted = Counted(objective, partial(_pretrain_flops, model), lambda batch: int(batch.caption_mask.sum()))
+    counted = Counted(objective, partial(pretrain_flops, model), lambda batch: int(batch.caption_mask.sum()))
     data = TrainData(train=dataset, val=None, collate=collate, num_workers=settings.data.num_workers)
     runs = [partial(timed_fit, copy.deepcopy(model), counted, data, settings, runtime, "pretrain",
                     work / "peers-pretrain")]
@@ -603,7 +249,7 @@ def bench_peer_training(report: Any, settings: Any, runtime: Any, model: Caption
         flops[name] = step_flops(partial(losses[name], peer, *batches[0])) / per_step
         peer.model.zero_grad(set_to_none=True)
         runs.append(partial(train_peer, peer, partial(losses[name], peer), batches, runtime.autocast, engine.clip_grad))
-    peaks, fast, *peer_runs = _interleaved([peak, *runs], repeats)
+    peaks, fast, *peer_runs = interleaved([peak, *runs], repeats)
     capcli_rate = [r.per_s("samples") for r in fast]
     report.add("peer_capcli_train_samples_per_s", capcli_rate)
     report.add("peer_capcli_train_gflops_per_sample", [fast[-1].flops / fast[-1].samples / 1e9])

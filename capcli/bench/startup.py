@@ -19,6 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from capcli.bench.measure import interleaved
+
 FLOOR = ("-c", "import torch")
 
 
@@ -60,12 +62,10 @@ def slowest_imports(command: list[str], count: int = 8) -> dict[str, float]:
 def bench_startup(report: Any, checkpoint: Path, image: Path, device: str, repeats: int,
                   log: Callable[[str], None]) -> None:
     """``startup_torch_s``, ``startup_caption_s`` and their ratio ``startup_caption_over_torch``."""
-    from capcli.bench.benchmark import _interleaved
-
     log(f"benchmark: one image, one process ({repeats} repeats after a warm-up)")
     caption = caption_command(image, checkpoint, device)
-    floors, captions = _interleaved([partial(wall_seconds, [sys.executable, *FLOOR], caption=False),
-                                     partial(wall_seconds, caption)], repeats)
+    floors, captions = interleaved([partial(wall_seconds, [sys.executable, *FLOOR], caption=False),
+                                    partial(wall_seconds, caption)], repeats)
     report.add("startup_torch_s", floors)
     report.add("startup_caption_s", captions)
     report.add("startup_caption_over_torch", [c / f for c, f in zip(captions, floors, strict=True)])
