@@ -20,7 +20,7 @@ import torch
 from capcli.api import ImageCaptioner
 from capcli.bench.measure import synchronize
 from capcli.bench.peer_models import Peer
-from capcli.model.generation import _transformers_errors_only
+from capcli.model.generation import quiet_transformers
 
 
 def _images(files: Sequence[Path]) -> list:
@@ -61,7 +61,7 @@ def caption_ved(peer: Peer, files: Sequence[Path], batch: int, beams: int, token
     start = time.perf_counter()
     for at in range(0, len(files), batch):
         pixels = peer.preprocess(_images(files[at : at + batch])).to(device)
-        with autocast(), _transformers_errors_only():
+        with autocast(), quiet_transformers():
             ids = peer.model.generate(pixel_values=pixels, num_beams=beams, max_new_tokens=tokens,
                                       min_new_tokens=tokens, do_sample=False)
         captions += peer.decode(ids)

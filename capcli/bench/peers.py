@@ -56,7 +56,7 @@ from capcli.bench.training import Counted, pretrain_flops, timed_fit
 from capcli.data.batches import CaptionBatch, CaptionCollator, caption_dataset
 from capcli.data.sources import load_splits
 from capcli.model import Captioner
-from capcli.model.generation import _transformers_errors_only
+from capcli.model.generation import quiet_transformers
 from capcli.objectives import PretrainObjective
 from capcli.train.engine import TrainData
 
@@ -78,7 +78,7 @@ def coca_loss(peer: Peer, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 def ved_loss(peer: Peer, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """A VisionEncoderDecoder model's own caption loss: ``labels`` with padding at -100 (it shifts
     them right behind the decoder start token itself)."""
-    with _transformers_errors_only():  # "passing an attention_mask" warning: the padding is on the right, causal
+    with quiet_transformers():  # "passing an attention_mask" warning: the padding is on the right, causal
         return peer.model(pixel_values=pixels, labels=ids.masked_fill(mask == 0, -100)).loss
 
 

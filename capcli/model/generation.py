@@ -46,7 +46,7 @@ class ScoredCaption:
 
 
 @contextmanager
-def _transformers_errors_only() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' warnings for a block, then restore its level.
 
     Once a caption of a batch has ended, ``generate`` feeds it pad tokens and GPT-2 warns
@@ -170,7 +170,7 @@ def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, 
         bos_token_id=tokenizer.bos_token_id,
         logits_processor=guide,
     )
-    with _transformers_errors_only():
+    with quiet_transformers():
         return model.decoder.generate(**{**arguments, **search})
 
 
