@@ -62,7 +62,7 @@ class PretrainObjective:
     local_loss: bool = False  # under DDP: see ``contrastive``
     concept_weight: float = 0.0
     token_dropout: float = 0.0
-    monitor: str = "loss"  # the validation value that picks the best checkpoint (engine.Objective)
+    monitor: str = "loss"  # the validation value that picks the best checkpoint (contracts.Objective)
 
     def __call__(self, model: Captioner, batch: CaptionBatch, progress: float) -> dict[str, torch.Tensor]:
         features = model.image_features(batch.pixels)  # (B, S, Dv)

@@ -31,11 +31,12 @@ from capcli.train.checkpoint import (
     resume_checkpoint,
     save_checkpoint,
 )
-from capcli.train.engine import TrainingState, fit
+from capcli.train.engine import fit
 from capcli.train.optim import cosine_with_warmup
 from capcli.train.precision import resolve_precision
 from capcli.train.runlog import read_metrics
 from capcli.train.runtime import Runtime
+from capcli.train.state import TrainingState
 
 
 def train_log(run_dir) -> list[dict]:

@@ -15,10 +15,12 @@ import struct
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from capcli import faults
 from capcli.errors import CheckpointError, ConfigError
@@ -34,6 +36,19 @@ class Checkpointable(Protocol):
 
     def save_pretrained(self, directory: Path) -> None: ...
     def load_weights(self, directory: Path) -> None: ...
+
+
+class Described:
+    """The model as ``save_checkpoint`` writes it, with the phase's own files added to each checkpoint."""
+
+    def __init__(self, model: nn.Module, describe: Callable[[Path, dict[str, Any]], None] | None,
+                 state: dict[str, Any]):
+        self.model, self.describe, self.state = model, describe, state
+
+    def save_pretrained(self, directory: Path) -> None:
+        self.model.save_pretrained(directory)
+        if self.describe is not None:
+            self.describe(Path(directory), self.state)
 
 
 def save_checkpoint(directory: Path, model: Checkpointable, state: dict[str, Any]) -> Path:

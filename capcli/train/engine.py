@@ -14,21 +14,17 @@ after each epoch → the result.
 from __future__ import annotations
 
 import math
-import random
-import signal
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from capcli.errors import (
     CapcliError,
@@ -40,78 +36,22 @@ from capcli.errors import (
 from capcli.settings import EngineSettings, OptimizerSettings
 from capcli.train import distributed
 from capcli.train.checkpoint import (
+    Described,
     first_line,
     load_state,
     resume_checkpoint,
     save_checkpoint,
 )
+from capcli.train.contracts import Batch, FitResult, Objective, TrainData
+from capcli.train.interrupt import StopOnInterrupt
 from capcli.train.optim import build_optimizer, build_scheduler
 from capcli.train.progress import ProgressDisplay
-from capcli.train.runlog import RunLog
+from capcli.train.runlog import NoLog, RunLog
+from capcli.train.runner import objective_runner
 from capcli.train.runtime import Runtime
-from capcli.train.sampler import (
-    EpochLayout,
-    EpochLoader,
-    in_order,
-    micro_batches_per_epoch,
-)
-
-
-class Batch(Protocol):
-    """What a collate function must return: a sized batch that moves to a device."""
-
-    skipped: int  # samples dropped while loading (unreadable images), counted against max_bad_fraction
-
-    def __len__(self) -> int: ...
-    def to(self, device: torch.device) -> Batch: ...
-
-
-class Objective(Protocol):
-    """Turns a batch into named losses. Keys ending in ``_loss`` are summed into the loss to
-    minimise; other 0-d tensors are logged as metrics. ``progress`` runs from 0 to 1 over
-    the phase's optimizer steps (for schedules such as align's α(t)). ``monitor`` names the
-    validation value (lower is better) that picks the best checkpoint and drives early
-    stopping: ``loss`` for most."""
-
-    monitor: str
-
-    def __call__(self, model: nn.Module, batch: Any, progress: float) -> dict[str, torch.Tensor]: ...
-
-
-class EpochData(Protocol):
-    """A training split, indexed or streamed: what the engine reads of it, epoch by epoch."""
-
-    def __len__(self) -> int: ...
-    def epoch_loader(self, epoch: int, start: int, layout: EpochLayout) -> EpochLoader: ...
-
-
-@dataclass
-class TrainData:
-    """The datasets of a phase and how to batch them. ``val`` is indexed by ``SampleKey``."""
-
-    train: EpochData
-    val: Dataset | None
-    collate: Callable[[list[Any]], Batch]
-    num_workers: int = 0
-    max_bad_fraction: float = 0.01
-
-
-@dataclass
-class FitResult:
-    """What a finished (or early-stopped) run reports."""
-
-    run_dir: Path
-    steps: int = 0
-    epochs: int = 0
-    samples: int = 0
-    seconds: float = 0.0
-    stopped_early: bool = False
-    train: dict[str, float] = field(default_factory=dict)  # means over the last logging window
-    val: dict[str, float] = field(default_factory=dict)  # the last validation
-    first_val: dict[str, float] = field(default_factory=dict)  # the validation before training
-    best_val_loss: float = math.inf
-    best_checkpoint: Path | None = None
-    skipped: int = 0
+from capcli.train.sampler import EpochLayout, in_order, micro_batches_per_epoch
+from capcli.train.state import TrainingState, restore_rng, rng_state, seed_rng
+from capcli.train.validation import total_loss, validate
 
 
 def fit(
@@ -148,63 +88,6 @@ def fit(
     return _Training(model, objective, data, engine, optimizer, runtime, title, on_step, describe).run()
 
 
-def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The sum of the keys ending in ``_loss``: what is minimised."""
-    return sum(v for k, v in losses.items() if k.endswith("_loss"))
-
-
-def validate(model: nn.Module, objective: Objective, loader: DataLoader, runtime: Runtime,
-             progress: float) -> dict[str, float]:
-    """Sample-weighted means of every value the objective returns, plus ``loss``, their sum.
-
-    Under data parallelism each rank validates its shard and the sums are reduced over the
-    ranks, so every rank gets the means over the whole split (and takes the same early-stopping
-    decision).
-    """
-    sums: dict[str, float] = {}
-    count = 0
-    device = runtime.device
-    with runtime.inference(model):
-        for batch in loader:
-            # Empty: every image of it unreadable. All ranks skip it together, or the others would
-            # wait in its gathers (with one process the sum is this batch's own flag).
-            if distributed.all_sum([float(len(batch) == 0)], device)[0] > 0:
-                continue
-            batch = batch.to(device)
-            out = objective(model, batch, progress)
-            for key, value in {"loss": total_loss(out), **out}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * len(batch)
-            count += len(batch)
-    keys = sorted({k for ks in distributed.all_objects(list(sums)) for k in ks})  # a rank may have no batch
-    *totals, count = distributed.all_sum([sums.get(k, 0.0) for k in keys] + [count], device)
-    sums = dict(zip(keys, totals, strict=True))
-    return {k: v / count for k, v in sums.items()} if count else {}
-
-
-@dataclass
-class TrainingState:
-    """Everything the loop counts: saved in ``state.pt`` (as plain keys beside the optimizer's
-    state) and restored by ``--resume``."""
-
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    batch_in_epoch: int = 0  # this rank's micro-batches of the epoch consumed
-    samples: int = 0  # trained on, over all ranks
-    skipped: int = 0  # unreadable samples dropped
-    best_val_loss: float = math.inf  # of the objective's monitor
-    bad_validations: int = 0  # since the best one, for early stopping
-    first_val: dict[str, float] = field(default_factory=dict)  # the validation before training
-    bad_steps: int = 0  # non-finite steps whose update was dropped
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, saved: dict[str, Any]) -> TrainingState:
-        """The counters of a saved state; a key an older checkpoint lacks keeps its default."""
-        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
-
-
 class _Training:
     """One call of ``fit``: the live objects and the counters that a checkpoint saves."""
 
@@ -221,13 +104,7 @@ class _Training:
             _require(model, "set_gradient_checkpointing", "runtime.gradient_checkpointing")(True)
         if settings.compile:
             _require(model, "compile_blocks", "runtime.compile")()
-        # What a step calls: the objective as the forward of a module, so that DDP, which hooks
-        # forward and backward, can wrap it; checkpoints save the bare model inside.
-        self.runner: nn.Module = _ObjectiveRunner(model)
-        if self.world.distributed:
-            self.runner = DistributedDataParallel(
-                self.runner, device_ids=[self.device] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)  # text-only align pairs leave the image head unused
+        self.runner = objective_runner(model, self.world.distributed, self.device)
         self.optimizer = build_optimizer(model, optimizer, self.device)
 
         per_epoch = micro_batches_per_epoch(len(data.train), engine.batch_size, engine.grad_accum,
@@ -243,16 +120,14 @@ class _Training:
         if engine.resume:
             self._restore()
         else:
-            random.seed(settings.seed)
-            if self.world.rank > 0:  # each rank its own dropout masks, as one process's rows would have
-                torch.manual_seed(settings.seed * 1_000_003 + self.world.rank)
+            seed_rng(settings.seed, self.world.rank)
         self.layout = EpochLayout(engine.batch_size, engine.grad_accum, settings.seed, self.world.rank,
                                   self.world.size, data.collate, data.num_workers, self.device.type == "cuda")
         self.epoch_batches = 0  # micro-batches of the current epoch, set by _train_epoch
         # Rank 0 alone writes the log, the checkpoints and the progress; the others train quietly.
         self.log = (RunLog(self.run_dir, resume_step=self.state.step if engine.resume else None,
                            tensorboard=settings.log == "tensorboard")
-                    if self.world.main else _NoLog())
+                    if self.world.main else NoLog())
         self.val_loader = None
         if data.val is not None and len(data.val) > 0:
             try:
@@ -263,7 +138,7 @@ class _Training:
                                          collate_fn=data.collate, num_workers=data.num_workers,
                                          pin_memory=self.device.type == "cuda")
         self.result = FitResult(run_dir=self.run_dir)
-        self.stop = _StopOnInterrupt()
+        self.stop = StopOnInterrupt()
 
     # ------------------------------------------------------------------ the loop
 
@@ -460,13 +335,13 @@ class _Training:
         """
         if not self.engine.save_checkpoints:
             return None
-        rng = distributed.all_objects(_rng_state())
+        rng = distributed.all_objects(rng_state())
         if not self.world.main:
             return None
         state = {**self.state.as_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0],
                  "world_size": self.world.size}
-        described = _Described(self.model, self.describe, state)
+        described = Described(self.model, self.describe, state)
         return save_checkpoint(self.run_dir / "checkpoints" / name, described, state)
 
     def _stop_agreed(self) -> bool:
@@ -493,72 +368,8 @@ class _Training:
         self.optimizer.load_state_dict(saved.pop("optimizer"))
         self.scheduler.load_state_dict(saved.pop("scheduler"))
         self.scaler.load_state_dict(saved.pop("scaler"))
-        rng = saved.pop("rng")
-        if isinstance(rng, list):  # one state per rank of the run that saved it
-            rng = rng[self.world.rank] if len(rng) == self.world.size else rng[0]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuple(rng["python"]))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(saved.pop("rng"), self.world.rank, self.world.size)
         self.state = TrainingState.from_dict(saved)
-
-
-class _ObjectiveRunner(nn.Module):
-    """The model, with ``objective(model, batch, progress)`` as its forward (what DDP wraps)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, objective: Objective, batch: Any, progress: float) -> dict[str, torch.Tensor]:
-        return objective(self.model, batch, progress)
-
-
-class _Described:
-    """The model as ``save_checkpoint`` writes it, with the phase's own files added to each checkpoint."""
-
-    def __init__(self, model: nn.Module, describe: Callable[[Path, dict[str, Any]], None] | None,
-                 state: dict[str, Any]):
-        self.model, self.describe, self.state = model, describe, state
-
-    def save_pretrained(self, directory: Path) -> None:
-        self.model.save_pretrained(directory)
-        if self.describe is not None:
-            self.describe(Path(directory), self.state)
-
-
-class _NoLog:
-    """The metrics log of ranks other than 0: they train, rank 0 writes."""
-
-    def write(self, record: dict[str, Any]) -> None:
-        pass
-
-
-class _StopOnInterrupt:
-    """The first Ctrl-C (or SIGTERM: SLURM's scancel, a preemption, torchrun stopping its workers)
-    asks the loop to stop at the next safe point; a second one stops at once."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopOnInterrupt:
-        try:
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = {}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
 
 
 def _check_unreadable(state: TrainingState, max_fraction: float, at_least: int) -> None:
@@ -591,15 +402,3 @@ def _take(batches: Iterator[Batch], n: int) -> list[Batch]:
         if len(out) == n:
             break
     return out
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _as_tuple(value: Any) -> Any:
-    """``random.setstate`` wants tuples; a saved state may come back with lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

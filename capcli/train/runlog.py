@@ -45,6 +45,13 @@ class RunLog:
             self.writer.flush()
 
 
+class NoLog:
+    """The metrics log of ranks other than 0: they train, rank 0 writes."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+
 def _tensorboard(directory: Path, resume_step: int | None):
     """A SummaryWriter; a resumed run tells TensorBoard to drop what was logged after its step."""
     try:
