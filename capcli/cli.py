@@ -2,9 +2,8 @@
 
 Exit codes (DESIGN §8): 0 success, 1 runtime failure, 2 usage or settings error, 130 interrupted.
 Heavy imports (torch, transformers, open_clip) happen inside the commands so that
-``--help`` and ``--version`` answer at once. An option's help and default are read from its
-setting (the field's docstring, its default and the presets' profiles: ``_help``), as docgen
-reads them for the docs, so the two cannot drift.
+``--help`` and ``--version`` answer at once. The options, with their help read from the
+settings, are in ``options``.
 """
 
 from __future__ import annotations
@@ -14,18 +13,69 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
-from pydantic import BaseModel
-from rich.markup import escape
 
 from capcli import __version__
 from capcli.errors import CapcliError
-from capcli.settings import (  # pydantic and yaml only: --help stays quick
-    DecodeSettings,
-    field_doc,
-    preset_defaults,
+from capcli.options import (
+    AlignMaxSteps,
+    BatchSize,
+    CaptionBatch,
+    CaptionBeams,
+    CaptionCheckpoint,
+    CaptionColumn,
+    CaptionGuidance,
+    CaptionLengthPenalty,
+    CaptionMaxLength,
+    CaptionMinLength,
+    CaptionNoRepeat,
+    Compile,
+    Config,
+    Data,
+    Decoder,
+    Device,
+    Epochs,
+    EvalBeams,
+    EvalGuidance,
+    EvalLengthPenalty,
+    EvalMaxLength,
+    EvalMinLength,
+    EvalNoRepeat,
+    ExportGuidance,
+    ExportMaxLength,
+    ExportMinLength,
+    Format,
+    GradCheckpoint,
+    ImageColumn,
+    Images,
+    Json,
+    LocalLoss,
+    Log,
+    Lr,
+    MaxSteps,
+    Model,
+    Overwrite,
+    Precision,
+    Quiet,
+    Resume,
+    RunDataSource,
+    RunTestSize,
+    RunTrainSize,
+    RunValSize,
+    Seed,
+    SourceSplit,
+    Streaming,
+    TestSize,
+    TrainSize,
+    ValSize,
+    VisionWeights,
+    column_keys,
+    decode_keys,
+    help_for,
+    runtime_keys,
+    speed_keys,
 )
 
 app = typer.Typer(
@@ -62,12 +112,6 @@ def exit_codes() -> Iterator[None]:
 STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG})
 
 
-def _runtime(device: str | None, precision: str | None, seed: int | None, quiet: bool) -> dict[str, object]:
-    """The runtime options every command shares, as dotted settings keys (None: not given)."""
-    return {"runtime.device": device, "runtime.precision": precision, "runtime.seed": seed,
-            "runtime.quiet": quiet or None}
-
-
 def _version(value: bool) -> None:
     if value:
         print(f"capcli {__version__}")
@@ -82,78 +126,6 @@ def main_options(
     """Train, align, evaluate and serve an image captioner."""
 
 
-def _help(key: str, root: type[BaseModel] | None = None) -> str:
-    """An option's help, read from its setting: the field's docstring, then its default and the value of
-    each preset whose profile changes it (``[default: 10; tiny: 16]``). ``root``: a group of its own
-    (export's ``DecodeSettings``), whose field default is the default. A setting that is unset by
-    default (None) everywhere shows no default: its docstring says what unset means."""
-    if root is None:
-        doc, values = field_doc(key), preset_defaults(key)
-    else:
-        doc, values = field_doc(key, root), {"default": getattr(root(), key)}
-    if all(value is None for value in values.values()):
-        return escape(doc)
-    shown = "; ".join(f"{name}: {_shown(value)}" for name, value in values.items())
-    return f"{escape(doc)}  \\[{shown}]"  # an escaped bracket: rich markup would take [default: ...] for a tag
-
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-# Options shared by the commands. None means "not given": the settings layers below decide.
-Config = Annotated[Optional[Path], typer.Option("--config", help="YAML settings file shaped like configs/default.yaml, or a shipped config by name (ablation).", show_default=False)]
-Device = Annotated[Optional[str], typer.Option(help=_help("runtime.device"), show_default=False)]
-Precision = Annotated[Optional[str], typer.Option(help=_help("runtime.precision"), show_default=False)]
-Seed = Annotated[Optional[int], typer.Option(help=_help("runtime.seed"), show_default=False)]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress output on stderr.")]
-Json = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
-Data = Annotated[Optional[str], typer.Option(help=_help("data.source"), show_default=False)]
-ImageColumn = Annotated[Optional[str], typer.Option(help=_help("data.image_column"), show_default=False)]
-CaptionColumn = Annotated[Optional[str], typer.Option(help=_help("data.caption_column"), show_default=False)]
-SourceSplit = Annotated[Optional[str], typer.Option("--split", help=_help("data.train_split"), show_default=False)]
-Streaming = Annotated[bool, typer.Option("--streaming", help="hf: read the training split as a stream, downloading nothing ahead; an epoch is --train-size samples.")]
-
-
-def _columns(image_column: str | None, caption_column: str | None, split: str | None) -> dict[str, object]:
-    return {"data.image_column": image_column, "data.caption_column": caption_column, "data.train_split": split}
-Model = Annotated[Optional[str], typer.Option(help=_help("model.preset"), show_default=False)]
-VisionWeights = Annotated[Optional[str], typer.Option(help=_help("model.vision_weights"), show_default=False)]
-Decoder = Annotated[Optional[str], typer.Option(help=_help("model.decoder"), show_default=False)]
-Epochs = Annotated[Optional[int], typer.Option(help=_help("pretrain.engine.epochs"), show_default=False)]
-MaxSteps = Annotated[Optional[int], typer.Option(help=_help("pretrain.engine.max_steps"), show_default=False)]
-AlignMaxSteps = Annotated[Optional[int], typer.Option("--max-steps", help=_help("align.engine.max_steps"), show_default=False)]
-BatchSize = Annotated[Optional[int], typer.Option(help=_help("pretrain.engine.batch_size"), show_default=False)]
-Lr = Annotated[Optional[float], typer.Option(help=_help("pretrain.optimizer.lr"), show_default=False)]
-TrainSize = Annotated[Optional[int], typer.Option(help=_help("data.train_size"), show_default=False)]
-ValSize = Annotated[Optional[int], typer.Option(help=_help("data.val_size"), show_default=False)]
-TestSize = Annotated[Optional[int], typer.Option(help=_help("data.test_size"), show_default=False)]
-# evaluate and align on a checkpoint: the data settings default to the run's (carve.py).
-RunDataSource = Annotated[Optional[str], typer.Option("--data", help="Data source: synthetic | imagefolder:PATH | hf:NAME[:CONFIG] | disk:PATH | wds:PATTERN; another than the run's is read with a warning.  \\[default: the run's, recorded with the checkpoint]", show_default=False)]
-RunTrainSize = Annotated[Optional[int], typer.Option("--train-size", help="At most N training images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
-RunValSize = Annotated[Optional[int], typer.Option("--val-size", help="At most N validation images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
-RunTestSize = Annotated[Optional[int], typer.Option("--test-size", help="At most N test images; a size other than the run's carves other splits, with a warning.  \\[default: the run's]", show_default=False)]
-Resume = Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Start again in an --output that already holds a run.")]
-Compile = Annotated[bool, typer.Option("--compile", help="torch.compile each transformer block: slower start, faster steps (docs/performance.md).")]
-GradCheckpoint = Annotated[bool, typer.Option("--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, more compute.")]
-LocalLoss = Annotated[bool, typer.Option("--local-loss", help="Under torchrun: each rank's contrastive loss covers its own pairs against all ranks' (less memory). Default: the global batch, exactly as one process.")]
-
-
-Log = Annotated[Optional[str], typer.Option("--log", help=_help("runtime.log"), show_default=False)]
-
-
-def _speed(compile: bool, gradient_checkpointing: bool, local_loss: bool = False, log: str | None = None) -> dict[str, object]:
-    return {"runtime.compile": compile or None, "runtime.gradient_checkpointing": gradient_checkpointing or None,
-            "runtime.local_loss": local_loss or None, "runtime.log": log}
-
-
 def _main_process() -> bool:
     """Under torchrun, rank 0 alone prints the result; the other ranks print nothing on stdout."""
     from capcli.train.distributed import launched
@@ -166,7 +138,7 @@ def pretrain(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, data: Data = None, model: Model = None,
     vision_weights: VisionWeights = None, decoder: Decoder = None,
-    output: Annotated[Optional[Path], typer.Option(help=_help("pretrain.engine.output"), show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help=help_for("pretrain.engine.output"), show_default=False)] = None,
     epochs: Epochs = None, max_steps: MaxSteps = None, batch_size: BatchSize = None, lr: Lr = None,
     train_size: TrainSize = None, val_size: ValSize = None, test_size: TestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
@@ -179,8 +151,8 @@ def pretrain(
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss, log),
-            **_columns(image_column, caption_column, split), "data.streaming": streaming or None,
+            **runtime_keys(device, precision, seed, quiet), **speed_keys(compile, gradient_checkpointing, local_loss, log),
+            **column_keys(image_column, caption_column, split), "data.streaming": streaming or None,
             "data.source": data, "model.preset": model,
             "model.vision_weights": vision_weights, "model.decoder": decoder,
             "pretrain.engine.output": output, "pretrain.engine.epochs": epochs,
@@ -205,13 +177,13 @@ def align(
     checkpoint: Annotated[Optional[Path], typer.Option(help="Starting checkpoint, or a run directory (its best).  \\[default: runs/pretrain]", show_default=False)] = None,
     preferences: Annotated[Optional[str], typer.Option(help="Preference pairs: generated | jsonl:PATH | hf:NAME[:CONFIG] | disk:PATH | ultrafeedback[:NAME] | policy[:grounding|cider|clip[:WEIGHTS]] (the model's own captions, judged)  \\[default: generated from --data]", show_default=False)] = None,
     freeze_vision: Annotated[Optional[bool], typer.Option("--freeze-vision/--no-freeze-vision", help="Keep the vision tower frozen, its features cached.  \\[default: freeze]", show_default=False)] = None,
-    beta: Annotated[Optional[float], typer.Option(help=_help("align.beta"), show_default=False)] = None,
-    margin: Annotated[Optional[float], typer.Option(help=_help("align.margin"), show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option(help=_help("align.engine.output"), show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help=_help("align.engine.epochs"), show_default=False)] = None,
+    beta: Annotated[Optional[float], typer.Option(help=help_for("align.beta"), show_default=False)] = None,
+    margin: Annotated[Optional[float], typer.Option(help=help_for("align.margin"), show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help=help_for("align.engine.output"), show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(help=help_for("align.engine.epochs"), show_default=False)] = None,
     max_steps: AlignMaxSteps = None,
-    batch_size: Annotated[Optional[int], typer.Option(help=_help("align.engine.batch_size"), show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help=_help("align.optimizer.lr"), show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help=help_for("align.engine.batch_size"), show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help=help_for("align.optimizer.lr"), show_default=False)] = None,
     train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
     resume: Resume = False, overwrite: Overwrite = False, compile: Compile = False,
     gradient_checkpointing: GradCheckpoint = False, local_loss: LocalLoss = False,
@@ -227,8 +199,8 @@ def align(
         from capcli.settings import load_settings
 
         cli = {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, gradient_checkpointing, local_loss, log),
-            **_columns(image_column, caption_column, split), "data.source": data, "align.checkpoint": checkpoint,
+            **runtime_keys(device, precision, seed, quiet), **speed_keys(compile, gradient_checkpointing, local_loss, log),
+            **column_keys(image_column, caption_column, split), "data.source": data, "align.checkpoint": checkpoint,
             "align.preferences": preferences, "align.freeze_vision": freeze_vision, "align.beta": beta,
             "align.margin": margin, "align.engine.output": output, "align.engine.epochs": epochs,
             "align.engine.max_steps": max_steps, "align.engine.batch_size": batch_size,
@@ -247,39 +219,6 @@ def align(
         result = phases.align(run.settings, overwrite=overwrite)
         if _main_process():
             results.print_align(results.align_summary(result), json)
-
-
-Images = Annotated[Optional[list[str]], typer.Argument(metavar="IMAGES", help="Image files, folders (searched recursively, sorted), globs (quoted ones are expanded too), or - to read paths from stdin, one per line.", show_default=False)]
-CaptionCheckpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint, or a run directory (its best).  \\[default: runs/align's best, else runs/pretrain's]", show_default=False)]
-CaptionBatch = Annotated[Optional[int], typer.Option("--batch-size", help=_help("caption.batch_size"), show_default=False)]
-Format = Annotated[Optional[str], typer.Option("--format", help=_help("caption.format"), show_default=False)]
-
-
-def _search_options(group: str) -> tuple[Any, ...]:
-    """``group``'s search options (caption, evaluate), each with its setting's docstring and default."""
-    def option(field: str, kind: type) -> Any:
-        return Annotated[Optional[kind], typer.Option(help=_help(f"{group}.decode.{field}"), show_default=False)]
-
-    return (option("beams", int), option("max_length", int), option("min_length", int),
-            option("length_penalty", float), option("no_repeat_ngram", int), option("concept_guidance", float))
-
-
-CaptionBeams, CaptionMaxLength, CaptionMinLength, CaptionLengthPenalty, CaptionNoRepeat, CaptionGuidance = (
-    _search_options("caption"))
-EvalBeams, EvalMaxLength, EvalMinLength, EvalLengthPenalty, EvalNoRepeat, EvalGuidance = _search_options("evaluate")
-# export's greedy search: the library's own DecodeSettings defaults
-ExportMaxLength = Annotated[Optional[int], typer.Option(help=_help("max_length", DecodeSettings), show_default=False)]
-ExportMinLength = Annotated[Optional[int], typer.Option(help=_help("min_length", DecodeSettings), show_default=False)]
-ExportGuidance = Annotated[Optional[float], typer.Option(help=_help("concept_guidance", DecodeSettings), show_default=False)]
-
-
-def _decode(group: str, beams: int | None, max_length: int | None, min_length: int | None,
-            length_penalty: float | None, no_repeat_ngram: int | None,
-            concept_guidance: float | None) -> dict[str, object]:
-    """The search options of caption and evaluate, as dotted settings keys of ``group``.decode (None: not given)."""
-    return {f"{group}.decode.beams": beams, f"{group}.decode.max_length": max_length,
-            f"{group}.decode.min_length": min_length, f"{group}.decode.length_penalty": length_penalty,
-            f"{group}.decode.no_repeat_ngram": no_repeat_ngram, f"{group}.decode.concept_guidance": concept_guidance}
 
 
 @app.command()
@@ -303,7 +242,7 @@ def caption(
         settings = load_settings(config, {
             "runtime.device": device, "runtime.precision": precision, "runtime.quiet": quiet or None,
             "caption.format": fmt, "caption.batch_size": batch_size,
-            **_decode("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            **decode_keys("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
         })
         items = expand_inputs(images or [], sys.stdin)
         # torch and friends: only once the options are known to be good
@@ -320,19 +259,19 @@ def evaluate(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, data: RunDataSource = None,
     checkpoint: CaptionCheckpoint = None,
-    split: Annotated[Optional[str], typer.Option(help=_help("evaluate.split"), show_default=False)] = None,
+    split: Annotated[Optional[str], typer.Option(help=help_for("evaluate.split"), show_default=False)] = None,
     beams: EvalBeams = None, max_length: EvalMaxLength = None, min_length: EvalMinLength = None,
     length_penalty: EvalLengthPenalty = None, no_repeat_ngram: EvalNoRepeat = None,
     concept_guidance: EvalGuidance = None,
-    limit: Annotated[Optional[int], typer.Option(help=_help("evaluate.limit"), show_default=False)] = None,
-    baseline: Annotated[Optional[Path], typer.Option(help=_help("evaluate.baseline"), show_default=False)] = None,
-    save_captions: Annotated[Optional[Path], typer.Option(help=_help("evaluate.save_captions"), show_default=False)] = None,
-    report: Annotated[Optional[Path], typer.Option(help=_help("evaluate.report"), show_default=False)] = None,
-    output: Annotated[Optional[Path], typer.Option(help=_help("evaluate.output"), show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=_help("evaluate.batch_size"), show_default=False)] = None,
-    judge: Annotated[Optional[str], typer.Option(help=_help("evaluate.judge"), show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option(help=help_for("evaluate.limit"), show_default=False)] = None,
+    baseline: Annotated[Optional[Path], typer.Option(help=help_for("evaluate.baseline"), show_default=False)] = None,
+    save_captions: Annotated[Optional[Path], typer.Option(help=help_for("evaluate.save_captions"), show_default=False)] = None,
+    report: Annotated[Optional[Path], typer.Option(help=help_for("evaluate.report"), show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help=help_for("evaluate.output"), show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help=help_for("evaluate.batch_size"), show_default=False)] = None,
+    judge: Annotated[Optional[str], typer.Option(help=help_for("evaluate.judge"), show_default=False)] = None,
     train_size: RunTrainSize = None, val_size: RunValSize = None, test_size: RunTestSize = None,
-    allow_train_images: Annotated[bool, typer.Option("--allow-train-images", help=_help("evaluate.allow_train_images"))] = False,
+    allow_train_images: Annotated[bool, typer.Option("--allow-train-images", help=help_for("evaluate.allow_train_images"))] = False,
 ) -> None:
     """Captions of a split, scored: BLEU, METEOR, ROUGE-L, CIDEr-D, CLIP score, win rate, preference
     accuracy and (on synthetic) grounding, each with a bootstrap 95% interval.
@@ -344,9 +283,9 @@ def evaluate(
         from capcli.settings import load_settings
 
         cli = {
-            **_runtime(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
+            **runtime_keys(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
             "data.val_size": val_size, "data.test_size": test_size, "evaluate.split": split,
-            **_decode("evaluate", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            **decode_keys("evaluate", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
             "evaluate.limit": limit, "evaluate.baseline": baseline, "evaluate.save_captions": save_captions,
             "evaluate.report": report, "evaluate.output": output, "evaluate.batch_size": batch_size,
             "evaluate.judge": judge, "evaluate.allow_train_images": allow_train_images or None,
@@ -407,7 +346,7 @@ def export(
     with exit_codes():
         from capcli.errors import ConfigError
         from capcli.serving import require_onnx
-        from capcli.settings import validated
+        from capcli.settings import DecodeSettings, validated
 
         if fmt != "onnx":
             raise ConfigError(f"unknown --format {fmt!r} (allowed: onnx)")
@@ -428,8 +367,8 @@ def benchmark(
     config: Config = None, device: Device = None, precision: Precision = None, seed: Seed = None,
     quiet: Quiet = False, json: Json = False, model: Model = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Training micro-batch of both phases.  \\[default: the preset's: tiny 32]", show_default=False)] = None,
-    repeats: Annotated[Optional[int], typer.Option(help=_help("benchmark.repeats"), show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help=_help("benchmark.steps"), show_default=False)] = None,
+    repeats: Annotated[Optional[int], typer.Option(help=help_for("benchmark.repeats"), show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option(help=help_for("benchmark.steps"), show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Time this checkpoint's architecture and weights.  \\[default: random weights of --model]", show_default=False)] = None,
     sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, onnx, policy, metrics; and, run only when named, peers (capcli beside transformers' VisionEncoderDecoder and open_clip's CoCa) and startup (one image in one `capcli caption` process against `import torch`).  \\[default: all but peers and startup]", show_default=False)] = "data,pretrain,align,caption,onnx,policy,metrics",
     out: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.", show_default=False)] = None,
@@ -441,7 +380,7 @@ def benchmark(
         from capcli.settings import load_settings
 
         settings = load_settings(config, {
-            **_runtime(device, precision, seed, quiet), **_speed(compile, False), "model.preset": model,
+            **runtime_keys(device, precision, seed, quiet), **speed_keys(compile, False), "model.preset": model,
             "pretrain.engine.batch_size": batch_size, "align.engine.batch_size": batch_size,
             "benchmark.repeats": repeats, "benchmark.steps": steps,
         })
