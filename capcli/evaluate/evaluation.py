@@ -14,6 +14,7 @@ import json
 import random
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,98 +65,38 @@ def evaluate(settings: Settings, checkpoint: Path, trained_on: DataSettings | No
     options = settings.evaluate
     baseline = resolve_checkpoint(options.baseline) if options.baseline is not None else None  # fails early
     runtime = Runtime.from_settings(settings.runtime)
-    device = runtime.device
-    model = Captioner.from_pretrained(checkpoint, device).eval()
-    judge = load_judge(options.judge, model, checkpoint, device, settings.data.max_pixels,
+    model = Captioner.from_pretrained(checkpoint, runtime.device).eval()
+    judge = load_judge(options.judge, model, checkpoint, runtime.device, settings.data.max_pixels,
                        settings.data.max_caption_tokens)
     rows, pixels, skipped, overlap = _load_split(settings, trained_on, model.image_size)
-    n = len(rows)
-    seed = settings.runtime.seed
-    log(f"evaluate: captioning {n} {options.split} images with beams={options.decode.beams}")
+    log(f"evaluate: captioning {len(rows)} {options.split} images with beams={options.decode.beams}")
     with runtime.autocast():
         predictions = _decode(model, pixels, options)
     references = [list(captions) for captions in rows["captions"]]
 
-    metrics: dict[str, dict[str, float | None]] = {}
-
-    def put(name: str, value: float, interval: tuple[float, float]) -> None:
-        metrics[name] = {"value": _clean(value), "low": _clean(interval[0]), "high": _clean(interval[1])}
-
-    scores = caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)))
-    for name, interval in caption_intervals(scores, options.resamples, seed=seed).items():
-        put(name, scores.corpus[name], interval)
-    # Length in words beside the grounding rates: an emptier caption must not pass for a better one.
-    lengths = {"caption_length": [len(p.split()) for p in predictions],
-               "reference_length": [np.mean([len(r.split()) for r in refs]) for refs in references]}
-    for name, words in lengths.items():
-        words = np.asarray(words, dtype=float)
-        put(name, float(words.mean()), bootstrap_interval(words, options.resamples, seed=seed))
-
-    with runtime.autocast():
-        image_emb = _batched(judge.embed_images, list(rows["image"]), options.batch_size)
-        cand_emb = _batched(judge.embed_texts, predictions, options.batch_size)
-        ref_emb = _batched(judge.embed_texts, [r for refs in references for r in refs], options.batch_size)
-    clip = clip_score(image_emb, cand_emb).cpu().numpy()
-    put(f"clip_score{judge.suffix}", float(clip.mean()), bootstrap_interval(clip, options.resamples, seed=seed))
-    ref_sets = torch.split(ref_emb, [len(r) for r in references])
-    ref_clip = ref_clip_score(image_emb, cand_emb, ref_sets).cpu().numpy()
-    put(f"ref_clip_score{judge.suffix}", float(ref_clip.mean()),
-        bootstrap_interval(ref_clip, options.resamples, seed=seed))
-
-    # Win rate: the judge's CLIP score of our caption against the baseline's, per image.
-    if baseline is not None:
-        baseline_model = Captioner.from_pretrained(baseline, device).eval()
-        with runtime.autocast():
-            baseline_captions = _decode(baseline_model, pixels, options)
-        del baseline_model
-        baseline_name = f"checkpoint:{baseline}"
-    else:
-        baseline_captions = _shuffled(predictions, seed)
-        baseline_name = "shuffled captions (each image gets another image's generated caption)"
-    with runtime.autocast():
-        baseline_emb = _batched(judge.embed_texts, baseline_captions, options.batch_size)
-    baseline_clip = clip_score(image_emb, baseline_emb).cpu().numpy()
-    outcomes = pairwise_outcomes(clip, baseline_clip, tie=0.5)
-    put("win_rate", float(outcomes.mean()), bootstrap_interval(outcomes, options.resamples, seed=seed))
-
-    # Preference accuracy: the model's log-probs rank the true caption over its corruption.
-    pairs = generate_pairs(rows, seed, f"evaluate-{options.split}")
-    if len(pairs):
-        ranked, kinds = _preference_outcomes(model, pairs, settings, runtime, options.batch_size)
-        put("preference_accuracy", float(ranked.mean()), bootstrap_interval(ranked, options.resamples, seed=seed))
-        # By kind: relation pairs ask whether the model knows where things are, which its captions may never say.
-        for kind in sorted(set(kinds)):
-            hits = ranked[kinds == kind]
-            put(f"preference_accuracy_{kind}", float(hits.mean()),
-                bootstrap_interval(hits, options.resamples, seed=seed))
-
+    results = _Results(options.resamples, settings.runtime.seed)
+    scores = _caption_scores(results, predictions, references)
+    image_emb, clip = _clip_scores(results, judge, rows, predictions, references, runtime, options.batch_size)
+    win = _win_rate(results, judge, image_emb, clip, predictions, pixels, baseline, runtime, options)
+    _preference(results, model, rows, settings, runtime)
     grounding = None
     if "scene" in rows.column_names:
         grounding = grounding_metrics(predictions, list(rows["scene"]))
-        for name, interval in grounding_intervals(grounding, options.resamples, seed=seed).items():
-            put(f"grounding_{name}", grounding.corpus[name], interval)
+        for name, interval in grounding_intervals(grounding, results.resamples, seed=results.seed).items():
+            results.put(f"grounding_{name}", grounding.corpus[name], interval)
 
     if options.save_captions is not None:
         _save_captions(options.save_captions, rows, predictions, references, {f"clip_score{judge.suffix}": clip},
                        scores, grounding)
-
     if options.report is not None:
-        from capcli.evaluate.gallery import GalleryRow, write_gallery
-
-        gallery = [GalleryRow(pixels[i], predictions[i], references[i], float(scores.per_image["cider_d"][i]),
-                              float(clip[i]), grounding.errors[i] if grounding is not None else [],
-                              baseline_captions[i] if baseline is not None else None,
-                              float(baseline_clip[i]) if baseline is not None else None)
-                   for i in range(n)]
-        summary = {name: value["value"] for name, value in metrics.items() if not name.startswith("grounding_")}
-        page = write_gallery(options.report, gallery,
-                             f"capcli evaluate: {checkpoint} on {options.split} (n={n})", summary)
+        page = _gallery(options, checkpoint, pixels, predictions, references, scores, clip, grounding,
+                        win if baseline is not None else None, results.metrics)
         log(f"gallery written to {page}")
 
     return {
         "checkpoint": str(checkpoint),
         "split": options.split,
-        "n": n,
+        "n": len(rows),
         "skipped_images": skipped,
         "data": settings.data.source,
         "data_settings": {key: getattr(settings.data, key) for key in CARVE_KEYS},
@@ -163,14 +104,113 @@ def evaluate(settings: Settings, checkpoint: Path, trained_on: DataSettings | No
         "train_overlap": overlap,
         "tokenizer": scores.tokenizer,
         "judge": judge.name,
-        "baseline": baseline_name,
+        "baseline": win.name,
         "decoding": options.decode.model_dump(),
-        "bootstrap": {"resamples": options.resamples, "confidence": 0.95, "seed": seed},
-        "metrics": metrics,
+        "bootstrap": {"resamples": options.resamples, "confidence": 0.95, "seed": results.seed},
+        "metrics": results.metrics,
         "skipped_metrics": scores.skipped,
         "notes": scores.notes,
         "versions": _versions(),
     }
+
+
+# --- the metrics ----------------------------------------------------------------------------------------------------
+
+
+class _Results:
+    """The metrics of the results document, each with its 95% percentile bootstrap interval over images."""
+
+    def __init__(self, resamples: int, seed: int) -> None:
+        self.resamples, self.seed = resamples, seed
+        self.metrics: dict[str, dict[str, float | None]] = {}
+
+    def put(self, name: str, value: float, interval: tuple[float, float]) -> None:
+        self.metrics[name] = {"value": _clean(value), "low": _clean(interval[0]), "high": _clean(interval[1])}
+
+    def mean(self, name: str, per_image: np.ndarray) -> None:
+        """The mean of per-image values, and its interval."""
+        self.put(name, float(per_image.mean()), bootstrap_interval(per_image, self.resamples, seed=self.seed))
+
+
+def _caption_scores(results: _Results, predictions: list[str], references: list[list[str]]):
+    """BLEU, METEOR, ROUGE-L, CIDEr-D... against the references (pycocoevalcap), and the lengths."""
+    scores = caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)))
+    for name, interval in caption_intervals(scores, results.resamples, seed=results.seed).items():
+        results.put(name, scores.corpus[name], interval)
+    # Length in words beside the grounding rates: an emptier caption must not pass for a better one.
+    results.mean("caption_length", np.asarray([len(p.split()) for p in predictions], dtype=float))
+    results.mean("reference_length", np.asarray([np.mean([len(r.split()) for r in refs]) for refs in references],
+                                                dtype=float))
+    return scores
+
+
+def _clip_scores(results: _Results, judge, rows, predictions: list[str], references: list[list[str]],
+                 runtime: Runtime, batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """CLIP score and RefCLIPScore by the judge; returns the image embeddings and the per-image CLIP scores."""
+    with runtime.autocast():  # the judge's towers; the scores themselves in full precision
+        image_emb = _batched(judge.embed_images, list(rows["image"]), batch_size)
+        cand_emb = _batched(judge.embed_texts, predictions, batch_size)
+        ref_emb = _batched(judge.embed_texts, [r for refs in references for r in refs], batch_size)
+    clip = clip_score(image_emb, cand_emb).cpu().numpy()
+    results.mean(f"clip_score{judge.suffix}", clip)
+    ref_sets = torch.split(ref_emb, [len(r) for r in references])
+    results.mean(f"ref_clip_score{judge.suffix}", ref_clip_score(image_emb, cand_emb, ref_sets).cpu().numpy())
+    return image_emb, clip
+
+
+@dataclass
+class _Baseline:
+    name: str
+    captions: list[str]
+    clip: np.ndarray
+
+
+def _win_rate(results: _Results, judge, image_emb: torch.Tensor, clip: np.ndarray, predictions: list[str],
+              pixels: torch.Tensor, baseline: Path | None, runtime: Runtime, options: EvaluateSettings) -> _Baseline:
+    """The judge's CLIP score of our caption against the baseline's, per image: a checkpoint's captions,
+    or our own shuffled (each image gets another image's caption)."""
+    if baseline is not None:
+        baseline_model = Captioner.from_pretrained(baseline, runtime.device).eval()
+        with runtime.autocast():
+            captions = _decode(baseline_model, pixels, options)
+        del baseline_model
+        name = f"checkpoint:{baseline}"
+    else:
+        captions = _shuffled(predictions, results.seed)
+        name = "shuffled captions (each image gets another image's generated caption)"
+    with runtime.autocast():
+        baseline_emb = _batched(judge.embed_texts, captions, options.batch_size)
+    baseline_clip = clip_score(image_emb, baseline_emb).cpu().numpy()
+    results.mean("win_rate", pairwise_outcomes(clip, baseline_clip, tie=0.5))
+    return _Baseline(name, captions, baseline_clip)
+
+
+def _preference(results: _Results, model: Captioner, rows, settings: Settings, runtime: Runtime) -> None:
+    """Preference accuracy: the model's log-probs rank the true caption over its corruption, in all and by kind."""
+    pairs = generate_pairs(rows, results.seed, f"evaluate-{settings.evaluate.split}")
+    if not len(pairs):
+        return
+    ranked, kinds = _preference_outcomes(model, pairs, settings, runtime, settings.evaluate.batch_size)
+    results.mean("preference_accuracy", ranked)
+    # By kind: relation pairs ask whether the model knows where things are, which its captions may never say.
+    for kind in sorted(set(kinds)):
+        results.mean(f"preference_accuracy_{kind}", ranked[kinds == kind])
+
+
+def _gallery(options: EvaluateSettings, checkpoint: Path, pixels: torch.Tensor, predictions: list[str],
+             references: list[list[str]], scores, clip: np.ndarray, grounding, baseline: _Baseline | None,
+             metrics: dict[str, dict[str, float | None]]) -> Path:
+    """The self-contained HTML page of every image with its caption, references, scores and errors."""
+    from capcli.evaluate.gallery import GalleryRow, write_gallery
+
+    gallery = [GalleryRow(pixels[i], predictions[i], references[i], float(scores.per_image["cider_d"][i]),
+                          float(clip[i]), grounding.errors[i] if grounding is not None else [],
+                          baseline.captions[i] if baseline is not None else None,
+                          float(baseline.clip[i]) if baseline is not None else None)
+               for i in range(len(predictions))]
+    summary = {name: value["value"] for name, value in metrics.items() if not name.startswith("grounding_")}
+    return write_gallery(options.report, gallery,
+                         f"capcli evaluate: {checkpoint} on {options.split} (n={len(predictions)})", summary)
 
 
 # --- the steps ----------------------------------------------------------------------------------------------------
