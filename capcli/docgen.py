@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel
 
-from capcli.settings import Settings
+from capcli.settings import Settings, shown
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI_DOC = ROOT / "docs" / "cli.md"
@@ -47,18 +46,9 @@ def settings_rows(model: BaseModel | None = None, prefix: str = "") -> list[tupl
         if isinstance(value, BaseModel):
             rows.extend(settings_rows(value, f"{key}."))
         else:
-            rows.append((key, _shown(value), " ".join((field.description or "").split())))
+            rows.append((key, shown(value, none="null"), " ".join((field.description or "").split())))
     return rows
 
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, tuple):
-        return "[" + ", ".join(map(str, value)) + "]"
-    return str(value)
 
 
 def settings_markdown() -> str:

@@ -18,6 +18,7 @@ from capcli.settings import (  # pydantic and yaml only: --help stays quick
     DecodeSettings,
     field_doc,
     preset_defaults,
+    shown,
 )
 
 
@@ -38,18 +39,9 @@ def help_for(key: str, root: type[BaseModel] | None = None) -> str:
         doc, values = field_doc(key, root), {"default": getattr(root(), key)}
     if all(value is None for value in values.values()):
         return escape(doc)
-    shown = "; ".join(f"{name}: {_shown(value)}" for name, value in values.items())
-    return f"{escape(doc)}  \\[{shown}]"  # an escaped bracket: rich markup would take [default: ...] for a tag
+    defaults = "; ".join(f"{name}: {shown(value)}" for name, value in values.items())
+    return f"{escape(doc)}  \\[{defaults}]"  # an escaped bracket: rich markup would take [default: ...] for a tag
 
-
-def _shown(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 # Options shared by the commands. None means "not given": the settings layers below decide.

@@ -5,7 +5,7 @@
 - ``docs``: a setting's help: its docstring on one line and its default under each preset.
 """
 
-from capcli.settings.docs import field_doc, preset_defaults
+from capcli.settings.docs import field_doc, preset_defaults, shown
 from capcli.settings.groups import (
     PRESETS,
     AlignSettings,
@@ -62,6 +62,7 @@ __all__ = [
     "describe_error",
     "env_overrides",
     "field_doc",
+    "shown",
     "load_settings",
     "override",
     "preset_defaults",

@@ -1,4 +1,4 @@
-"""A setting's help: its docstring on one line and its default under each preset, for the CLI help."""
+"""A setting's help: its docstring on one line, its default under each preset, and its value as shown."""
 
 from __future__ import annotations
 
@@ -42,3 +42,17 @@ def preset_defaults(key: str) -> dict[str, Any]:
         if isinstance(written, dict) and parts[-1] in written and value != out["default"]:
             out[preset] = value
     return out
+
+
+def shown(value: Any, none: str = "none") -> str:
+    """A setting's value as the help and the docs print it: ``true``, ``3e-05``, ``[a, b]``; None as ``none``
+    (the docs say ``null``, as YAML writes it)."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
