@@ -76,6 +76,7 @@ def test_one_batch_can_be_overfitted(settings_factory):
     settings = settings_factory(**{
         "data.train_size": 8, "data.val_size": 1, "pretrain.engine.epochs": 80, "pretrain.engine.patience": None,
         "pretrain.optimizer.lr": 1e-3, "pretrain.optimizer.warmup": 0.1, "pretrain.optimizer.min_lr_ratio": 1.0,
+        "pretrain.engine.save_checkpoints": False,  # 80 one-step epochs: saving each would be most of the time
     })
     phase = prepare_pretrain(settings)
     phase.data.train = SameCaptionEveryEpoch(phase.data.train)
