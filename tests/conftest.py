@@ -42,6 +42,18 @@ else:
 SMALL_SIZES = {"data.train_size": 64, "data.val_size": 16, "data.test_size": 16}
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files with the most ``slow`` tests first, each file's tests in their order.
+
+    xdist hands whole files to the workers in collection order (``--dist loadfile``); started
+    last, a file of long end-to-end runs would leave the other worker idle at the end.
+    """
+    slow: dict[str, int] = {}
+    for item in items:
+        slow[item.nodeid.split("::")[0]] = slow.get(item.nodeid.split("::")[0], 0) + int("slow" in item.keywords)
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])  # stable: within a file, the order stays
+
+
 def png_claiming_size(width: int, height: int) -> bytes:
     """A 1×1 PNG whose header claims ``width × height``: a few bytes on disk, a bomb to decode."""
     buf = io.BytesIO()
