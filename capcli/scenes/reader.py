@@ -38,7 +38,8 @@ from capcli.scenes.vocabulary import (
 
 _TOKEN = re.compile(r"[a-z]+|[,:]")
 _LINK_RELATION = {phrase: rel for rel, phrases in RELATION_PHRASES.items() for phrase in phrases}
-_COUNTS = {word: n for n, word in COUNT_WORDS.items()} | {"a": 1, "an": 1, "a single": 1}
+_TOTAL_COUNTS = {word: n for n, word in COUNT_WORDS.items()}  # "two shapes: ..."
+_COUNTS = _TOTAL_COUNTS | {"a": 1, "an": 1, "a single": 1}  # a mention's determiner, in the grammar
 
 
 @dataclass(frozen=True)
@@ -300,9 +301,8 @@ def is_true(caption: str, scene: Scene) -> bool:
 # before it, and a relation phrase directly between two mentions is a relation.
 
 _WORD = re.compile(r"[a-z]+")
-_DET_COUNTS = {word: n for n, word in COUNT_WORDS.items()} | {"a": 1, "an": 1, "single": 1}
-_TOTAL_COUNTS = {word: n for n, word in COUNT_WORDS.items()}
-_WORD_LINKS = {tuple(phrase.split()): rel for rel, phrases in RELATION_PHRASES.items() for phrase in phrases}
+_DET_COUNTS = _TOTAL_COUNTS | {"a": 1, "an": 1, "single": 1}  # word by word, "a single" is two words
+_WORD_LINKS = {tuple(phrase.split()): rel for phrase, rel in _LINK_RELATION.items()}
 _BACKGROUND_PHRASES = sorted((tuple(bg.split()) for bg in BACKGROUNDS), key=len, reverse=True)
 
 
