@@ -89,6 +89,32 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    report = yield
+    if report.failed:
+        item.module.__dict__["_capcli_failed"] = True
+    return report
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_tmp_cleanup(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Removes what a test file wrote under pytest's temporary folder once the file is done,
+    unless one of its tests failed.
+
+    Full-size models, their checkpoints and exports run to gigabytes; kept to the end of the
+    session (pytest's default) they filled a CI machine's disk. The session's own cache lives
+    outside this folder (``_CACHE``), so nothing a later file needs is removed.
+    """
+    root = tmp_path_factory.getbasetemp()
+    before = set(root.iterdir())
+    yield
+    if request.module.__dict__.get("_capcli_failed"):
+        return
+    for path in set(root.iterdir()) - before:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def data_cache() -> Path:
     """The session's cache root for materialised synthetic data."""

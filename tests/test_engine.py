@@ -204,6 +204,30 @@ def test_a_checkpoint_write_killed_at_any_stage_leaves_one_that_resumes(two_save
         assert not (last.parent / ".old-last").exists()
 
 
+def test_best_and_last_of_one_step_share_their_large_files_and_stay_independent(two_saves, tmp_path):
+    """Validation improved at the run's last step, so ``best`` and ``last`` hold the same state: the
+    weights and the training state are written once and hard-linked. A later write of either leaves
+    the other as it was, and each keeps a card of its own."""
+    _, _, whole_last = two_saves
+    whole_best = whole_last.parent / "best"
+    assert load_state(whole_best)["step"] == load_state(whole_last)["step"] == 3
+    for name in ("model.safetensors", "state.pt"):
+        assert os.path.samefile(whole_best / name, whole_last / name), name
+    assert not os.path.samefile(whole_best / "README.md", whole_last / "README.md")
+
+    model, state = Captioner.from_pretrained(whole_last), load_state(whole_last)
+    best = save_checkpoint(tmp_path / "best", model, state)
+    last = save_checkpoint(tmp_path / "last", model, state, same_as=best)
+    assert os.path.samefile(best / "model.safetensors", last / "model.safetensors")
+    kept = _weights(best)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save_checkpoint(last, model, {**state, "step": 4})
+    assert _weights(best) == kept and load_state(best)["step"] == 3
+    assert _weights(last) != kept and load_state(last)["step"] == 4
+    Captioner.from_pretrained(best)  # still loads
+
+
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(settings_factory):
     settings = settings_factory(**{"pretrain.engine.epochs": 3})
     phase = prepare_pretrain(settings)

@@ -26,6 +26,7 @@ from capcli import faults
 from capcli.errors import CheckpointError, ConfigError
 
 STATE_FILE = "state.pt"
+_WEIGHTS_FILE = "model.safetensors"  # the model's (Captioner.save_pretrained)
 _OLD_PREFIX = ".old-"
 # Where a command with no --checkpoint looks, in order: aligned beats pretrained (DESIGN §9).
 DEFAULT_RUNS: tuple[Path, ...] = (Path("runs/align"), Path("runs/pretrain"))
@@ -51,13 +52,20 @@ class Described:
             self.describe(Path(directory), self.state)
 
 
-def save_checkpoint(directory: Path, model: Checkpointable, state: dict[str, Any]) -> Path:
+def save_checkpoint(directory: Path, model: Checkpointable, state: dict[str, Any],
+                    same_as: Path | None = None) -> Path:
     """Write a checkpoint so that a kill at any moment leaves a loadable one behind.
 
     The new checkpoint is written into a temporary sibling, then swapped in with two
     renames. Between them only the previous checkpoint exists, under ``.old-<name>``,
     and ``resolve_checkpoint`` falls back to it. Temporary folders left by a write that
     was killed are removed first (one run writes a run directory: ``runlock``).
+
+    ``same_as`` names a checkpoint just written from this same model and ``state`` (``best``
+    and then ``last`` at one step): its weights and training state, the large files (a
+    full-size model with its optimizer is gigabytes), are hard-linked instead of written
+    again, and its other files copied. Neither large file is ever changed in place, so the two
+    checkpoints stay independent; where the file system has no hard links they are copied.
 
     Raises:
         CheckpointError: the write failed (a full disk, a read-only folder); the message
@@ -72,9 +80,13 @@ def save_checkpoint(directory: Path, model: Checkpointable, state: dict[str, Any
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
         faults.point("checkpoint.start")
-        model.save_pretrained(tmp)
-        faults.point("checkpoint.weights")
-        torch.save(state, tmp / STATE_FILE)
+        if same_as is None:
+            model.save_pretrained(tmp)
+            faults.point("checkpoint.weights")
+            torch.save(state, tmp / STATE_FILE)
+        else:
+            _same_files(Path(same_as), tmp)
+            faults.point("checkpoint.weights")
         faults.point("checkpoint.state")
         if old.exists() and directory.exists():
             shutil.rmtree(old)  # a stale backup from an earlier kill; the current one is complete
@@ -92,6 +104,23 @@ def save_checkpoint(directory: Path, model: Checkpointable, state: dict[str, Any
         _undo(tmp, old, directory)
         raise
     return directory
+
+
+def _same_files(source: Path, target: Path) -> None:
+    """Fills ``target`` with ``source``'s files: the weights and the training state hard-linked
+    (copied where the file system has no links), the small files copied, so that a later edit of
+    one checkpoint's card (evaluate adds its results) leaves the other's as it was."""
+    for path in source.iterdir():
+        if path.is_dir():
+            shutil.copytree(path, target / path.name)
+            continue
+        if path.name in (_WEIGHTS_FILE, STATE_FILE):
+            try:
+                os.link(path, target / path.name)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(path, target / path.name)
 
 
 def _undo(tmp: Path | None, old: Path, directory: Path) -> None:

@@ -285,7 +285,7 @@ class _Training:
             self.scheduler.step()  # the step counts, as one fp16 skips does: the schedule keeps its length
 
     def _end_of_epoch(self) -> None:
-        state = self.state
+        state, best = self.state, None
         if state.batch_in_epoch >= self.epoch_batches:
             state.epoch += 1
             state.batch_in_epoch = 0
@@ -296,13 +296,13 @@ class _Training:
             self.display.print(f"{self.title} epoch {state.epoch} step {state.step}: val {monitor} {loss:.4f}")
             if loss < state.best_val_loss:
                 state.best_val_loss, state.bad_validations = loss, 0
-                self._save("best")
+                best = self._save("best")
             else:
                 state.bad_validations += 1
                 if self.engine.patience and state.bad_validations >= self.engine.patience:
                     self.result.stopped_early = True
                     self.display.print(f"early stop: no val improvement in {self.engine.patience} validations")
-        self._save("last")
+        self._save("last", same_as=best)
         if self._stop_agreed():
             self._interrupted(saved=True)
 
@@ -326,8 +326,11 @@ class _Training:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, name: str) -> Path | None:
+    def _save(self, name: str, same_as: Path | None = None) -> Path | None:
         """Write a checkpoint (rank 0), with every rank's RNG state so that each resumes its own stream.
+
+        ``same_as``: a checkpoint written just before with nothing run since, whose large files
+        this one links instead of writing them again (``save_checkpoint``).
 
         Called on every rank: gathering the RNG states is a collective. The model, optimizer
         and counters are the same on every rank, and the model is the bare one, not DDP's
@@ -342,7 +345,7 @@ class _Training:
                  "scaler": self.scaler.state_dict(), "rng": rng if self.world.distributed else rng[0],
                  "world_size": self.world.size}
         described = Described(self.model, self.describe, state)
-        return save_checkpoint(self.run_dir / "checkpoints" / name, described, state)
+        return save_checkpoint(self.run_dir / "checkpoints" / name, described, state, same_as)
 
     def _stop_agreed(self) -> bool:
         """Ctrl-C on any rank stops every rank after the same step (torchrun forwards the signal)."""
