@@ -361,3 +361,44 @@ class PreferenceCollator:
         return PreferenceBatch(*chosen, *rejected, pixels=stack("pixels"), features=stack("features"),
                                reference=stack("reference"), skipped=len(examples) - len(kept),
                                other_pixels=stack("other_pixels"), other_features=stack("other_features"))
+
+
+def near_other_images(keys: list[str], chosen: list[str], seed: int,
+                      words: frozenset[str] | None = None) -> tuple[list[int] | None, int]:
+    """Like ``other_images``, but where it can, the other image of pair ``i`` is one that a caption
+    one word away from its chosen caption describes: "a red circle and a blue square" against the
+    image of "a red circle and a green square". Returns the pair indices and how many pairs got
+    such a near image.
+
+    A random other image differs in everything, so its caption is easy to tell apart from the
+    words alone; a near one differs in one colour, shape or count, and the chosen caption wins
+    under its own image only where the decoder reads that word from the image (hard negatives
+    for mDPO's image-conditional term). The captions are the pairs' own chosen captions, so it
+    needs no scene graph and serves any captioned source; "an" counts as "a", so a colour
+    changed behind an article is still one word. With ``words`` (the model's concept words),
+    only a change of one of them (or of its plural) counts: "a picture of" against "a photo
+    of" names the same image.
+    """
+    fallback = other_images(keys, seed)
+    if fallback is None:
+        return None, 0
+    tokens = [tuple("a" if w == "an" else w for w in text.lower().split()) for text in chosen]
+    # (position, caption with that word left out) -> {the word there: pairs whose caption it is}
+    slots: dict[tuple[int, tuple[str, ...]], dict[str, list[int]]] = {}
+    for i, ws in enumerate(tokens):
+        for k in range(len(ws)):
+            slots.setdefault((k, ws[:k] + ws[k + 1:]), {}).setdefault(ws[k], []).append(i)
+    others, near = list(fallback), 0
+    for i, ws in enumerate(tokens):
+        found = sorted({j for k in range(len(ws)) if _counts(ws[k], words)
+                        for word, pairs in slots[k, ws[:k] + ws[k + 1:]].items()
+                        if word != ws[k] and _counts(word, words) for j in pairs if keys[j] != keys[i]})
+        if found:
+            others[i] = random.Random(f"{seed}:near:{i}").choice(found)
+            near += 1
+    return others, near
+
+
+def _counts(word: str, words: frozenset[str] | None) -> bool:
+    """Whether a change of ``word`` changes what a caption claims (any word, without ``words``)."""
+    return words is None or word in words or word.removesuffix("s") in words or word.removesuffix("es") in words
