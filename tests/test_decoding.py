@@ -381,6 +381,27 @@ def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained
     assert guided[3, blue] < -5 and guided[3, square] < -5  # nothing below the circle
 
 
+def test_the_object_of_a_spatial_phrase_is_found_after_a_verb_a_which_and_an_article() -> None:
+    """Token ids by hand: 1 "a", 2 "red", 3 "circle", 4 ",", 5 "which", 6 "is", 7 "on", 8 "the",
+    10 "left", 11 "of"; red and circle are concept slots 0 and 1."""
+    from capcli.model.generation import _spatial_object
+
+    phrases = [((10, 11), (1.0, 0.0))]
+    slot_of = {2: 0, 3: 1}
+
+    def found(*ids: int):
+        return _spatial_object(list(ids), [slot_of.get(i, -1) for i in ids], phrases)
+
+    assert found(1, 2, 3, 6, 10, 11) == ([1, 0], (1.0, 0.0), [])  # "a red circle is left of"
+    assert found(1, 2, 3, 6, 10, 11, 1) == ([1, 0], (1.0, 0.0), [])  # ... "a"
+    assert found(1, 2, 3, 10, 11, 1, 2) == ([1, 0], (1.0, 0.0), [0])  # ... "a red"
+    assert found(1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 1) == ([1, 0], (1.0, 0.0), [])  # ", which is on the left of a"
+    assert found(1, 2, 3, 10, 11, 1, 2, 3, 4) is None  # the object is named: the phrase is behind
+    assert found(1, 2, 3, 10, 11, 1, 1) is None  # two words between the phrase and the object
+    assert found(1, 10, 11, 1) is None  # no subject to be left of
+    assert found(1, 2, 3, 6) is None
+
+
 def test_concept_guidance_keeps_out_a_word_the_head_does_not_see(trained) -> None:
     """Trained briefly, the model says "circle" for some image; with the head sure there is no circle
     in any image, guided search never says it, and with λ = 0 the captions are the unguided ones."""

@@ -24,7 +24,7 @@ from test_align import align_settings, start_checkpoint  # noqa: F401 - the modu
 from test_sources import _write_folder
 from torch.testing import assert_close
 
-from capcli.data.batches import PreferenceDataset, near_other_images, other_images
+from capcli.data.batches import PreferenceDataset, other_images
 from capcli.errors import ConfigError, TrainingInterrupted
 from capcli.metrics.grounding import grounding_reward
 from capcli.metrics.ptb import simple_ptb_tokenize
@@ -72,6 +72,23 @@ def test_grounding_reward_can_pay_for_true_relations():
     assert grounding_reward("a blue square right of a red circle", TWO, relation_credit=0.5) == pytest.approx(1.5)
     assert grounding_reward("a red circle right of a blue square", TWO, relation_credit=0.5) == pytest.approx(0.0)
     assert grounding_reward("a red circle and a blue square", TWO, relation_credit=0.5) == pytest.approx(1.0)
+
+
+def test_the_grounding_judge_pays_the_relation_credit_of_the_settings():
+    """``align.policy.relation_credit`` reaches the judge that on-policy pairs are drawn with."""
+    import datasets
+
+    from capcli.phases.rewards import load_judge
+    from capcli.settings import load_settings
+
+    split = datasets.Dataset.from_dict({"captions": [["a red circle left of a blue square"]],
+                                        "scene": [TWO.to_dict()]})
+    settings = load_settings(environ={"CAPCLI_ALIGN__POLICY__RELATION_CREDIT": "0.5"})
+    judge = load_judge("grounding", "", split, torch.device("cpu"), 10**6, settings.align.policy.relation_credit)
+    plain = load_judge("grounding", "", split, torch.device("cpu"), 10**6)
+    caption = [["a red circle left of a blue square", "a red circle right of a blue square"]]
+    assert judge.score([0], caption) == [[pytest.approx(1.5), pytest.approx(0.0)]]
+    assert plain.score([0], caption) == [[pytest.approx(1.0), pytest.approx(0.0)]]
 
 
 def test_grounding_reward_ranks_truth_over_length_and_takes_scene_rows():
@@ -143,22 +160,6 @@ def test_other_images_point_each_pair_at_another_image():
     assert other[0] == other[1] and other[3] == other[4]  # pairs of one image share their other image
     assert {keys[o] for o in other} == set(keys)  # a cycle: each image is someone's other
     assert other_images(["x", "x"], seed=0) is None
-
-
-def test_a_near_other_image_is_one_whose_caption_is_one_word_away():
-    keys = ["i0", "i0", "i1", "i2", "i3", "i4", "i5"]
-    chosen = ["a red circle", "a red circle on a white background", "a red square", "an orange circle",
-              "a blue star and a green triangle", "a picture of a red star", "a photo of a red star"]
-    others, near = near_other_images(keys, chosen, seed=0)
-    assert others[0] in (2, 3)  # "a red square" and "an orange circle" ("an" counts as "a")
-    assert others[2] == 0 and others[3] == 0  # only pair 0 is one word from them; pair 1 is two away
-    assert others[5] == 6 and others[6] == 5
-    assert keys[others[4]] != "i3" and keys[others[1]] != "i0"  # no near image: a random other image
-    assert near == 5
-    # With concept words only their changes count: not the colour "orange", not "picture"/"photo".
-    others, near = near_other_images(keys, chosen, seed=0, words=frozenset({"red", "circle", "square", "star"}))
-    assert others[0] == 2 and others[2] == 0 and near == 2
-    assert near_other_images(["x", "x"], ["a red circle", "a red square"], seed=0) == (None, 0)
 
 
 # --- sampling --------------------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ def _spatial_object(ids: list[int], slot: list[int], phrases) -> tuple[list[int]
     """Whether a caption so far is naming the object of a spatial phrase.
 
     Returns the concept slots of the subject (the concept words just before the phrase, with
-    at most three other words between: "is to the"), the phrase's direction, and the slots of
+    at most six other words between: ", which is to the"), the phrase's direction, and the slots of
     the object's words written so far; None unless the caption ends in the phrase, then at
     most one other word ("a", "two"), then an unbroken run of concept words.
     """
@@ -195,7 +195,7 @@ def _spatial_object(ids: list[int], slot: list[int], phrases) -> tuple[list[int]
             start = end - len(tokens)
             if start > 0 and tuple(ids[start:end]) == tokens:
                 k, between = start, 0
-                while k and slot[k - 1] < 0 and between < 3:
+                while k and slot[k - 1] < 0 and between < 6:
                     k, between = k - 1, between + 1
                 subject = []
                 while k and slot[k - 1] >= 0:

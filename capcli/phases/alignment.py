@@ -17,7 +17,6 @@ from capcli.data.batches import (
     PreferenceCollator,
     PreferenceDataset,
     caption_dataset,
-    near_other_images,
     other_images,
 )
 from capcli.data.preferences import load_preferences
@@ -120,7 +119,7 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
         has_images = "image" in split.column_names and any(v is not None for v in split["image"])
         if phase.freeze_vision and has_images:
             split, features, index = frozen_features(model, split, settings.data.max_pixels, runtime, batch)
-        other = _other_images(split, phase.other_image, model, settings.data.seed, name, runtime.world.main) \
+        other = other_images([image_identity(v) for v in split["image"]], settings.data.seed) \
             if phase.image_weight and has_images else None
         data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index, other=other)
         if phase.reference == "checkpoint":
@@ -175,19 +174,6 @@ def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, m
                         "lower align.policy.min_gap or draw more candidates (align.policy.beams, samples)")
     summary += f"; held out: {report.summary()}"
     return {**generated, "train": train}, summary
-
-
-def _other_images(split: datasets.Dataset, kind: str, model: Captioner, seed: int, name: str,
-                  say: bool) -> list[int] | None:
-    """Each pair's other image for the image-conditional term (``align.other_image``)."""
-    keys = [image_identity(v) for v in split["image"]]
-    if kind == "random":
-        return other_images(keys, seed)
-    words = frozenset(w for phrase in model.config.concept_words for w in phrase.split()) or None
-    others, near = near_other_images(keys, list(split["chosen"]), seed, words)
-    if say and others is not None:
-        print(f"{name} pairs with a near other image: {near} of {len(keys)} (the rest: a random one)", file=sys.stderr)
-    return others
 
 
 def policy_spec(spec: str | None) -> tuple[str, str] | None:

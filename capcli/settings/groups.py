@@ -237,8 +237,6 @@ class AlignSettings(Strict):
     """Optional LM loss on the chosen caption, to keep its likelihood from falling."""
     image_weight: float = Field(0.0, ge=0)
     """Weight of mDPO's image-conditional term: the chosen caption with its own image preferred over the same caption with another image, so that the reward cannot be won on the caption alone."""
-    other_image: Literal["random", "near"] = "random"
-    """The other image of the image-conditional term: any other image of the split, or, where one exists, an image whose caption is one concept word away from the chosen caption (a red circle against a red square), so that the term pays for reading that word from the image."""
     anchor_weight: float = Field(0.0, ge=0)
     """Weight of mDPO's anchor: −log σ(chosen reward), which keeps the chosen caption's reward above zero."""
     policy: PolicySettings = PolicySettings()
