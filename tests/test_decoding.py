@@ -326,6 +326,82 @@ def test_concept_guidance_after_a_concept_word_binds_by_place(trained) -> None:
     assert guided[0, other] == 0 and guided[1, other] == 0
 
 
+class _PlacedConcepts(torch.nn.Module):
+    """A concept head that sees fixed words at fixed patches of an 8 × 8 grid, whatever the image."""
+
+    def __init__(self, words: int, placed: dict[tuple[int, int], list[int]]):
+        super().__init__()
+        table = torch.full((64, words), -10.0)
+        for (row, col), columns in placed.items():
+            table[row * 8 + col, columns] = 10.0
+        self.register_buffer("table", table)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table.expand(*x.shape[:-1], -1)
+
+
+def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained) -> None:
+    """A red circle at the left of the image, a blue square at its right. After "a red circle is
+    left of a", " blue" keeps its score and " square" after it too; after "... right of a", where
+    the red circle has nothing on that side but image edge, " blue" loses about λ·log(σ(-10)/σ(10))
+    (a red patch is there: " red" keeps its score); "above"/"below" have no side with the square."""
+    from capcli.model import build_model
+    from capcli.model.generation import ConceptGuidance
+    from capcli.settings import ModelSettings
+
+    _, pixels = trained
+    torch.manual_seed(0)
+    captions = ["a red circle is left of a blue square", "a blue square is right of a red circle",
+                "a red circle above a blue square", "a blue square below a red circle"] * 10
+    words = ("circle", "square", "red", "blue")
+    model = build_model(ModelSettings(concept_source="patches"), captions, words).eval()
+    model.concept_head = _PlacedConcepts(4, {(3, 1): [0, 2], (3, 6): [1, 3], (3, 0): [2]})
+    token = {w: model.tokenizer.encode(" " + w, add_special_tokens=False) for w in
+             ("a", "red", "circle", "square", "blue", "is", "left of", "right of", "above")}
+    assert all(len(t) == 1 for w, t in token.items() if " " not in w)
+
+    def row(*ws: str) -> list[int]:
+        return [i for w in ws for i in token[w]]
+
+    with torch.no_grad():
+        features = model.image_features(pixels[:1])
+        guide = ConceptGuidance(model, features, weight=1.0, beams=4)
+    rows = [row("a", "red", "circle", "is", "left of", "a"), row("a", "red", "circle", "is", "right of", "a"),
+            row("a", "red", "circle", "is", "left of", "a", "blue"), row("a", "red", "circle", "above", "a")]
+    width = max(map(len, rows))
+    pad = token["a"][0]
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    guided = guide(ids, torch.zeros(4, model.decoder.config.vocab_size))
+    blue, red, square = token["blue"][0], token["red"][0], token["square"][0]
+    unseen = float(torch.log(torch.sigmoid(torch.tensor(-10.0)) / torch.sigmoid(torch.tensor(10.0))))
+    assert abs(guided[0, blue]) < 1e-3  # on the side named: as unguided by place
+    assert guided[1, blue] == pytest.approx(unseen, abs=1e-2)  # nothing blue on the left of the circle
+    assert abs(guided[1, red]) < 1e-3  # a red patch at its left
+    assert abs(guided[2, square]) < 1e-3  # "blue" then "square", bound within the side
+    assert guided[3, blue] < -5 and guided[3, square] < -5  # nothing below the circle
+
+
+def test_the_object_of_a_spatial_phrase_is_found_after_a_verb_a_which_and_an_article() -> None:
+    """Token ids by hand: 1 "a", 2 "red", 3 "circle", 4 ",", 5 "which", 6 "is", 7 "on", 8 "the",
+    10 "left", 11 "of"; red and circle are concept slots 0 and 1."""
+    from capcli.model.generation import _spatial_object
+
+    phrases = [((10, 11), (1.0, 0.0))]
+    slot_of = {2: 0, 3: 1}
+
+    def found(*ids: int):
+        return _spatial_object(list(ids), [slot_of.get(i, -1) for i in ids], phrases)
+
+    assert found(1, 2, 3, 6, 10, 11) == ([1, 0], (1.0, 0.0), [])  # "a red circle is left of"
+    assert found(1, 2, 3, 6, 10, 11, 1) == ([1, 0], (1.0, 0.0), [])  # ... "a"
+    assert found(1, 2, 3, 10, 11, 1, 2) == ([1, 0], (1.0, 0.0), [0])  # ... "a red"
+    assert found(1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 1) == ([1, 0], (1.0, 0.0), [])  # ", which is on the left of a"
+    assert found(1, 2, 3, 10, 11, 1, 2, 3, 4) is None  # the object is named: the phrase is behind
+    assert found(1, 2, 3, 10, 11, 1, 1) is None  # two words between the phrase and the object
+    assert found(1, 10, 11, 1) is None  # no subject to be left of
+    assert found(1, 2, 3, 6) is None
+
+
 def test_concept_guidance_keeps_out_a_word_the_head_does_not_see(trained) -> None:
     """Trained briefly, the model says "circle" for some image; with the head sure there is no circle
     in any image, guided search never says it, and with λ = 0 the captions are the unguided ones."""

@@ -74,6 +74,23 @@ def test_grounding_reward_can_pay_for_true_relations():
     assert grounding_reward("a red circle and a blue square", TWO, relation_credit=0.5) == pytest.approx(1.0)
 
 
+def test_the_grounding_judge_pays_the_relation_credit_of_the_settings():
+    """``align.policy.relation_credit`` reaches the judge that on-policy pairs are drawn with."""
+    import datasets
+
+    from capcli.phases.rewards import load_judge
+    from capcli.settings import load_settings
+
+    split = datasets.Dataset.from_dict({"captions": [["a red circle left of a blue square"]],
+                                        "scene": [TWO.to_dict()]})
+    settings = load_settings(environ={"CAPCLI_ALIGN__POLICY__RELATION_CREDIT": "0.5"})
+    judge = load_judge("grounding", "", split, torch.device("cpu"), 10**6, settings.align.policy.relation_credit)
+    plain = load_judge("grounding", "", split, torch.device("cpu"), 10**6)
+    caption = [["a red circle left of a blue square", "a red circle right of a blue square"]]
+    assert judge.score([0], caption) == [[pytest.approx(1.5), pytest.approx(0.0)]]
+    assert plain.score([0], caption) == [[pytest.approx(1.0), pytest.approx(0.0)]]
+
+
 def test_grounding_reward_ranks_truth_over_length_and_takes_scene_rows():
     assert grounding_reward("a red circle", TWO.to_dict()) > grounding_reward("a red circle and a blue star", TWO)
     assert grounding_reward("a red circle", TWO) > grounding_reward("", TWO)

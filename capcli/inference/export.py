@@ -13,7 +13,9 @@ The export folder holds:
 
 ``serving.OnnxCaptioner`` is the greedy search over those graphs with numpy alone, the same
 search as ``capcli caption --beams 1`` (concept guidance included); tests check that the
-captions are equal. onnx and onnxruntime are the ``onnx`` extra.
+captions are equal. The spatial binding after a relation phrase (``decode.spatial_guidance``)
+is not exported: a caption that states a relation may name its second object differently
+(``decoding.json`` says ``"spatial_guidance": false``). onnx and onnxruntime are the ``onnx`` extra.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length
     settings = {
         "image_size": size, "layers": layers, "heads": heads, "head_dim": width // heads,
         "max_length": max_length, "min_length": min_length,
-        "concept_guidance": concept_guidance if guided else 0.0,
+        "concept_guidance": concept_guidance if guided else 0.0, "spatial_guidance": False,
         "concept_token_ids": ids if guided else [], "concept_patches": model.config.concept_source == "patches",
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "vocab_size": config.vocab_size, "checkpoint": str(checkpoint), "opset": OPSET,

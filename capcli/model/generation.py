@@ -24,6 +24,12 @@ from capcli.settings import DecodeSettings  # the search controls, one settings 
 from capcli.train.runtime import evaluating
 
 
+# Where the object of a spatial phrase lies from its subject, in image coordinates (x right, y
+# down): "A left of B" puts B to A's right. English, not the synthetic grammar's own list.
+SPATIAL_PHRASES = {"left of": (1.0, 0.0), "right of": (-1.0, 0.0), "above": (0.0, 1.0), "over": (0.0, 1.0),
+                   "below": (0.0, -1.0), "under": (0.0, -1.0), "beneath": (0.0, -1.0)}
+
+
 @dataclass(frozen=True)
 class ScoredCaption:
     """A caption with its scores under the model that wrote it.
@@ -85,9 +91,16 @@ class ConceptGuidance(LogitsProcessor):
     patches, tried first, dropped words: test CIDEr-D 3.40 against 3.82). So the words
     of one object are bound by its place in the image, from factors detected separately, and
     an unseen pair binds as a seen one does.
+
+    Spatial phrases are bound the same way. After "a red circle is left of", the words of the
+    next object are scored by the patches on the far side of the subject (the patch that shows
+    "red" and "circle" best): ``λ · log(max_{n in region} σ(w_n) / max_n σ(w_n))`` for each of
+    its concept words in turn, the region-limited form of the binding above after the first.
+    The decoder alone says "left of" or "right of" at chance (docs/models.md); here the
+    direction that leaves no object on that side loses its beam.
     """
 
-    def __init__(self, model: Captioner, features: torch.Tensor, weight: float, beams: int):
+    def __init__(self, model: Captioner, features: torch.Tensor, weight: float, beams: int, spatial: bool = True):
         ids, columns = concept_token_ids(model)
         self.ids = torch.tensor(ids, dtype=torch.long, device=features.device)  # (K,) vocabulary ids
         columns = torch.tensor(columns, dtype=torch.long, device=features.device)  # (K,) their concept words
@@ -106,6 +119,15 @@ class ConceptGuidance(LogitsProcessor):
             # The position of each vocabulary id among the concept tokens, -1 for any other token.
             self.slot = torch.full((model.decoder.config.vocab_size,), -1, dtype=torch.long, device=features.device)
             self.slot[self.ids] = torch.arange(len(ids), device=features.device)
+            self.weight, self.beams = weight, beams
+            self.shown = shown[:, :, columns]  # (B, N, K): each concept token's word, per patch
+            self.phrases = spatial_token_phrases(model.tokenizer) if spatial else []
+            side = round(shown.shape[1] ** 0.5)
+            if side * side == shown.shape[1]:  # the patches of a square grid, in rows: their centres
+                grid = (torch.arange(side, device=features.device, dtype=torch.float32) + 0.5) / side
+                self.centres = torch.stack(torch.meshgrid(grid, grid, indexing="ij")[::-1], dim=-1).reshape(-1, 2)
+            else:
+                self.phrases = []
         self.alone = self.alone.repeat_interleave(beams, dim=0)  # generate expands each image into its beams in a row
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -116,9 +138,74 @@ class ConceptGuidance(LogitsProcessor):
             if len(rows):
                 bias = bias.clone()
                 bias[rows] = self.follows[rows, after[rows]]
+            if self.phrases:
+                bias = self._spatial(input_ids, bias)
         scores = scores.clone()
         scores[:, self.ids] += bias.to(scores.dtype)
         return scores
+
+
+    def _spatial(self, input_ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The bias of the rows whose caption is naming the object of a spatial phrase, by region."""
+        slots = self.slot[input_ids].tolist()  # (rows, T): each token's concept slot, or -1
+        history = input_ids.tolist()
+        for row, (ids, slot) in enumerate(zip(history, slots)):
+            found = _spatial_object(ids, slot, self.phrases)
+            if found is None:
+                continue
+            subject, direction, named = found
+            shown = self.shown[row // self.beams]  # (N, K)
+            where = shown[:, subject].prod(dim=1).argmax()  # the patch that shows the subject best
+            offset = self.centres - self.centres[where]  # (N, 2)
+            along = offset @ torch.tensor(direction, device=offset.device)
+            across = (offset @ torch.tensor(direction[::-1], device=offset.device)).abs()
+            region = (along > 0) & (along >= across)  # on that side, more along than across
+            if not region.any():
+                continue
+            if named:  # after the object's first word: the binding of ``follows``, within the region
+                seen = shown[region][:, named].prod(dim=1, keepdim=True)  # (R, 1)
+                kept = (shown[region] * seen).amax(dim=0) / seen.amax().clamp_min(1e-12)
+                bias[row] = self.weight * kept.clamp_min(1e-6).log()
+            else:  # its first word: seen in the region as well as anywhere
+                kept = shown[region].amax(dim=0) / shown.amax(dim=0).clamp_min(1e-12)
+                bias[row] = self.alone[row] + self.weight * kept.clamp(1e-6, 1.0).log()
+        return bias
+
+
+def spatial_token_phrases(tokenizer) -> list[tuple[tuple[int, ...], tuple[float, float]]]:
+    """The token ids of each spatial phrase after a space, with its direction (``SPATIAL_PHRASES``)."""
+    return [(tuple(tokenizer.encode(" " + phrase, add_special_tokens=False)), direction)
+            for phrase, direction in SPATIAL_PHRASES.items()]
+
+
+def _spatial_object(ids: list[int], slot: list[int], phrases) -> tuple[list[int], tuple[float, float], list[int]] | None:
+    """Whether a caption so far is naming the object of a spatial phrase.
+
+    Returns the concept slots of the subject (the concept words just before the phrase, with
+    at most six other words between: ", which is to the"), the phrase's direction, and the slots of
+    the object's words written so far; None unless the caption ends in the phrase, then at
+    most one other word ("a", "two"), then an unbroken run of concept words.
+    """
+    end = len(ids)
+    while end and slot[end - 1] >= 0:  # the object's concept words so far
+        end -= 1
+    named = slot[end:]
+    for skip in range(2):
+        for tokens, direction in phrases:
+            start = end - len(tokens)
+            if start > 0 and tuple(ids[start:end]) == tokens:
+                k, between = start, 0
+                while k and slot[k - 1] < 0 and between < 6:
+                    k, between = k - 1, between + 1
+                subject = []
+                while k and slot[k - 1] >= 0:
+                    k -= 1
+                    subject.append(slot[k])
+                return (subject, direction, named) if subject else None
+        if skip or not end or slot[end - 1] >= 0:
+            return None
+        end -= 1  # the article or count word before the object's words
+    return None
 
 
 def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:
@@ -155,7 +242,7 @@ def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, 
     tokenizer = model.tokenizer
     guide = LogitsProcessorList()
     if decode.concept_guidance and model.concept_head is not None:
-        guide.append(ConceptGuidance(model, features, decode.concept_guidance, copies))
+        guide.append(ConceptGuidance(model, features, decode.concept_guidance, copies, decode.spatial_guidance))
     arguments = dict(
         inputs_embeds=prefix,
         attention_mask=torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device),

@@ -156,7 +156,7 @@ def _policy_pairs(settings: Settings, policy: tuple[str, str], caption_splits, m
     else:
         train = caption_splits["train"]
         judge = load_judge(policy[0] or ("grounding" if "scene" in train.column_names else "cider"), policy[1],
-                           train, runtime.device, data.max_pixels)
+                           train, runtime.device, data.max_pixels, phase.policy.relation_credit)
         decode = DecodeSettings(max_length=data.max_caption_tokens)  # guided, as evaluate decodes
         drawn, drawn_report = draw_pairs(
             model, train, partial(caption_features, model, train, data.max_pixels, runtime), judge,

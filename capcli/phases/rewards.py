@@ -53,14 +53,16 @@ class GroundingJudge:
 
     name = "grounding"
 
-    def __init__(self, split: datasets.Dataset):
+    def __init__(self, split: datasets.Dataset, relation_credit: float = 0.0):
+        self.relation_credit = relation_credit
         if "scene" not in split.column_names:
             raise ConfigError("the grounding judge needs scene graphs, and this caption source has none "
                               "(only the embedded synthetic source has them); use policy:cider or policy:clip")
         self.scenes, self.captions = split["scene"], split["captions"]
 
     def score(self, rows: Sequence[int], captions: Sequence[Sequence[str]]) -> list[list[float]]:
-        return [[grounding_reward(c, self.scenes[r]) for c in caps] for r, caps in zip(rows, captions, strict=True)]
+        return [[grounding_reward(c, self.scenes[r], self.relation_credit) for c in caps]
+                for r, caps in zip(rows, captions, strict=True)]
 
     def references(self, rows: Sequence[int]) -> list[list[float]]:
         return self.score(rows, [self.captions[r] for r in rows])
@@ -167,10 +169,12 @@ class ClipJudge:
         return self.score(rows, [self.captions[r] for r in rows])
 
 
-def load_judge(name: str, arg: str, split: datasets.Dataset, device: torch.device, max_pixels: int) -> Judge:
-    """The judge ``name`` (one of ``JUDGES``) for the rows of ``split``; ``arg`` is the clip judge's weights."""
+def load_judge(name: str, arg: str, split: datasets.Dataset, device: torch.device, max_pixels: int,
+               relation_credit: float = 0.0) -> Judge:
+    """The judge ``name`` (one of ``JUDGES``) for the rows of ``split``; ``arg`` is the clip judge's weights,
+    ``relation_credit`` what the grounding judge pays for each true relation."""
     if name == "grounding":
-        return GroundingJudge(split)
+        return GroundingJudge(split, relation_credit)
     if name == "cider":
         return CiderJudge(split)
     if name == "clip":

@@ -200,6 +200,8 @@ class PolicySettings(Strict):
     """Training images drawn for in each round (a seeded choice); null: every training image."""
     use_references: bool = True
     """Let a reference caption be chosen where it scores above every caption the model wrote."""
+    relation_credit: float = Field(0.0, ge=0)
+    """What the grounding judge pays for each true relation a caption states, in objects covered (0.5: half an object), so that captions learn to say where things are."""
     corruption_pairs: int = Field(0, ge=0)
     """Also this many generated corruption pairs per training image (today's pairs), mixed in; 0 for none."""
     rounds: int = Field(1, ge=1)
@@ -275,6 +277,8 @@ class DecodeSettings(Strict):
     """Never repeat an n-gram of this size; 0 allows repeats."""
     concept_guidance: float = Field(1.0, ge=0, allow_inf_nan=False)
     """Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it."""
+    spatial_guidance: bool = True
+    """With concept guidance and a head on the patches: after a spatial phrase ("left of", "above", …) the next object's words are scored by the patches on that side of the subject, so that a relation is stated the right way round."""
 
     @model_validator(mode="after")
     def _min_within_max(self) -> DecodeSettings:
