@@ -159,7 +159,7 @@ class ConceptGuidance(LogitsProcessor):
             offset = self.centres - self.centres[where]  # (N, 2)
             along = offset @ torch.tensor(direction, device=offset.device)
             across = (offset @ torch.tensor(direction[::-1], device=offset.device)).abs()
-            region = (along > 0) & (along >= across)  # on that side, more along than across
+            region = (along > 0) & (along >= 1.5 * across)  # on that side, as the scene graph names one
             if not region.any():
                 continue
             if named:  # after the object's first word: the binding of ``follows``, within the region
