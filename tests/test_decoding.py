@@ -344,7 +344,8 @@ def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained
     """A red circle at the left of the image, a blue square at its right. After "a red circle is
     left of a", " blue" keeps its score and " square" after it too; after "... right of a", where
     the red circle has nothing on that side but image edge, " blue" loses about λ·log(σ(-10)/σ(10))
-    (a red patch is there: " red" keeps its score); "above"/"below" have no side with the square."""
+    (a red patch is there: " red" keeps its score); "above"/"below" have no side with the square.
+    Before the phrase, " right" and " above" lose as much, " left" nothing."""
     from capcli.model import build_model
     from capcli.model.generation import ConceptGuidance
     from capcli.settings import ModelSettings
@@ -379,6 +380,18 @@ def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained
     assert abs(guided[1, red]) < 1e-3  # a red patch at its left
     assert abs(guided[2, square]) < 1e-3  # "blue" then "square", bound within the side
     assert guided[3, blue] < -5 and guided[3, square] < -5  # nothing below the circle
+    only_objects = ids[[0, 1, 3, 0]]  # no row after a concept word: the bias is the guide's own until changed
+    first = guide(only_objects, torch.zeros(4, model.decoder.config.vocab_size))
+    assert torch.equal(first, guide(only_objects, torch.zeros(4, model.decoder.config.vocab_size)))
+
+    # Where the direction is chosen: after "a red circle is", a side with nothing on it but red
+    # (the subject's own word) costs its phrase's first word; "left" (the square is there) nothing.
+    left, right, above = (token[w][0] for w in ("left of", "right of", "above"))
+    ids = torch.tensor([row("a", "red", "circle", "is")] * 4)
+    before = torch.zeros(4, model.decoder.config.vocab_size)
+    chosen = guide(ids, before.clone())
+    assert abs(chosen[0, left]) < 1e-3
+    assert chosen[0, right] == pytest.approx(unseen, abs=1e-2) and chosen[0, above] == pytest.approx(unseen, abs=1e-2)
 
 
 def test_the_object_of_a_spatial_phrase_is_found_after_a_verb_a_which_and_an_article() -> None:

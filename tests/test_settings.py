@@ -147,7 +147,7 @@ def test_tiny_profile_applies_with_nothing_set():
     assert s.pretrain.optimizer.lr == 1e-3
     assert (s.align.engine.epochs, s.align.engine.max_steps) == (3, 350)
     assert (s.model.prefix_mapper, s.model.concept_source) == ("tokens", "patches")
-    assert s.align.optimizer.lr == 3e-4
+    assert s.align.optimizer.lr == 1e-4
     assert (s.align.pairs_per_image, s.align.lm_weight) == (5, 0.5)
 
 
@@ -191,7 +191,7 @@ def test_partial_env_group_keeps_the_groups_other_defaults(preset):
     assert s.align.engine.batch_size == 32
     assert s.align.engine.output == Path("runs/align")
     assert s.align.engine.grad_accum == 2
-    assert s.align.optimizer.lr == (3e-4 if preset == "tiny" else 3e-5)
+    assert s.align.optimizer.lr == (1e-4 if preset == "tiny" else 3e-5)
 
 
 def test_partial_file_group_keeps_the_groups_other_defaults(tmp_path):

@@ -23,7 +23,6 @@ from capcli.model import Captioner
 from capcli.settings import DecodeSettings  # the search controls, one settings group
 from capcli.train.runtime import evaluating
 
-
 # Where the object of a spatial phrase lies from its subject, in image coordinates (x right, y
 # down): "A left of B" puts B to A's right. English, not the synthetic grammar's own list.
 SPATIAL_PHRASES = {"left of": (1.0, 0.0), "right of": (-1.0, 0.0), "above": (0.0, 1.0), "over": (0.0, 1.0),
@@ -92,12 +91,16 @@ class ConceptGuidance(LogitsProcessor):
     of one object are bound by its place in the image, from factors detected separately, and
     an unseen pair binds as a seen one does.
 
-    Spatial phrases are bound the same way. After "a red circle is left of", the words of the
-    next object are scored by the patches on the far side of the subject (the patch that shows
-    "red" and "circle" best): ``λ · log(max_{n in region} σ(w_n) / max_n σ(w_n))`` for each of
-    its concept words in turn, the region-limited form of the binding above after the first.
-    The decoder alone says "left of" or "right of" at chance (docs/models.md); here the
-    direction that leaves no object on that side loses its beam.
+    Spatial phrases are bound the same way, where the direction is chosen and where the object
+    is named. Once a caption has named an object (the subject: the patch that shows "red" and
+    "circle" best), each phrase's first word (" left", " above", …) gains
+    ``λ · log(max_{n on that side} t_n / max_n t_n)``, ``t_n`` the most confident concept word
+    of patch n other than the subject's own: a side with nothing else on it makes its phrase
+    unlikely. After the phrase, the object's first concept word gains
+    ``λ · log(max_{n on that side} σ(w_n) / max_n σ(w_n))`` and each later one the binding above
+    within that side. "That side" is where one axis is at least 1.5 times the other, as the
+    scene graph names a relation. The decoder alone says "left of" or "right of" at chance
+    (docs/models.md).
     """
 
     def __init__(self, model: Captioner, features: torch.Tensor, weight: float, beams: int, spatial: bool = True):
@@ -122,16 +125,28 @@ class ConceptGuidance(LogitsProcessor):
             self.weight, self.beams = weight, beams
             self.shown = shown[:, :, columns]  # (B, N, K): each concept token's word, per patch
             self.phrases = spatial_token_phrases(model.tokenizer) if spatial else []
+            self.columns = columns
+            # The first token of each phrase ("left" of "left of"), where the direction is chosen.
+            # Only where that token is the whole first word: a tokenizer that never saw "above"
+            # writes it in pieces, and its first piece (" a") opens other words too.
+            words = {tuple(model.tokenizer.encode(" " + phrase, add_special_tokens=False)): phrase.split()[0]
+                     for phrase in SPATIAL_PHRASES}
+            starts = {tokens[0]: direction for tokens, direction in self.phrases
+                      if model.tokenizer.decode(tokens[:1]).strip() == words[tokens]}
+            self.start_ids = list(starts)
+            self.starts = torch.tensor(self.start_ids, dtype=torch.long, device=features.device)
+            self.directions = sorted(set(SPATIAL_PHRASES.values()))
+            self.start_sides = torch.tensor([self.directions.index(d) for d in starts.values()], dtype=torch.long,
+                                            device=features.device)
             side = round(shown.shape[1] ** 0.5)
-            if side * side == shown.shape[1]:  # the patches of a square grid, in rows: their centres
-                grid = (torch.arange(side, device=features.device, dtype=torch.float32) + 0.5) / side
-                self.centres = torch.stack(torch.meshgrid(grid, grid, indexing="ij")[::-1], dim=-1).reshape(-1, 2)
+            if side * side == shown.shape[1]:  # the patches of a square grid, in rows
+                self.regions = _regions(side, self.directions, features.device)  # (U, N, N)
             else:
                 self.phrases = []
         self.alone = self.alone.repeat_interleave(beams, dim=0)  # generate expands each image into its beams in a row
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bias = self.alone
+        bias, sides = self.alone, None
         if self.follows is not None and input_ids.shape[1]:
             after = self.slot[input_ids[:, -1]]  # (B·beams,) the concept token just written, or -1
             rows = (after >= 0).nonzero(as_tuple=True)[0]
@@ -139,27 +154,33 @@ class ConceptGuidance(LogitsProcessor):
                 bias = bias.clone()
                 bias[rows] = self.follows[rows, after[rows]]
             if self.phrases:
-                bias = self._spatial(input_ids, bias)
+                bias, sides = self._spatial(input_ids, bias)
         scores = scores.clone()
         scores[:, self.ids] += bias.to(scores.dtype)
+        if sides is not None:
+            scores[:, self.starts] += sides.to(scores.dtype)
         return scores
 
-
-    def _spatial(self, input_ids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The bias of the rows whose caption is naming the object of a spatial phrase, by region."""
+    def _spatial(self, input_ids: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows' concept-token bias with the spatial terms, and the bias of the phrase-opening
+        tokens (" left", " above", ...) for the rows whose caption has just named a subject."""
         slots = self.slot[input_ids].tolist()  # (rows, T): each token's concept slot, or -1
         history = input_ids.tolist()
+        subjects: list[tuple[int, list[int]]] = []  # rows whose caption has just named an object
+        objects = []  # rows naming the object of a phrase
         for row, (ids, slot) in enumerate(zip(history, slots)):
             found = _spatial_object(ids, slot, self.phrases)
-            if found is None:
-                continue
-            subject, direction, named = found
+            if found is not None:
+                objects.append((row, found))
+            elif self.start_ids and (subject := _spatial_subject(ids, slot, self.start_ids)) is not None:
+                subjects.append((row, subject))
+        sides = self._sides(subjects, len(history), bias) if subjects else None
+        if objects:
+            bias = bias.clone()  # it may be ``self.alone`` itself, which later steps read
+        for row, found in objects:
             shown = self.shown[row // self.beams]  # (N, K)
-            where = shown[:, subject].prod(dim=1).argmax()  # the patch that shows the subject best
-            offset = self.centres - self.centres[where]  # (N, 2)
-            along = offset @ torch.tensor(direction, device=offset.device)
-            across = (offset @ torch.tensor(direction[::-1], device=offset.device)).abs()
-            region = (along > 0) & (along >= 1.5 * across)  # on that side, as the scene graph names one
+            subject, direction, named = found
+            region = self.regions[self.directions.index(direction), shown[:, subject].prod(dim=1).argmax()]
             if not region.any():
                 continue
             if named:  # after the object's first word: the binding of ``follows``, within the region
@@ -169,13 +190,63 @@ class ConceptGuidance(LogitsProcessor):
             else:  # its first word: seen in the region as well as anywhere
                 kept = shown[region].amax(dim=0) / shown.amax(dim=0).clamp_min(1e-12)
                 bias[row] = self.alone[row] + self.weight * kept.clamp(1e-6, 1.0).log()
-        return bias
+        return bias, sides
+
+    def _sides(self, subjects: list[tuple[int, list[int]]], rows: int, bias: torch.Tensor) -> torch.Tensor:
+        """(rows, S) the bias of each phrase's first word after a subject, all such rows at once:
+        ``λ·log(max_{n on that side} t_n / max_n t_n)``, ``t_n`` patch n's most confident concept
+        word other than the subject's own (its plural included)."""
+        index = torch.tensor([row for row, _ in subjects], device=bias.device)
+        mask = torch.zeros(len(subjects), len(self.columns), dtype=torch.bool, device=bias.device)  # (R, K)
+        for k, (_, subject) in enumerate(subjects):
+            mask[k, subject] = True
+        shown = self.shown[index // self.beams]  # (R, N, K)
+        where = (shown.clamp_min(1e-12).log() * mask[:, None, :]).sum(-1).argmax(dim=1)  # (R,) the subject's patch
+        own = (mask.float() @ (self.columns[:, None] == self.columns[None, :]).float()) > 0  # (R, K) its words
+        thing = shown.masked_fill(own[:, None, :], 0.0).amax(dim=2)  # (R, N)
+        regions = self.regions[self.start_sides][:, where].transpose(0, 1)  # (R, S, N)
+        most = thing.amax(dim=1, keepdim=True)  # (R, 1); 0 where every word is the subject's: no say
+        kept = torch.where(most > 0, (thing[:, None, :] * regions).amax(dim=2) / most.clamp_min(1e-12), 1.0)
+        sides = bias.new_zeros(rows, len(self.start_ids))
+        sides[index] = self.weight * kept.clamp(1e-6, 1.0).log()
+        return sides
+
+
+def _regions(side: int, directions: list[tuple[float, float]], device: torch.device) -> torch.Tensor:
+    """(U, N, N) bool: for each direction u and patch p of a ``side`` × ``side`` grid (in rows), the
+    patches n on that side of p, one axis at least 1.5 times the other, as the scene graph names a
+    relation (``scenes.graph.compute_relations``)."""
+    grid = (torch.arange(side, device=device, dtype=torch.float32) + 0.5) / side
+    centres = torch.stack(torch.meshgrid(grid, grid, indexing="ij")[::-1], dim=-1).reshape(-1, 2)  # (N, 2): x, y
+    offset = centres[None, :, :] - centres[:, None, :]  # (N, N, 2): from p to n
+    out = []
+    for direction in directions:
+        along = offset @ torch.tensor(direction, device=device)
+        across = (offset @ torch.tensor(direction[::-1], device=device)).abs()
+        out.append((along > 0) & (along >= 1.5 * across))
+    return torch.stack(out)
 
 
 def spatial_token_phrases(tokenizer) -> list[tuple[tuple[int, ...], tuple[float, float]]]:
     """The token ids of each spatial phrase after a space, with its direction (``SPATIAL_PHRASES``)."""
     return [(tuple(tokenizer.encode(" " + phrase, add_special_tokens=False)), direction)
             for phrase, direction in SPATIAL_PHRASES.items()]
+
+
+def _spatial_subject(ids: list[int], slot: list[int], starts: list[int]) -> list[int] | None:
+    """The concept slots of the object a caption has just named, while a spatial phrase could
+    come next: at most five other words since ("is", ", which is on the"), none of them a
+    phrase's first word. None otherwise."""
+    end, between = len(ids), 0
+    while end and slot[end - 1] < 0:
+        if ids[end - 1] in starts or between == 5:
+            return None
+        end, between = end - 1, between + 1
+    subject = []
+    while end and slot[end - 1] >= 0:
+        end -= 1
+        subject.append(slot[end])
+    return subject or None
 
 
 def _spatial_object(ids: list[int], slot: list[int], phrases) -> tuple[list[int], tuple[float, float], list[int]] | None:
