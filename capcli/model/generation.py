@@ -122,27 +122,22 @@ class ConceptGuidance(LogitsProcessor):
             # The position of each vocabulary id among the concept tokens, -1 for any other token.
             self.slot = torch.full((model.decoder.config.vocab_size,), -1, dtype=torch.long, device=features.device)
             self.slot[self.ids] = torch.arange(len(ids), device=features.device)
-            self.weight, self.beams = weight, beams
-            self.shown = shown[:, :, columns]  # (B, N, K): each concept token's word, per patch
-            self.phrases = spatial_token_phrases(model.tokenizer) if spatial else []
-            self.columns = columns
-            # The first token of each phrase ("left" of "left of"), where the direction is chosen.
-            # Only where that token is the whole first word: a tokenizer that never saw "above"
-            # writes it in pieces, and its first piece (" a") opens other words too.
-            words = {tuple(model.tokenizer.encode(" " + phrase, add_special_tokens=False)): phrase.split()[0]
-                     for phrase in SPATIAL_PHRASES}
-            starts = {tokens[0]: direction for tokens, direction in self.phrases
-                      if model.tokenizer.decode(tokens[:1]).strip() == words[tokens]}
-            self.start_ids = list(starts)
-            self.starts = torch.tensor(self.start_ids, dtype=torch.long, device=features.device)
-            self.directions = sorted(set(SPATIAL_PHRASES.values()))
-            self.start_sides = torch.tensor([self.directions.index(d) for d in starts.values()], dtype=torch.long,
-                                            device=features.device)
-            side = round(shown.shape[1] ** 0.5)
-            if side * side == shown.shape[1]:  # the patches of a square grid, in rows
+            side = round(shown.shape[1] ** 0.5)  # the patches of a square grid, in rows
+            self.phrases = spatial_token_phrases(model.tokenizer) if spatial and side * side == shown.shape[1] else []
+            if self.phrases:
+                self.weight, self.beams, self.columns = weight, beams, columns
+                self.shown = shown[:, :, columns]  # (B, N, K): each concept token's word, per patch
+                self.directions = sorted(set(SPATIAL_PHRASES.values()))
                 self.regions = _regions(side, self.directions, features.device)  # (U, N, N)
-            else:
-                self.phrases = []
+                # The first token of each phrase ("left" of "left of"), where the direction is chosen.
+                # Only where that token is the whole first word: a tokenizer that never saw "above"
+                # writes it in pieces, and its first piece (" a") opens other words too.
+                starts = {tokens[0]: direction for (tokens, direction), phrase in zip(self.phrases, SPATIAL_PHRASES)
+                          if model.tokenizer.decode(tokens[:1]).strip() == phrase.split()[0]}
+                self.start_ids = list(starts)
+                self.starts = torch.tensor(self.start_ids, dtype=torch.long, device=features.device)
+                self.start_sides = torch.tensor([self.directions.index(d) for d in starts.values()],
+                                                dtype=torch.long, device=features.device)
         self.alone = self.alone.repeat_interleave(beams, dim=0)  # generate expands each image into its beams in a row
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -172,7 +167,7 @@ class ConceptGuidance(LogitsProcessor):
             found = _spatial_object(ids, slot, self.phrases)
             if found is not None:
                 objects.append((row, found))
-            elif self.start_ids and (subject := _spatial_subject(ids, slot, self.start_ids)) is not None:
+            elif self.start_ids and (subject := _last_mention(ids, slot, len(ids), 5, self.start_ids)):
                 subjects.append((row, subject))
         sides = self._sides(subjects, len(history), bias) if subjects else None
         if objects:
@@ -180,7 +175,9 @@ class ConceptGuidance(LogitsProcessor):
         for row, found in objects:
             shown = self.shown[row // self.beams]  # (N, K)
             subject, direction, named = found
-            region = self.regions[self.directions.index(direction), shown[:, subject].prod(dim=1).argmax()]
+            mask = torch.zeros(shown.shape[1], dtype=torch.bool, device=shown.device)
+            mask[subject] = True
+            region = self.regions[self.directions.index(direction), _subject_patch(shown, mask)]
             if not region.any():
                 continue
             if named:  # after the object's first word: the binding of ``follows``, within the region
@@ -201,7 +198,7 @@ class ConceptGuidance(LogitsProcessor):
         for k, (_, subject) in enumerate(subjects):
             mask[k, subject] = True
         shown = self.shown[index // self.beams]  # (R, N, K)
-        where = (shown.clamp_min(1e-12).log() * mask[:, None, :]).sum(-1).argmax(dim=1)  # (R,) the subject's patch
+        where = _subject_patch(shown, mask)  # (R,)
         own = (mask.float() @ (self.columns[:, None] == self.columns[None, :]).float()) > 0  # (R, K) its words
         thing = shown.masked_fill(own[:, None, :], 0.0).amax(dim=2)  # (R, N)
         regions = self.regions[self.start_sides][:, where].transpose(0, 1)  # (R, S, N)
@@ -210,6 +207,12 @@ class ConceptGuidance(LogitsProcessor):
         sides = bias.new_zeros(rows, len(self.start_ids))
         sides[index] = self.weight * kept.clamp(1e-6, 1.0).log()
         return sides
+
+
+def _subject_patch(shown: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(..., N, K), (..., K) → (...): the patch that shows all the masked words best (the largest
+    product of their σ, summed in logs so that no product underflows to a tie)."""
+    return (shown.clamp_min(1e-12).log() * mask[..., None, :]).sum(-1).argmax(dim=-1)
 
 
 def _regions(side: int, directions: list[tuple[float, float]], device: torch.device) -> torch.Tensor:
@@ -233,20 +236,19 @@ def spatial_token_phrases(tokenizer) -> list[tuple[tuple[int, ...], tuple[float,
             for phrase, direction in SPATIAL_PHRASES.items()]
 
 
-def _spatial_subject(ids: list[int], slot: list[int], starts: list[int]) -> list[int] | None:
-    """The concept slots of the object a caption has just named, while a spatial phrase could
-    come next: at most five other words since ("is", ", which is on the"), none of them a
-    phrase's first word. None otherwise."""
-    end, between = len(ids), 0
+def _last_mention(ids: list[int], slot: list[int], end: int, gap: int, stops=()) -> list[int]:
+    """The concept slots of the last run of concept words before ``end`` (last word first), with
+    at most ``gap`` other words after it and none of them in ``stops``; [] if there is none."""
+    between = 0
     while end and slot[end - 1] < 0:
-        if ids[end - 1] in starts or between == 5:
-            return None
+        if ids[end - 1] in stops or between == gap:
+            return []
         end, between = end - 1, between + 1
-    subject = []
+    run = []
     while end and slot[end - 1] >= 0:
         end -= 1
-        subject.append(slot[end])
-    return subject or None
+        run.append(slot[end])
+    return run
 
 
 def _spatial_object(ids: list[int], slot: list[int], phrases) -> tuple[list[int], tuple[float, float], list[int]] | None:
@@ -265,13 +267,7 @@ def _spatial_object(ids: list[int], slot: list[int], phrases) -> tuple[list[int]
         for tokens, direction in phrases:
             start = end - len(tokens)
             if start > 0 and tuple(ids[start:end]) == tokens:
-                k, between = start, 0
-                while k and slot[k - 1] < 0 and between < 6:
-                    k, between = k - 1, between + 1
-                subject = []
-                while k and slot[k - 1] >= 0:
-                    k -= 1
-                    subject.append(slot[k])
+                subject = _last_mention(ids, slot, start, 6)
                 return (subject, direction, named) if subject else None
         if skip or not end or slot[end - 1] >= 0:
             return None
