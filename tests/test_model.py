@@ -601,7 +601,8 @@ def test_clip_gpt2_grows_a_full_vocabulary_by_one_row_for_the_pad(tmp_path: Path
 def test_openai_vision_weights_get_quick_gelu(vit_b32_file: dict, tmp_path: Path, captions: list[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     import open_clip.factory
-    from open_clip.transformer import QuickGELU
+
+    from capcli.model.vit import QuickGELU
 
     # Stand in for the download: the 'openai' tag resolves to a local file of the right shape.
     monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda *a, **k: str(vit_b32_file["path"]))
@@ -685,7 +686,7 @@ def test_clip_gpt2_from_a_local_vision_file_and_decoder_trains_a_step_and_captio
 def test_a_local_vision_file_takes_quick_gelu_from_the_setting(vit_b32_file: dict, tmp_path: Path,
                                                                captions: list[str], setting, quick: bool) -> None:
     """A file carries no activation: GELU unless model.vision_quick_gelu says the weights are OpenAI's."""
-    from open_clip.transformer import QuickGELU
+    from capcli.model.vit import QuickGELU
 
     decoder = _small_decoder_dir(tmp_path / "decoder", captions)
     model = build_model(ModelSettings(preset="clip-gpt2", vision_weights=str(vit_b32_file["path"]),

@@ -12,7 +12,6 @@ import random
 import sys
 from dataclasses import dataclass, replace
 
-import datasets
 import torch
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
@@ -20,7 +19,6 @@ from transformers import PreTrainedTokenizerBase
 from capcli.data.concepts import concept_targets
 from capcli.data.images import ImageLoadError, load_image, resize_center_crop
 from capcli.data.pixel_cache import PixelCache, pixel_cache_for
-from capcli.data.sources import cache_root
 from capcli.settings import DataSettings
 from capcli.train.sampler import (
     EpochLayout,
@@ -170,6 +168,9 @@ def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDatase
     memory-mapped file would sit on a network filesystem, where writes from different hosts
     are not coherent.
     """
+    # Imported here, not at the top: captioning a file needs no `datasets`.
+    from capcli.data.sources import cache_root
+
     cache, why = None, ""
     if data.pixel_cache and os.environ.get("LOCAL_WORLD_SIZE", "1") == os.environ.get("WORLD_SIZE", "1"):
         cache, why = pixel_cache_for(split, cache_root(data), image_size, data.pixel_cache_max_gb)
@@ -181,6 +182,8 @@ def caption_dataset(split, image_size: int, data: DataSettings) -> CaptionDatase
 def training_dataset(split, image_size: int, data: DataSettings, seed: int) -> CaptionDataset | StreamingCaptions:
     """A caption split as the engine reads it: a stream read afresh each epoch (its shuffle seeded
     by ``seed``, ``data.train_size`` rows an epoch), else indexed (``caption_dataset``)."""
+    import datasets
+
     if isinstance(split, datasets.IterableDataset):
         return StreamingCaptions(split, data.train_size, image_size, data.max_pixels, seed)
     return caption_dataset(split, image_size, data)

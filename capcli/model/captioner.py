@@ -259,7 +259,7 @@ class Captioner(nn.Module):
         bos = torch.full_like(caption_ids[:, :1], self.tokenizer.bos_token_id)
         ids = torch.cat([bos, caption_ids], dim=1)  # (B, 1+T)
         mask = torch.cat([torch.ones_like(caption_mask[:, :1]), caption_mask], dim=1)
-        hidden = self.decoder.transformer(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, 1+T, D)
+        hidden = self.decoder.transformer(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, 1+T, D)
         last = mask.sum(dim=1) - 1  # index of the end-of-text token (right padding)
         summary = hidden[torch.arange(ids.shape[0], device=ids.device), last]  # (B, D)
         return F.normalize(self.text_head(summary), dim=-1)
@@ -297,7 +297,8 @@ class Captioner(nn.Module):
         tokens = self.decoder.transformer.wte(caption_ids)  # (B, T, D)
         mask = torch.cat([torch.ones_like(caption_mask[:, :1]).expand(-1, k), caption_mask], dim=1)
         hidden = self.decoder.transformer(
-            inputs_embeds=torch.cat([prefix.to(tokens.dtype), tokens], dim=1), attention_mask=mask
+            inputs_embeds=torch.cat([prefix.to(tokens.dtype), tokens], dim=1), attention_mask=mask,
+            use_cache=False,  # a whole sequence in one pass: a KV cache would only copy every layer's keys
         ).last_hidden_state  # (B, K+T, D)
         return self.decoder.lm_head(hidden[:, k - 1 : -1])  # position K-1+t predicts token t
 
@@ -309,7 +310,7 @@ class Captioner(nn.Module):
         bos = torch.full_like(caption_ids[:, :1], self.tokenizer.bos_token_id)
         ids = torch.cat([bos, caption_ids], dim=1)
         mask = torch.cat([torch.ones_like(caption_mask[:, :1]), caption_mask], dim=1)
-        return self.decoder(input_ids=ids, attention_mask=mask).logits[:, :-1]  # position t predicts token t
+        return self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # t predicts token t
 
     def freeze_vision(self) -> None:
         """Freeze the vision tower: no gradients, and eval mode that ``train()`` will not undo."""

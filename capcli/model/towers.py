@@ -1,4 +1,4 @@
-"""The two towers: an open_clip vision transformer and a transformers GPT-2 decoder.
+"""The two towers: a CLIP vision transformer as open_clip defines it (``vit``) and a transformers GPT-2 decoder.
 
 Each tower is described by a plain dict (written into ``model.json``) and built from it
 with random weights; pretrained weights, when asked for, are loaded on top by name or
@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.transformer import QuickGELU, VisionTransformer
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.activations import ACT2FN
 
 from capcli.errors import ConfigError
+from capcli.model.vit import QuickGELU, VisionTransformer
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's OPENAI_DATASET_MEAN
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)  # open_clip's OPENAI_DATASET_STD
@@ -82,7 +82,7 @@ def vision_spec_open_clip(model_name: str, weights: str | None,
     }
     spec = {
         "arch": arch,
-        "quick_gelu": isinstance(block.mlp.gelu, QuickGELU),  # OpenAI's weights need QuickGELU, others GELU
+        "quick_gelu": isinstance(block.mlp.gelu, open_clip.transformer.QuickGELU),  # OpenAI's weights need it
         "mean": tuple(cfg.get("mean", CLIP_MEAN)),
         "std": tuple(cfg.get("std", CLIP_STD)),
         "weights": f"open_clip:{model_name}:{weights or 'none'}",
