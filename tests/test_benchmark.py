@@ -77,7 +77,7 @@ def assert_figures_are_their_repeats(document: dict, measured: dict[str, list[fl
         assert document["range"][key] == [min(values), max(values)], key
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=65)
 def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path, measured) -> None:
     out = tmp_path / "bench" / "results.json"
     result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "2", "--steps", "2",

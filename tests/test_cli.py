@@ -324,7 +324,7 @@ def test_table_on_stdout_and_progress_lines_on_stderr(tmp_path, run_env):
 # --- Ctrl-C through the real process ------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=28)
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_exits_130_and_resumes(tmp_path, run_env):
     """SIGINT to a real ``capcli pretrain`` process once it has logged a step of its first epoch."""
     import os

@@ -127,13 +127,13 @@ def pretrained(tmp_path_factory, env) -> dict[str, Path]:
     return {"one": one, "two": two, "stdout": result.stdout, "root": root}
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_pretrain_on_two_ranks_equals_one_process_of_the_whole_batch(pretrained) -> None:
     assert_same_run(pretrained["one"], pretrained["two"], ("loss", "contrastive_loss", "caption_loss"))
     assert [s for s, _ in losses(pretrained["two"])] == list(range(1, 9))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_local_loss_on_two_ranks_also_equals_one_process(pretrained, env) -> None:
     """Each rank's rows against all columns: the mean of the ranks' losses is the global loss, and so
     is its gradient; what it saves is the (world·B)² logit matrix."""
@@ -155,7 +155,7 @@ def test_rank_0_alone_writes_the_result_and_the_checkpoints(pretrained) -> None:
     assert not any(k.startswith(("module.", "model.")) for k in weights)  # DDP's wrapper was not saved
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_align_on_two_ranks_equals_one_process_of_the_whole_batch(pretrained, env) -> None:
     """Align with accumulation 2: DDP syncs once per step (no_sync on the first micro-batch)."""
     start = pretrained["one"] / "checkpoints" / "best"
@@ -168,7 +168,7 @@ def test_align_on_two_ranks_equals_one_process_of_the_whole_batch(pretrained, en
     assert_same_run(one, two, ("loss", "preference_loss", "contrastive_loss", "caption_loss", "reward_margin"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_losses(pretrained, env) -> None:
     run = pretrained["root"] / "killed"
     args = ["pretrain", *COMMON, "--epochs", "2", "--batch-size", "4", "--output", str(run)]
@@ -218,7 +218,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=17)
 def test_resuming_with_another_number_of_processes_is_refused(pretrained, env) -> None:
     result = capcli(["pretrain", *COMMON, "--epochs", "2", "--batch-size", "4", "--resume", "--output",
                      str(pretrained["one"])], env, nproc=2, check=False)
@@ -226,7 +226,7 @@ def test_resuming_with_another_number_of_processes_is_refused(pretrained, env) -
     assert "written by 1 process(es) and this run has 2" in result.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=17)
 def test_a_failure_on_one_rank_stops_the_job_with_its_error(env, tmp_path: Path) -> None:
     """Rank 1 raises at step 2; rank 0 would wait for it in the all-reduce. torchrun stops both."""
     script = tmp_path / "fail_on_rank_1.py"
@@ -251,7 +251,7 @@ def test_a_failure_on_one_rank_stops_the_job_with_its_error(env, tmp_path: Path)
     assert time.monotonic() - started < 300  # stopped, not left to a collective timeout
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=17)
 def test_torchrun_with_one_process_runs_the_ddp_path_and_equals_a_plain_run(pretrained, env) -> None:
     """World size 1 under torchrun: DDP wrapping, gathers and reductions, with nothing to split."""
     alone = pretrained["root"] / "torchrun-one"
@@ -261,7 +261,7 @@ def test_torchrun_with_one_process_runs_the_ddp_path_and_equals_a_plain_run(pret
     assert_same_run(pretrained["one"], alone, ("loss", "contrastive_loss", "caption_loss"))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=25)
 def test_a_streamed_source_is_split_by_node_across_two_ranks(env, tmp_path: Path) -> None:
     """hf: --streaming under torchrun: each rank reads its shard of the stream
     (datasets.distributed.split_dataset_by_node), and an epoch is train_size samples in all."""

@@ -108,7 +108,7 @@ def test_export_errors_are_one_line_and_exit_2(exported, tmp_path, monkeypatch):
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=45)
 def test_full_size_clip_gpt2_exports_and_runs_on_random_weights(tmp_path, offline_hub):
     """ViT-B/32 at 224 px and GPT-2 small (124M), random weights, built from local parts."""
     from test_model import EXTRA_TEXT, _gpt2_tokenizer_without_pad

@@ -191,7 +191,7 @@ def test_streaming_applies_to_hf_sources_only(disk_folder: Path) -> None:
         load_splits(DataSettings(source=f"disk:{disk_folder}", streaming=True))
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_a_streamed_run_trains_epochs_and_resumes_to_the_same_losses(hf_folder: Path, tmp_path: Path,
                                                                        data_cache: Path) -> None:
     """2 epochs of a 16-sample stream in steps of 4; stopped after step 6 (mid-epoch 2), then resumed."""

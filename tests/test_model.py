@@ -651,7 +651,7 @@ def test_fused_adamw_is_used_where_the_device_has_it(tiny: Captioner) -> None:
     assert not build_optimizer(tiny, OptimizerSettings(fused=False), torch.device("cpu")).defaults["fused"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 def test_clip_gpt2_from_a_local_vision_file_and_decoder_trains_a_step_and_captions(
     gpt2_dir: dict, vit_b32_file: dict, tmp_path: Path, data_cache: Path, offline_empty_hub: Path
 ) -> None:

@@ -246,7 +246,7 @@ def test_on_policy_pairs_are_drawn_judged_and_kept_with_the_run(settings_factory
     assert (run / "pairs" / "dataset_info.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=28)
 def test_rounds_resume_exactly_after_ctrl_c(settings_factory, start_checkpoint):  # noqa: F811
     """Two rounds; Ctrl-C in the second; --resume skips round 1, reads round 2's pairs back and
     repeats the uninterrupted run's losses."""
@@ -280,7 +280,7 @@ def test_rounds_resume_exactly_after_ctrl_c(settings_factory, start_checkpoint):
         assert_close(torch.tensor([v for _, v in got]), torch.tensor([v for _, v in expected]), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_policy_pairs_with_the_cider_judge_on_an_image_folder(settings_factory, tmp_path):
     """A source without scene graphs: pretrain on an image folder, align on pairs the CIDEr-D
     judge picked, and evaluate CIDEr-D before and after."""

@@ -31,7 +31,7 @@ def test_slowest_imports_names_top_level_packages_in_seconds() -> None:
     assert all("." not in name and 0 <= seconds < 60 for name, seconds in found.items())
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 def test_one_image_one_process_is_timed_against_import_torch() -> None:
     env = {"CAPCLI_BENCHMARK__IMAGES": "4", "CAPCLI_BENCHMARK__METRIC_CAPTIONS": "4", "CAPCLI_RUNTIME__DEVICE": "cpu"}
     result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "1", "--steps", "2",
