@@ -298,7 +298,7 @@ class Captioner(nn.Module):
         mask = torch.cat([torch.ones_like(caption_mask[:, :1]).expand(-1, k), caption_mask], dim=1)
         hidden = self.decoder.transformer(
             inputs_embeds=torch.cat([prefix.to(tokens.dtype), tokens], dim=1), attention_mask=mask,
-            use_cache=False,  # a whole sequence in one pass: a KV cache would only copy every layer's keys
+            use_cache=False,  # one whole pass: a cache is never read, and under --compile it recompiled every block
         ).last_hidden_state  # (B, K+T, D)
         return self.decoder.lm_head(hidden[:, k - 1 : -1])  # position K-1+t predicts token t
 
