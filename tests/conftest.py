@@ -119,6 +119,16 @@ def _module_tmp_cleanup(request: pytest.FixtureRequest, tmp_path_factory: pytest
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_meteor_jvm():
+    """One METEOR JVM per test process, reused by every evaluation run in it (``keep_meteor``):
+    starting one takes ~8 s of a 2-core CPU, and a dozen tests evaluate."""
+    from capcli.metrics.captions import keep_meteor
+
+    with keep_meteor():
+        yield
+
+
 @pytest.fixture(scope="session")
 def data_cache() -> Path:
     """The session's cache root for materialised synthetic data."""

@@ -195,6 +195,9 @@ def test_with_java_ptb_and_meteor(monkeypatch, python_scores):
         started.append(self.meteor_p)
 
     monkeypatch.setattr(captions._Meteor, "__init__", recording_start)
+    # Outside keep_meteor, which the test session is otherwise inside (conftest).
+    monkeypatch.setattr(captions, "_keeping", 0)
+    monkeypatch.setattr(captions, "_kept", None)
     scores = caption_metrics(PREDICTIONS, REFERENCES)
     assert scores.tokenizer == "ptb" and not scores.skipped and not scores.notes
     assert {k: v for k, v in scores.corpus.items() if k != "meteor"} == python_scores.corpus
@@ -206,6 +209,32 @@ def test_with_java_ptb_and_meteor(monkeypatch, python_scores):
     unshifted = bootstrap_interval(scores.per_image["meteor"], 200, seed=0)
     assert low <= scores.corpus["meteor"] <= high
     assert (low, high) == pytest.approx(tuple(v + 0.4028869 - 0.4122811 for v in unshifted), abs=1e-6)
+
+
+@needs_java
+def test_keep_meteor_starts_one_jvm_for_every_call_and_shuts_it_down_at_the_end(monkeypatch):
+    started = []
+    start = captions._Meteor.__init__
+
+    def recording_start(self):
+        start(self)
+        started.append(self.meteor_p)
+
+    monkeypatch.setattr(captions._Meteor, "__init__", recording_start)
+    monkeypatch.setattr(captions, "_keeping", 0)
+    monkeypatch.setattr(captions, "_kept", None)
+    with captions.keep_meteor():
+        first = caption_metrics(PREDICTIONS, REFERENCES)
+        with captions.keep_meteor():  # nested: the outer block still owns the JVM
+            second = caption_metrics(PREDICTIONS, REFERENCES)
+        assert len(started) == 1 and started[0].poll() is None  # one JVM, still running
+        started[0].kill()  # a JVM that died is not reused: the next call starts another
+        started[0].wait()
+        third = caption_metrics(PREDICTIONS, REFERENCES)
+    assert first.corpus == second.corpus == third.corpus and first.corpus["meteor"] == pytest.approx(0.4028869, abs=1e-6)
+    assert list(first.per_image["meteor"]) == list(second.per_image["meteor"])  # a reused JVM scores alike
+    assert len(started) == 2 and all(p.returncode is not None for p in started)  # both shut down
+    assert captions._kept is None
 
 
 def test_caption_metrics_rejects_mismatched_inputs(no_java):

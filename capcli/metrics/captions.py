@@ -232,16 +232,46 @@ class _Meteor(Meteor):
         self.close()
 
 
+_kept: _Meteor | None = None  # the JVM reused by every call inside ``keep_meteor``
+_keeping = 0
+
+
+@contextmanager
+def keep_meteor() -> Iterator[None]:
+    """Inside the block, METEOR's JVM is started at most once and reused by every
+    ``caption_metrics`` call; it is shut down when the block ends.
+
+    Starting the jar and loading its tables takes about 8 s of a 2-core CPU, each time. Outside
+    such a block every call starts its own and shuts it down afterwards, so no 2 GB JVM outlives
+    the call; a process that scores many times (the test suite, a sweep through the Python API)
+    pays the start once. A JVM that failed is never reused.
+    """
+    global _keeping, _kept
+    _keeping += 1
+    try:
+        yield
+    finally:
+        _keeping -= 1
+        if not _keeping and _kept is not None:
+            _kept.close()
+            _kept = None
+
+
 def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float, np.ndarray]:
-    """Corpus and per-image METEOR 1.5 from the jar, which is always shut down afterwards.
+    """Corpus and per-image METEOR 1.5 from the jar, shut down afterwards unless ``keep_meteor`` keeps it.
 
     The corpus value is the jar's aggregate over all images' match statistics, not the
     mean of the per-image scores.
     """
-    try:
-        meteor = _Meteor()
-    except OSError as exc:
-        raise _JavaFailure(f"{type(exc).__name__}: {exc}") from exc
+    global _kept
+    meteor = _kept if _kept is not None and _kept.meteor_p is not None and _kept.meteor_p.poll() is None else None
+    if meteor is None:
+        try:
+            meteor = _Meteor()
+        except OSError as exc:
+            raise _JavaFailure(f"{type(exc).__name__}: {exc}") from exc
+        if _keeping:
+            _kept = meteor
     proc = meteor.meteor_p
     timed_out = threading.Event()
 
@@ -251,8 +281,10 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float
 
     watchdog = threading.Timer(METEOR_TIMEOUT_S, kill)
     watchdog.start()
+    failed = True
     try:
         score, scores = meteor.compute_score(gts, res)
+        failed = False
     except (OSError, ValueError) as exc:
         if timed_out.is_set():
             raise _JavaFailure(f"METEOR took longer than {METEOR_TIMEOUT_S:.0f} s and was stopped") from exc
@@ -260,7 +292,10 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float
         raise _JavaFailure(f"{type(exc).__name__}: {exc}" + (f" ({stderr[-1]})" if stderr else "")) from exc
     finally:
         watchdog.cancel()
-        meteor.close()
+        if failed or meteor is not _kept:
+            meteor.close()
+            if meteor is _kept:
+                _kept = None
     return float(score), np.asarray(scores, dtype=np.float64)
 
 
