@@ -182,11 +182,9 @@ def test_broken_java_falls_back_with_a_notice(tmp_path, monkeypatch, python_scor
         tokenize({"a": ["It's red."]}, tokenizer="ptb")
 
 
-@needs_java
-def test_with_java_ptb_and_meteor(monkeypatch, python_scores):
-    """The jar tokenizes this fixture as the Python tokenizer does, METEOR is computed, and its
-    JVM is shut down. METEOR values pinned from meteor-1.5.jar as shipped with pycocoevalcap 1.2;
-    the corpus value aggregates statistics, so it is not the mean of the per-image scores."""
+@pytest.fixture
+def meteor_starts(monkeypatch) -> list:
+    """Each METEOR JVM started, as its process, outside the session's ``keep_meteor`` (conftest)."""
     started = []
     start = captions._Meteor.__init__
 
@@ -195,9 +193,17 @@ def test_with_java_ptb_and_meteor(monkeypatch, python_scores):
         started.append(self.meteor_p)
 
     monkeypatch.setattr(captions._Meteor, "__init__", recording_start)
-    # Outside keep_meteor, which the test session is otherwise inside (conftest).
     monkeypatch.setattr(captions, "_keeping", 0)
     monkeypatch.setattr(captions, "_kept", None)
+    return started
+
+
+@needs_java
+def test_with_java_ptb_and_meteor(meteor_starts, python_scores):
+    """The jar tokenizes this fixture as the Python tokenizer does, METEOR is computed, and its
+    JVM is shut down. METEOR values pinned from meteor-1.5.jar as shipped with pycocoevalcap 1.2;
+    the corpus value aggregates statistics, so it is not the mean of the per-image scores."""
+    started = meteor_starts
     scores = caption_metrics(PREDICTIONS, REFERENCES)
     assert scores.tokenizer == "ptb" and not scores.skipped and not scores.notes
     assert {k: v for k, v in scores.corpus.items() if k != "meteor"} == python_scores.corpus
@@ -212,17 +218,8 @@ def test_with_java_ptb_and_meteor(monkeypatch, python_scores):
 
 
 @needs_java
-def test_keep_meteor_starts_one_jvm_for_every_call_and_shuts_it_down_at_the_end(monkeypatch):
-    started = []
-    start = captions._Meteor.__init__
-
-    def recording_start(self):
-        start(self)
-        started.append(self.meteor_p)
-
-    monkeypatch.setattr(captions._Meteor, "__init__", recording_start)
-    monkeypatch.setattr(captions, "_keeping", 0)
-    monkeypatch.setattr(captions, "_kept", None)
+def test_keep_meteor_starts_one_jvm_for_every_call_and_shuts_it_down_at_the_end(meteor_starts):
+    started = meteor_starts
     with captions.keep_meteor():
         first = caption_metrics(PREDICTIONS, REFERENCES)
         with captions.keep_meteor():  # nested: the outer block still owns the JVM
