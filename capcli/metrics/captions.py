@@ -264,7 +264,10 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float
     mean of the per-image scores.
     """
     global _kept
-    meteor = _kept if _kept is not None and _kept.meteor_p is not None and _kept.meteor_p.poll() is None else None
+    if _kept is not None and (_kept.meteor_p is None or _kept.meteor_p.poll() is not None):
+        _kept.close()  # it died since the last call: its pipes go, another is started
+        _kept = None
+    meteor = _kept
     if meteor is None:
         try:
             meteor = _Meteor()
