@@ -53,8 +53,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     cost: dict[str, float] = {}
     for item in items:
         slow = item.get_closest_marker("slow")
-        seconds = 1 if slow is None else slow.kwargs.get("seconds", 10)
-        cost[item.nodeid.split("::")[0]] = cost.get(item.nodeid.split("::")[0], 0) + seconds
+        file = item.nodeid.split("::")[0]
+        cost[file] = cost.get(file, 0) + (1 if slow is None else slow.kwargs.get("seconds", 10))
     items.sort(key=lambda item: -cost[item.nodeid.split("::")[0]])  # stable: within a file, the order stays
 
 

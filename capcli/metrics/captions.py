@@ -295,10 +295,10 @@ def _meteor(gts: dict[int, list[str]], res: dict[int, list[str]]) -> tuple[float
         raise _JavaFailure(f"{type(exc).__name__}: {exc}" + (f" ({stderr[-1]})" if stderr else "")) from exc
     finally:
         watchdog.cancel()
-        if failed or meteor is not _kept:
+        if failed and meteor is _kept:
+            _kept = None  # a JVM that failed is not reused
+        if meteor is not _kept:
             meteor.close()
-            if meteor is _kept:
-                _kept = None
     return float(score), np.asarray(scores, dtype=np.float64)
 
 
