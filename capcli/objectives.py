@@ -109,11 +109,14 @@ def _pair_logits(model: Captioner, batch: PreferenceBatch, features: torch.Tenso
     if features is None:  # text-only pairs: the decoder alone
         logits = model.text_logits(torch.cat(ids), torch.cat(mask))
         return logits, model.caption_targets(torch.cat(ids), torch.cat(mask))
-    images = [features, features]
+    # Chosen and rejected read the same image: its prefix goes through the decoder once (``image_of``).
+    b = len(features)
+    image_of = torch.arange(b, device=features.device).repeat(2)
     if other is not None:
-        ids, mask, images = ids + ids[:1], mask + mask[:1], images + [other]
+        ids, mask = ids + ids[:1], mask + mask[:1]
+        features, image_of = torch.cat([features, other]), torch.cat([image_of, image_of[:b] + b])
     ids, mask = torch.cat(ids), torch.cat(mask)
-    logits = model.caption_logits(torch.cat(images), ids, mask)  # (2B or 3B, T, V)
+    logits = model.caption_logits(features, ids, mask, image_of)  # (2B or 3B, T, V)
     return logits, model.caption_targets(ids, mask)
 
 

@@ -28,7 +28,7 @@ from capcli.phases import align, prepare_align, pretrain
 from capcli.settings import override
 from capcli.train.engine import fit
 from capcli.train.runlog import read_metrics
-from capcli.train.sampler import SampleKey
+from capcli.train.sampler import SampleKey, StepBatchSampler
 
 runner = CliRunner()
 
@@ -49,6 +49,11 @@ def align_settings(settings_factory, start: Path, name: str = "align", **overrid
         "align.engine.batch_size": 8, "align.engine.grad_accum": 1, "align.engine.log_every": 1,
         "align.engine.max_steps": 3, "align.optimizer.lr": 1e-3, **overrides,
     })
+
+
+def trained_rows(data: PreferenceDataset, k: int) -> list[int]:
+    """k training pairs with reference log-probs: the cache holds those that the planned steps visit."""
+    return (~torch.isnan(data.reference).all(dim=1)).nonzero().flatten().tolist()[:k]
 
 
 def vision_state(model: Captioner) -> dict[str, torch.Tensor]:
@@ -87,7 +92,7 @@ def test_cached_features_equal_a_fresh_forward_pass(settings_factory, start_chec
     assert data.features is not None
     assert len(data.features) < len(data)  # two pairs per image share one tower pass
     model = phase.model.eval()
-    rows = [0, 1, 5, len(data) - 1]
+    rows = trained_rows(data, 4)
     fresh_data = PreferenceDataset(data.pairs, model.image_size, 10**8)
     pixels = torch.stack([fresh_data[SampleKey(i, 0)].pixels for i in rows])
     with torch.no_grad():
@@ -109,7 +114,7 @@ def test_the_cache_holds_patch_tokens_and_a_cached_step_equals_one_through_the_t
     data: PreferenceDataset = phase.data.train
     assert data.features.shape == (len(set(data.feature_index)), 65, 512)
     model, objective = phase.model.train(), phase.objective
-    rows = [0, 1, 2, 7]
+    rows = trained_rows(data, 4)
     cached = phase.data.collate([data[SampleKey(i, 0)] for i in rows])
     through = phase.data.collate([PreferenceDataset(data.pairs, model.image_size, 10**8, reference=data.reference)
                                   [SampleKey(i, 0)] for i in rows])
@@ -150,10 +155,26 @@ def test_cached_pair_logps_equal_the_starting_model(settings_factory, start_chec
     assert_close(data.reference[rows], torch.stack([chosen, rejected], dim=1), rtol=1e-4, atol=1e-4)
 
 
+def test_the_reference_cache_holds_the_training_pairs_the_planned_steps_visit(settings_factory, start_checkpoint):
+    # 3 steps of 8 pairs: 24 of the training pairs have reference log-probs, and they are
+    # exactly the ones the engine's sampler hands the 3 steps.
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint))
+    data: PreferenceDataset = phase.data.train
+    cached = (~torch.isnan(data.reference).all(dim=1)).nonzero().flatten().tolist()
+    sampler = StepBatchSampler(len(data), 8, 1, phase.runtime.settings.seed, epoch=0)
+    assert cached == sorted(k.index for batch in list(sampler)[:3] for k in batch)
+    assert len(cached) == 24 < len(data)
+    assert data[SampleKey(cached[0], 0)] is not None
+    uncached = next(i for i in range(len(data)) if i not in cached)
+    with pytest.raises(RuntimeError, match="no cached reference log-probs"):
+        data[SampleKey(uncached, 0)]
+    assert not torch.isnan(phase.data.val.reference).any()  # held-out pairs: all of them
+
+
 def test_chosen_and_rejected_in_one_pass_equal_separate_passes(settings_factory, start_checkpoint):
     phase = prepare_align(align_settings(settings_factory, start_checkpoint))
     model, data = phase.model.eval(), phase.data.train
-    batch = phase.data.collate([data[SampleKey(i, 0)] for i in range(4)])
+    batch = phase.data.collate([data[SampleKey(i, 0)] for i in trained_rows(data, 4)])
     with torch.no_grad():
         chosen, rejected = score_pairs(model, batch)
         features = batch.features
@@ -162,6 +183,35 @@ def test_chosen_and_rejected_in_one_pass_equal_separate_passes(settings_factory,
             logits = model.caption_logits(features, ids, mask)
             alone = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
             assert_close(joint, (alone * mask).sum(1), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_captions_sharing_an_image_prefix_equal_each_with_its_own(settings_factory, start_checkpoint,
+                                                                  checkpointing: bool):
+    """caption_logits with ``image_of`` runs each image's prefix once for its captions: the logits
+    and the gradients equal those of [prefix; caption] per caption. Under gradient checkpointing
+    it takes the per-caption path (transformers keeps no cache there): equal too."""
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint))
+    model, data = phase.model.train(), phase.data.train
+    model.set_gradient_checkpointing(checkpointing)
+    batch = phase.data.collate([data[SampleKey(i, 0)] for i in trained_rows(data, 3)])
+    features = batch.features.float()
+    ids = torch.cat([batch.chosen_ids[:, :8], batch.rejected_ids[:, :8], batch.chosen_ids[:2, :8]])
+    mask = torch.cat([batch.chosen_mask[:, :8], batch.rejected_mask[:, :8], batch.chosen_mask[:2, :8]])
+    image_of = torch.tensor([0, 1, 2, 0, 1, 2, 2, 0])  # the last two read other images than their own
+    results = []
+    for shared in (True, False):
+        model.zero_grad()
+        logits = (model.caption_logits(features, ids, mask, image_of) if shared
+                  else model.caption_logits(features[image_of], ids, mask))
+        (logits.float().pow(2).mean()).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (shared, shared_grads), (alone, alone_grads) = results
+    assert shared.shape == (8, 8, alone.shape[-1])
+    assert_close(shared, alone, rtol=1e-4, atol=1e-5)
+    assert shared_grads.keys() == alone_grads.keys() and len(alone_grads) > 10
+    for name, grad in alone_grads.items():
+        assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_align_logs_reward_metrics_each_step_and_at_validation(settings_factory, start_checkpoint):
@@ -271,7 +321,7 @@ def test_ablation_config_switches_the_preference_term_off(settings_factory, star
     assert settings.align.alpha_init == settings.align.alpha_final == 1.0
     phase = prepare_align(align_settings(settings_factory, start_checkpoint, **{
         "align.alpha_init": settings.align.alpha_init, "align.alpha_final": settings.align.alpha_final}))
-    batch = phase.data.collate([phase.data.train[SampleKey(i, 0)] for i in range(4)])
+    batch = phase.data.collate([phase.data.train[SampleKey(i, 0)] for i in trained_rows(phase.data.train, 4)])
     out = phase.objective(phase.model, batch, progress=0.5)
     assert float(out["preference_loss"].detach()) == 0.0 and float(out["contrastive_loss"].detach()) > 0
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pycocoevalcap.cider.cider import Cider
-from test_align import align_settings, start_checkpoint  # noqa: F401 - the module's fixture, reused
+from test_align import align_settings, start_checkpoint, trained_rows  # noqa: F401 - the module's fixture, reused
 from test_sources import _write_folder
 from torch.testing import assert_close
 
@@ -191,7 +191,7 @@ def test_image_conditional_term_and_anchor_equal_their_formulas(settings_factory
     model = phase.model
     with torch.no_grad():  # move the policy off the reference, so that rewards are not all zero
         model.decoder.lm_head.weight.add_(0.01 * torch.randn_like(model.decoder.lm_head.weight))
-    batch = phase.data.collate([data[SampleKey(i, 0)] for i in range(6)])
+    batch = phase.data.collate([data[SampleKey(i, 0)] for i in trained_rows(data, 6)])
     out = phase.objective(model, batch, progress=0.25)
     alpha, beta = 0.7 + (0.3 - 0.7) * 0.25, 0.1
     with torch.no_grad():
@@ -209,7 +209,7 @@ def test_image_conditional_term_and_anchor_equal_their_formulas(settings_factory
 
 def test_at_the_reference_the_image_term_is_ln2(settings_factory, start_checkpoint):  # noqa: F811
     phase = prepare_align(align_settings(settings_factory, start_checkpoint, **{"align.image_weight": 1.0}))
-    batch = phase.data.collate([phase.data.train[SampleKey(i, 0)] for i in range(4)])
+    batch = phase.data.collate([phase.data.train[SampleKey(i, 0)] for i in trained_rows(phase.data.train, 4)])
     out = phase.objective(phase.model.eval(), batch, progress=1.0)
     assert float(out["image_preference_loss"].detach()) == pytest.approx((1 - 0.3) * math.log(2), abs=1e-4)
     assert "anchor_loss" not in out

@@ -66,13 +66,17 @@ def _conv_stem(c: _Count, model: Captioner, images: int, train: bool) -> None:
         c.product(images * side * side, kernel, conv.out_channels, grad_a=i > 0, grad_b=True, train=train)
 
 
-def _block(c: _Count, sequences: int, tokens: int, width: int, hidden: int, train: bool, input_grad: bool = True) -> None:
-    """One pre-norm transformer block (both towers): qkv, attention's two products, out, MLP."""
-    rows = sequences * tokens
+def _block(c: _Count, sequences: int, tokens: int, width: int, hidden: int, train: bool, input_grad: bool = True,
+           keys: int | None = None) -> None:
+    """One pre-norm transformer block (both towers): qkv, attention's two products, out, MLP.
+
+    ``keys``: the positions each token attends over, when a cache adds earlier ones (default ``tokens``).
+    """
+    rows, keys = sequences * tokens, keys or tokens
     c.product(rows, width, 3 * width, grad_a=input_grad, grad_b=True, train=train)
-    # Attention over all heads: Q·Kᵀ and P·V, each 2·tokens²·width per sequence.
-    c.product(sequences * tokens, width, tokens, grad_a=True, grad_b=True, train=train)
-    c.product(sequences * tokens, tokens, width, grad_a=True, grad_b=True, train=train)
+    # Attention over all heads: Q·Kᵀ and P·V, each 2·tokens·keys·width per sequence.
+    c.product(sequences * tokens, width, keys, grad_a=True, grad_b=True, train=train)
+    c.product(sequences * tokens, keys, width, grad_a=True, grad_b=True, train=train)
     c.product(rows, width, width, grad_a=True, grad_b=True, train=train)
     c.product(rows, width, hidden, grad_a=True, grad_b=True, train=train)
     c.product(rows, hidden, width, grad_a=True, grad_b=True, train=train)
@@ -87,6 +91,19 @@ def _gpt2(c: _Count, model: Captioner, sequences: int, tokens: int, lm_positions
         _block(c, sequences, tokens, width, hidden, train=True)
     if lm_positions:
         c.product(sequences * lm_positions, width, config.vocab_size, grad_a=True, grad_b=True)
+
+
+def _gpt2_shared_prefix(c: _Count, model: Captioner, images: int, sequences: int, tokens: int) -> None:
+    """GPT-2 over each image's prefix once and its ``sequences`` captions of ``tokens`` after it,
+    reading the prefix's keys and values (``Captioner.caption_logits`` with ``image_of``); the LM
+    head on every caption position."""
+    config, k = model.decoder.config, model.config.prefix_length
+    width = config.n_embd
+    hidden = config.n_inner or 4 * width
+    for _ in range(config.n_layer):
+        _block(c, images, k, width, hidden, train=True)
+        _block(c, sequences, tokens, width, hidden, train=True, keys=k + tokens)
+    c.product(sequences * tokens, width, config.vocab_size, grad_a=True, grad_b=True)
 
 
 def _prefix(c: _Count, model: Captioner, images: int, features_grad: bool) -> None:
@@ -153,13 +170,13 @@ def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, froze
 def align_step_flops(model: Captioner, pairs: int, pair_tokens: int, chosen_tokens: int) -> int:
     """FLOPs of one align micro-batch on cached frozen features (AlignObjective, image pairs).
 
-    Chosen and rejected captions, padded to ``pair_tokens``, go through the decoder in one
-    pass of ``2·pairs`` sequences; the contrastive term reads the chosen captions alone,
-    ``chosen_tokens`` wide. The vision tower does not run: its features are cached.
+    Each pair's image prefix goes through the decoder once, and its chosen and rejected
+    captions, padded to ``pair_tokens``, after it as ``2·pairs`` sequences; the contrastive term
+    reads the chosen captions alone, ``chosen_tokens`` wide. The vision tower does not run: its
+    features are cached.
     """
     c = _Count()
-    k = model.config.prefix_length
-    _prefix(c, model, 2 * pairs, features_grad=False)
-    _gpt2(c, model, 2 * pairs, k + pair_tokens, lm_positions=pair_tokens)
+    _prefix(c, model, pairs, features_grad=False)
+    _gpt2_shared_prefix(c, model, pairs, 2 * pairs, pair_tokens)
     _contrastive(c, model, pairs, chosen_tokens, features_grad=False)
     return c.total

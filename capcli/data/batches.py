@@ -304,7 +304,15 @@ class PreferenceDataset(IndexedDataset):
         return len(self.pairs)
 
     def __getitem__(self, key: tuple[int, int]) -> PreferenceExample | None:
-        index = key[0]
+        example = self._example(key[0])
+        if example is not None and example.reference is not None and torch.isnan(example.reference).all():
+            # The cache holds the pairs of the run's planned steps alone: another one means the plan
+            # and the engine disagree. (A pair whose image is unreadable is NaN too, and None above.)
+            raise RuntimeError(f"pair {key[0]} has no cached reference log-probs: the cache holds the pairs that "
+                               "the run's planned steps visit (capcli.train.sampler.planned_rows)")
+        return example
+
+    def _example(self, index: int) -> PreferenceExample | None:
         row = self.pairs[index]
         example = PreferenceExample(row["chosen"], row["rejected"])
         if self.reference is not None:

@@ -286,12 +286,20 @@ class Captioner(nn.Module):
         wte = self.decoder.transformer.wte(self._tag_ids)  # (T, D)
         return self._tag_mix.to(wte.dtype) @ wte
 
-    def caption_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
+    def caption_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor,
+                       image_of: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits for each caption token given the image: (B, T, V), aligned with ``caption_ids``.
 
         The prefix plays the role of a begin-of-text token: its last position predicts the
         first caption token. Logits are computed for caption positions only.
+
+        ``image_of`` (B,) says which of the P images in ``features`` (P, S, Dv) each caption
+        reads, for captions that share images (align's chosen and rejected): the shared path below.
         """
+        if image_of is not None:
+            if self._shares_prefix():
+                return self._shared_prefix_logits(features, caption_ids, caption_mask, image_of)
+            features = features[image_of]
         prefix = self.prefix(features)  # (B, K, D)
         k = prefix.shape[1]
         tokens = self.decoder.transformer.wte(caption_ids)  # (B, T, D)
@@ -301,6 +309,38 @@ class Captioner(nn.Module):
             use_cache=False,  # one whole pass: a cache is never read, and under --compile it recompiled every block
         ).last_hidden_state  # (B, K+T, D)
         return self.decoder.lm_head(hidden[:, k - 1 : -1])  # position K-1+t predicts token t
+
+    def _shares_prefix(self) -> bool:
+        """Whether ``caption_logits`` can run each image's prefix once for all its captions: not
+        under gradient checkpointing (transformers' blocks then keep no cache) nor with compiled
+        blocks (a cache object in a compiled block's guards recompiles it per layer)."""
+        transformer = self.decoder.transformer
+        checkpointing = getattr(transformer, "gradient_checkpointing", False) and self.training
+        return not checkpointing and all(block._compiled_call_impl is None for block in transformer.h)
+
+    def _shared_prefix_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor,
+                              image_of: torch.Tensor) -> torch.Tensor:
+        """``caption_logits`` for captions that share images: each image's prefix goes through the
+        decoder once, and its keys and values are handed to every caption of that image.
+
+        Causal attention makes the prefix positions independent of the caption after them, so
+        this is the same function as running [prefix; caption] for each caption (equal up to
+        float rounding; tests/test_align.py), at P·K + B·T tokens instead of B·(K + T). With
+        align's pairs (P = B/2, K = 65 patch tokens, T ≈ 15 words) that is 40% fewer.
+        """
+        prefix = self.prefix(features)  # (P, K, D)
+        k = prefix.shape[1]
+        first = self.decoder.transformer(inputs_embeds=prefix, use_cache=True)
+        # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated); 4.x only knows the latter.
+        new_names = hasattr(first, "cache")
+        cache = first.cache if new_names else first.past_key_values
+        cache.reorder_cache(image_of)  # each caption's row: its image's keys and values (index_select keeps grads)
+        tokens = self.decoder.transformer.wte(caption_ids)  # (B, T, D)
+        mask = torch.cat([torch.ones_like(caption_mask[:, :1]).expand(-1, k), caption_mask], dim=1)
+        rest = self.decoder.transformer(inputs_embeds=tokens.to(prefix.dtype), attention_mask=mask,
+                                        **{"cache" if new_names else "past_key_values": cache}).last_hidden_state  # (B, T, D)
+        last = first.last_hidden_state[image_of, -1:]  # (B, 1, D): the prefix's last position predicts token 0
+        return self.decoder.lm_head(torch.cat([last, rest[:, :-1]], dim=1))
 
     def text_logits(self, caption_ids: torch.Tensor, caption_mask: torch.Tensor) -> torch.Tensor:
         """Next-token logits for captions with no image (text-only preference pairs): (B, T, V).

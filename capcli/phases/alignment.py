@@ -46,6 +46,7 @@ from capcli.train.checkpoint import (
 from capcli.train.engine import FitResult, TrainData, fit
 from capcli.train.runlog import RunLog
 from capcli.train.runtime import Runtime
+from capcli.train.sampler import planned_rows, planned_steps
 
 DEFAULT_START = Path("runs/pretrain")
 
@@ -123,7 +124,12 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
             if phase.image_weight and has_images else None
         data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index, other=other)
         if phase.reference == "checkpoint":
-            data.reference = pair_logps(reference, data, collate, score, runtime, batch)
+            # Training pairs: only those the planned steps visit (a short run visits a fraction).
+            rows = None if name != "train" else planned_rows(
+                len(data), batch, round_.engine.grad_accum, runtime.settings.seed,
+                planned_steps(len(data), batch, round_.engine.grad_accum, round_.engine.epochs,
+                              round_.engine.max_steps, runtime.world.size), runtime.world.size)
+            data.reference = pair_logps(reference, data, collate, score, runtime, batch, rows)
         return data
 
     val_captions = caption_splits.get("val")

@@ -24,7 +24,7 @@ from capcli.data.batches import PreferenceCollator, PreferenceDataset, load_imag
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.model import Captioner
 from capcli.train.runtime import Runtime
-from capcli.train.sampler import in_order
+from capcli.train.sampler import SampleKey
 
 
 def image_identity(value: Any) -> str:
@@ -75,18 +75,21 @@ def frozen_features(
 
 def pair_logps(
     model: Captioner, dataset: PreferenceDataset, collate: PreferenceCollator, score: Callable,
-    runtime: Runtime, batch_size: int = 64,
+    runtime: Runtime, batch_size: int = 64, rows: list[int] | None = None,
 ) -> torch.Tensor:
     """(N, 2) log-probs of every pair's chosen and rejected caption under ``model``; (N, 3) when
     the pairs bring another image each, the third being the chosen caption given it.
 
-    Align calls it once with the starting checkpoint: the cached reference log-probs.
+    Align calls it once with the starting checkpoint: the cached reference log-probs, of the
+    pairs its steps will visit (``rows``, from ``planned_rows``; every pair when None).
     ``score(model, batch) -> (chosen_logps, rejected_logps[, other_logps])`` is the objective's own scoring,
     so the reference and the policy are measured identically.
     """
-    out = torch.full((len(dataset), 2 if dataset.other is None else 3), float("nan"))  # NaN stays only where a pair's image is unreadable
-    for keys in in_order(len(dataset), batch_size):
-        examples = [(key.index, dataset[key]) for key in keys]
+    # NaN stays where a pair's image is unreadable, and in the rows not asked for (the dataset refuses those).
+    out = torch.full((len(dataset), 2 if dataset.other is None else 3), float("nan"))
+    rows = list(range(len(dataset))) if rows is None else rows
+    for start in range(0, len(rows), batch_size):
+        examples = [(i, dataset[SampleKey(i, 0)]) for i in rows[start : start + batch_size]]
         kept = [(i, e) for i, e in examples if e is not None]
         if not kept:
             continue

@@ -49,7 +49,12 @@ from capcli.train.progress import ProgressDisplay
 from capcli.train.runlog import NoLog, RunLog
 from capcli.train.runner import objective_runner
 from capcli.train.runtime import Runtime
-from capcli.train.sampler import EpochLayout, in_order, micro_batches_per_epoch
+from capcli.train.sampler import (
+    EpochLayout,
+    in_order,
+    micro_batches_per_epoch,
+    planned_steps,
+)
 from capcli.train.state import TrainingState, restore_rng, rng_state, seed_rng
 from capcli.train.validation import total_loss, validate
 
@@ -107,13 +112,12 @@ class _Training:
         self.runner = objective_runner(model, self.world.distributed, self.device)
         self.optimizer = build_optimizer(model, optimizer, self.device)
 
-        per_epoch = micro_batches_per_epoch(len(data.train), engine.batch_size, engine.grad_accum,
-                                            self.world.size) // engine.grad_accum  # optimizer steps
-        if per_epoch == 0:
+        self.total_steps = planned_steps(len(data.train), engine.batch_size, engine.grad_accum, engine.epochs,
+                                         engine.max_steps, self.world.size)
+        if micro_batches_per_epoch(len(data.train), engine.batch_size, engine.grad_accum, self.world.size) == 0:
             raise DataError(f"{len(data.train)} training samples cannot fill one optimizer step of "
                             f"batch_size {engine.batch_size} × grad_accum {engine.grad_accum}"
                             + (f" × {self.world.size} processes" if self.world.distributed else ""))
-        self.total_steps = min(per_epoch * engine.epochs, engine.max_steps or math.inf)
         self.scheduler = build_scheduler(self.optimizer, optimizer, self.total_steps)
 
         self.state = TrainingState()

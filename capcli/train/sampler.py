@@ -27,6 +27,35 @@ def micro_batches_per_epoch(n: int, batch_size: int, accum: int, world: int = 1)
     return (n // (batch_size * accum * world)) * accum
 
 
+def planned_steps(n: int, batch_size: int, accum: int, epochs: int, max_steps: int | None, world: int = 1) -> int:
+    """Optimizer steps a run of ``n`` training samples takes if nothing stops it early."""
+    per_epoch = micro_batches_per_epoch(n, batch_size, accum, world) // accum
+    return min(per_epoch * epochs, max_steps if max_steps else per_epoch * epochs)
+
+
+def planned_rows(n: int, batch_size: int, accum: int, seed: int, steps: int, world: int = 1) -> list[int]:
+    """The rows, over all ranks, that the first ``steps`` optimizer steps visit (``StepBatchSampler``'s
+    orders of epochs 0, 1, ...), sorted: all a per-row cache must hold for the run to train.
+
+    A run shorter than an epoch visits fewer rows than the split has (align's default visits
+    44% of its pairs), so a cache built for these alone costs that much less.
+    """
+    per_epoch = micro_batches_per_epoch(n, batch_size, accum, world) // accum
+    rows: set[int] = set()
+    epoch = 0
+    while steps > 0 and per_epoch > 0:
+        take = min(steps, per_epoch)
+        rows.update(_order(n, seed, epoch)[: take * accum * world * batch_size])
+        steps, epoch = steps - take, epoch + 1
+    return sorted(rows)
+
+
+def _order(n: int, seed: int, epoch: int) -> list[int]:
+    """Epoch ``epoch``'s permutation of ``n`` rows: a pure function of (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
 class StepBatchSampler(Sampler[list[SampleKey]]):
     """One epoch's micro-batches, in a seeded order, skipping those already consumed.
 
@@ -44,8 +73,7 @@ class StepBatchSampler(Sampler[list[SampleKey]]):
     def __init__(self, n: int, batch_size: int, accum: int, seed: int, epoch: int, skip_batches: int = 0,
                  rank: int = 0, world: int = 1):
         self.batch_size, self.epoch, self.rank, self.world = batch_size, epoch, rank, world
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        self.order = torch.randperm(n, generator=generator).tolist()
+        self.order = _order(n, seed, epoch)
         self.num_batches = micro_batches_per_epoch(n, batch_size, accum, world)
         self.skip = skip_batches
 
