@@ -25,8 +25,12 @@ from conftest import SameCaptionEveryEpoch
 
 from capcli.bench.decoding import bench_caption, naive_generate
 from capcli.bench.measure import Report
-from capcli.model import Captioner
-from capcli.model.generation import DecodeSettings, generate_captions
+from capcli.model import Captioner, generation
+from capcli.model.generation import (
+    DecodeSettings,
+    candidate_captions,
+    generate_captions,
+)
 from capcli.phases import prepare_pretrain
 from capcli.train.engine import fit
 
@@ -187,6 +191,29 @@ def test_batched_beam_search_equals_the_reference(trained, reference):
     model, pixels = trained
     assert generate_captions(model, pixels, BEAM) == texts(model, reference(BEAM))
     assert reference(BEAM) != reference(GREEDY)  # beam search finds other captions than greedy here
+
+
+@pytest.mark.skipif(not generation._SHARES_PREFIX, reason="transformers 4.x: each beam runs its prefix")
+def test_beams_and_samples_run_each_images_prefix_once(trained, monkeypatch):
+    """At beams 5 (and with 3 samples per image) the K prefix positions of an image go through the
+    decoder once, not once per beam: no pass of the first block ever sees B·beams rows of more
+    than one position. The captions equal those with the prefix run for every beam."""
+    model, pixels = trained
+    block, passes = model.decoder.transformer.h[0], []
+    original = block.forward
+    monkeypatch.setattr(block, "forward", lambda hidden, *a, **k: passes.append(tuple(hidden.shape[:2]))
+                        or original(hidden, *a, **k))
+    shared = generate_captions(model, pixels, BEAM)
+    torch.manual_seed(0)
+    shared_samples = candidate_captions(model, model.image_features(pixels), BEAM, beams=0, samples=3)
+    k, b = model.config.prefix_length, len(pixels)
+    assert passes[0] == (b, k - 1)  # the prefix but its last position, once per image
+    assert all(shape == (b, k - 1) or shape[1] == 1 for shape in passes)  # then one position per row and step
+    assert {rows for rows, n in passes if n == 1} == {b * BEAM.beams, b * 3}
+    monkeypatch.setattr(generation, "_SHARES_PREFIX", False)
+    assert generate_captions(model, pixels, BEAM) == shared
+    torch.manual_seed(0)
+    assert candidate_captions(model, model.image_features(pixels), BEAM, beams=0, samples=3) == shared_samples
 
 
 def test_length_penalty_reaches_the_search_and_equals_the_reference(trained, reference):
