@@ -45,7 +45,8 @@ def test_pretrain_killed_in_its_cache_fill_start_up_and_a_checkpoint_write_resum
 @pytest.mark.slow(seconds=45)
 def test_align_killed_in_its_cache_build_resumes_bit_for_bit(tmp_path, whole_pretrain,
                                                                                    data_cache):
-    env = harness.run_env(data_cache)
+    # One pair per image: 12 steps, as the pretrain's, instead of the tiny preset's five pairs' 60.
+    env = {**harness.run_env(data_cache), "CAPCLI_ALIGN__PAIRS_PER_IMAGE": "1"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert harness.launch(harness.command("align", whole, whole_pretrain), env, None, None, 600) == 0
     # Align's own stage: its frozen-feature cache. A checkpoint write is the engine's, the same as
