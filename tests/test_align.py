@@ -214,6 +214,24 @@ def test_captions_sharing_an_image_prefix_equal_each_with_its_own(settings_facto
         assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
 
 
+def test_captions_sharing_an_image_prefix_under_bf16_autocast_equal_each_with_its_own(settings_factory,
+                                                                                      start_checkpoint):
+    """Under autocast both paths feed the decoder the same dtypes (the prefix cast to the
+    embeddings'), so they differ only by the rounding of their batches."""
+    phase = prepare_align(align_settings(settings_factory, start_checkpoint))
+    model, data = phase.model.eval(), phase.data.train
+    batch = phase.data.collate([data[SampleKey(i, 0)] for i in trained_rows(data, 2)])
+    w = min(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
+    ids = torch.cat([batch.chosen_ids[:, :w], batch.rejected_ids[:, :w]])
+    mask = torch.cat([batch.chosen_mask[:, :w], batch.rejected_mask[:, :w]])
+    image_of = torch.tensor([0, 1, 0, 1])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        shared = model.caption_logits(batch.features, ids, mask, image_of)
+        alone = model.caption_logits(batch.features[image_of], ids, mask)
+    assert shared.dtype == alone.dtype
+    assert_close(shared.float(), alone.float(), rtol=0, atol=0.05)
+
+
 def test_align_logs_reward_metrics_each_step_and_at_validation(settings_factory, start_checkpoint):
     result = align(align_settings(settings_factory, start_checkpoint))
     records = read_metrics(result.fit.run_dir / "metrics.jsonl")

@@ -328,16 +328,16 @@ class Captioner(nn.Module):
         float rounding; tests/test_align.py), at P·K + B·T tokens instead of B·(K + T). With
         align's pairs (P = B/2, K = 65 patch tokens, T ≈ 15 words) that is 40% fewer.
         """
-        prefix = self.prefix(features)  # (P, K, D)
+        tokens = self.decoder.transformer.wte(caption_ids)  # (B, T, D)
+        prefix = self.prefix(features).to(tokens.dtype)  # (P, K, D), in the embeddings' dtype as caption_logits has it
         k = prefix.shape[1]
         first = self.decoder.transformer(inputs_embeds=prefix, use_cache=True)
         # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated); 4.x only knows the latter.
         new_names = hasattr(first, "cache")
         cache = first.cache if new_names else first.past_key_values
         cache.reorder_cache(image_of)  # each caption's row: its image's keys and values (index_select keeps grads)
-        tokens = self.decoder.transformer.wte(caption_ids)  # (B, T, D)
         mask = torch.cat([torch.ones_like(caption_mask[:, :1]).expand(-1, k), caption_mask], dim=1)
-        rest = self.decoder.transformer(inputs_embeds=tokens.to(prefix.dtype), attention_mask=mask,
+        rest = self.decoder.transformer(inputs_embeds=tokens, attention_mask=mask,
                                         **{"cache" if new_names else "past_key_values": cache}).last_hidden_state  # (B, T, D)
         last = first.last_hidden_state[image_of, -1:]  # (B, 1, D): the prefix's last position predicts token 0
         return self.decoder.lm_head(torch.cat([last, rest[:, :-1]], dim=1))
