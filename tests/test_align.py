@@ -169,6 +169,10 @@ def test_the_reference_cache_holds_the_training_pairs_the_planned_steps_visit(se
     with pytest.raises(RuntimeError, match="no cached reference log-probs"):
         data[SampleKey(uncached, 0)]
     assert not torch.isnan(phase.data.val.reference).any()  # held-out pairs: all of them
+    # Without the frozen-feature cache a micro-batch of unreadable images is skipped without a
+    # step, so the engine may read past the plan: then every pair gets its reference.
+    live = prepare_align(align_settings(settings_factory, start_checkpoint, "live", **{"align.freeze_vision": False}))
+    assert not torch.isnan(live.data.train.reference).any()
 
 
 def test_chosen_and_rejected_in_one_pass_equal_separate_passes(settings_factory, start_checkpoint):

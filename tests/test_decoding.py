@@ -193,7 +193,7 @@ def test_batched_beam_search_equals_the_reference(trained, reference):
     assert reference(BEAM) != reference(GREEDY)  # beam search finds other captions than greedy here
 
 
-@pytest.mark.skipif(not generation._SHARES_PREFIX, reason="transformers 4.x: each beam runs its prefix")
+@pytest.mark.skipif(not generation.SHARES_PREFIX, reason="transformers 4.x: each beam runs its prefix")
 def test_beams_and_samples_run_each_images_prefix_once(trained, monkeypatch):
     """At beams 5 (and with 3 samples per image) the K prefix positions of an image go through the
     decoder once, not once per beam: no pass of the first block ever sees B·beams rows of more
@@ -210,7 +210,7 @@ def test_beams_and_samples_run_each_images_prefix_once(trained, monkeypatch):
     assert passes[0] == (b, k - 1)  # the prefix but its last position, once per image
     assert all(shape == (b, k - 1) or shape[1] == 1 for shape in passes)  # then one position per row and step
     assert {rows for rows, n in passes if n == 1} == {b * BEAM.beams, b * 3}
-    monkeypatch.setattr(generation, "_SHARES_PREFIX", False)
+    monkeypatch.setattr(generation, "SHARES_PREFIX", False)
     assert generate_captions(model, pixels, BEAM) == shared
     torch.manual_seed(0)
     assert candidate_captions(model, model.image_features(pixels), BEAM, beams=0, samples=3) == shared_samples

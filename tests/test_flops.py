@@ -95,7 +95,18 @@ def test_align_formula_equals_the_flop_counter(model: Captioner) -> None:
     model.zero_grad(set_to_none=True)
     width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
     assert batch.rejected_ids.shape[1] != batch.chosen_ids.shape[1]  # the pair is padded to one width
+    assert model.shares_prefix()
     assert align_step_flops(model, pairs, width, batch.chosen_ids.shape[1]) == expected
+    # Where the prefix is not shared (compiled blocks, gradient checkpointing: shares_prefix() is
+    # False) each caption runs its own, and the formula says so. (Checkpointing's recomputed
+    # forward is not model FLOPs, so the path is switched here rather than by checkpointing.)
+    model.shares_prefix = lambda: False
+    try:
+        unshared = counted(lambda: objective(model, batch, 0.5))
+        model.zero_grad(set_to_none=True)
+    finally:
+        del model.shares_prefix
+    assert align_step_flops(model, pairs, width, batch.chosen_ids.shape[1], shared_prefix=False) == unshared > expected
 
 
 @pytest.mark.parametrize(("mapper", "source"), [("tokens", "patches"), ("resampler", "pooled"), ("mlp", "patches")])

@@ -167,16 +167,21 @@ def pretrain_step_flops(model: Captioner, batch: int, caption_tokens: int, froze
     return c.total
 
 
-def align_step_flops(model: Captioner, pairs: int, pair_tokens: int, chosen_tokens: int) -> int:
+def align_step_flops(model: Captioner, pairs: int, pair_tokens: int, chosen_tokens: int,
+                     shared_prefix: bool = True) -> int:
     """FLOPs of one align micro-batch on cached frozen features (AlignObjective, image pairs).
 
     Each pair's image prefix goes through the decoder once, and its chosen and rejected
     captions, padded to ``pair_tokens``, after it as ``2·pairs`` sequences; the contrastive term
     reads the chosen captions alone, ``chosen_tokens`` wide. The vision tower does not run: its
-    features are cached.
+    features are cached. ``shared_prefix=False`` counts the path without that sharing.
     """
     c = _Count()
-    _prefix(c, model, pairs, features_grad=False)
-    _gpt2_shared_prefix(c, model, pairs, 2 * pairs, pair_tokens)
+    if shared_prefix:
+        _prefix(c, model, pairs, features_grad=False)
+        _gpt2_shared_prefix(c, model, pairs, 2 * pairs, pair_tokens)
+    else:  # Captioner.shares_prefix() is False (compiled blocks, gradient checkpointing): a prefix per caption
+        _prefix(c, model, 2 * pairs, features_grad=False)
+        _gpt2(c, model, 2 * pairs, model.config.prefix_length + pair_tokens, lm_positions=pair_tokens)
     _contrastive(c, model, pairs, chosen_tokens, features_grad=False)
     return c.total

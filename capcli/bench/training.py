@@ -31,7 +31,7 @@ from capcli.errors import ConfigError
 from capcli.model import Captioner
 from capcli.objectives import PretrainObjective, score_pairs
 from capcli.phases import prepare_align
-from capcli.phases.caches import frozen_features, pair_logps
+from capcli.phases.caches import frozen_features, pair_logps, trained_pair_rows
 from capcli.settings import Settings, override
 from capcli.train.engine import Objective, TrainData, fit
 from capcli.train.runtime import Runtime
@@ -117,7 +117,7 @@ def _align_flops(model: Captioner, batch: PreferenceBatch) -> int:
     if batch.features is None:
         raise ConfigError("the align FLOP formula covers cached image features only")
     width = max(batch.chosen_ids.shape[1], batch.rejected_ids.shape[1])
-    return align_step_flops(model, len(batch), width, batch.chosen_ids.shape[1])
+    return align_step_flops(model, len(batch), width, batch.chosen_ids.shape[1], shared_prefix=model.shares_prefix())
 
 
 def _eager(settings: Settings, phase: str) -> Settings:
@@ -233,4 +233,4 @@ def _build_align_caches(model: Captioner, pairs, collate, settings: Settings, ru
     pairs, features, index = frozen_features(model, pairs, max_pixels, runtime, batch)
     data = PreferenceDataset(pairs, model.image_size, max_pixels, features, index)
     score = partial(score_pairs, length_normalize=settings.align.length_normalize)
-    pair_logps(model, data, collate, score, runtime, batch)
+    pair_logps(model, data, collate, score, runtime, batch, trained_pair_rows(data, settings.align.engine, runtime))

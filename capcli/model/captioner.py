@@ -12,6 +12,7 @@ patch tokens, for a prefix mapper that reads where things are).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -48,6 +50,23 @@ class CaptionerConfig:
     concept_words: list[str] = field(default_factory=list)  # absent from checkpoints written before the head
     concept_source: str = "pooled"  # absent from checkpoints written before patch concepts
     concept_tags: bool = False  # absent from checkpoints written before concept tags
+
+
+# transformers 5's GPT-2 returns its KV cache as a ``Cache`` object, which can be reordered and
+# repeated; 4.x may return tuples. 5.24 renamed ``past_key_values`` to ``cache`` (argument and output).
+TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache of a transformers model output, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword that passes a KV cache to ``model``'s forward and ``generate``: ``cache`` from
+    transformers 5.24, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # Prefix mappers that read the patch tokens; the others read the pooled vector alone.
@@ -297,7 +316,7 @@ class Captioner(nn.Module):
         reads, for captions that share images (align's chosen and rejected): the shared path below.
         """
         if image_of is not None:
-            if self._shares_prefix():
+            if self.shares_prefix():
                 return self._shared_prefix_logits(features, caption_ids, caption_mask, image_of)
             features = features[image_of]
         prefix = self.prefix(features)  # (B, K, D)
@@ -310,13 +329,15 @@ class Captioner(nn.Module):
         ).last_hidden_state  # (B, K+T, D)
         return self.decoder.lm_head(hidden[:, k - 1 : -1])  # position K-1+t predicts token t
 
-    def _shares_prefix(self) -> bool:
-        """Whether ``caption_logits`` can run each image's prefix once for all its captions: not
+    def shares_prefix(self) -> bool:
+        """Whether ``caption_logits`` runs each image's prefix once for all its captions: with
+        transformers ≥ 5 (whose GPT-2 returns a ``Cache`` object; 4.x may return tuples), and not
         under gradient checkpointing (transformers' blocks then keep no cache) nor with compiled
         blocks (a cache object in a compiled block's guards recompiles it per layer)."""
         transformer = self.decoder.transformer
         checkpointing = getattr(transformer, "gradient_checkpointing", False) and self.training
-        return not checkpointing and all(block._compiled_call_impl is None for block in transformer.h)
+        return (TRANSFORMERS_5 and not checkpointing
+                and all(block._compiled_call_impl is None for block in transformer.h))
 
     def _shared_prefix_logits(self, features: torch.Tensor, caption_ids: torch.Tensor, caption_mask: torch.Tensor,
                               image_of: torch.Tensor) -> torch.Tensor:
@@ -332,13 +353,11 @@ class Captioner(nn.Module):
         prefix = self.prefix(features).to(tokens.dtype)  # (P, K, D), in the embeddings' dtype as caption_logits has it
         k = prefix.shape[1]
         first = self.decoder.transformer(inputs_embeds=prefix, use_cache=True)
-        # transformers 5 names the cache ``cache`` (``past_key_values`` is deprecated); 4.x only knows the latter.
-        new_names = hasattr(first, "cache")
-        cache = first.cache if new_names else first.past_key_values
+        cache = output_cache(first)
         cache.reorder_cache(image_of)  # each caption's row: its image's keys and values (index_select keeps grads)
         mask = torch.cat([torch.ones_like(caption_mask[:, :1]).expand(-1, k), caption_mask], dim=1)
         rest = self.decoder.transformer(inputs_embeds=tokens, attention_mask=mask,
-                                        **{"cache" if new_names else "past_key_values": cache}).last_hidden_state  # (B, T, D)
+                                        **{cache_argument(self.decoder): cache}).last_hidden_state  # (B, T, D)
         last = first.last_hidden_state[image_of, -1:]  # (B, 1, D): the prefix's last position predicts token 0
         return self.decoder.lm_head(torch.cat([last, rest[:, :-1]], dim=1))
 

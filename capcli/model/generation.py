@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from capcli.losses import sequence_logps
 from capcli.model import Captioner
+from capcli.model.captioner import TRANSFORMERS_5, cache_argument, output_cache
 from capcli.settings import DecodeSettings  # the search controls, one settings group
 from capcli.train.runtime import evaluating
 
@@ -325,15 +325,15 @@ def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, 
         bos_token_id=tokenizer.bos_token_id,
         logits_processor=guide,
     )
-    if copies > 1 and search.get("use_cache", True) and _SHARES_PREFIX:
-        arguments["cache"] = _prefix_cache(model, prefix, copies)
+    if copies > 1 and search.get("use_cache", True) and SHARES_PREFIX and prefix.shape[1] > 1:
+        arguments[cache_argument(model.decoder)] = _prefix_cache(model, prefix, copies)
     with quiet_transformers():
         return model.decoder.generate(**{**arguments, **search})
 
 
-# transformers 5 runs only the positions a ``cache`` passed to ``generate`` does not hold, also
-# for ``inputs_embeds``; 4.x names it ``past_key_values`` and reads the embeddings whole.
-_SHARES_PREFIX = int(transformers.__version__.split(".")[0]) >= 5
+# transformers 5's ``generate`` runs only the positions a cache passed to it does not hold, also
+# for ``inputs_embeds``; 4.x reads the embeddings whole.
+SHARES_PREFIX = TRANSFORMERS_5
 
 
 def _prefix_cache(model: Captioner, prefix: torch.Tensor, copies: int):
@@ -347,7 +347,7 @@ def _prefix_cache(model: Captioner, prefix: torch.Tensor, copies: int):
     on the positions before it, so the search is the same, up to float rounding.
     """
     with torch.no_grad():
-        cache = model.decoder.transformer(inputs_embeds=prefix[:, :-1], use_cache=True).cache
+        cache = output_cache(model.decoder.transformer(inputs_embeds=prefix[:, :-1], use_cache=True))
     cache.batch_repeat_interleave(copies)  # the rows of an image together, as generate expands them
     return cache
 

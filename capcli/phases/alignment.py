@@ -30,6 +30,7 @@ from capcli.phases.caches import (
     frozen_features,
     image_identity,
     pair_logps,
+    trained_pair_rows,
 )
 from capcli.phases.heldout import heldout_metrics
 from capcli.phases.phase import Phase, draw_curves, prepare_run_dir, write_config
@@ -46,7 +47,6 @@ from capcli.train.checkpoint import (
 from capcli.train.engine import FitResult, TrainData, fit
 from capcli.train.runlog import RunLog
 from capcli.train.runtime import Runtime
-from capcli.train.sampler import planned_rows, planned_steps
 
 DEFAULT_START = Path("runs/pretrain")
 
@@ -125,10 +125,7 @@ def prepare_align(settings: Settings, overwrite: bool = False, round_: AlignRoun
         data = PreferenceDataset(split, model.image_size, settings.data.max_pixels, features, index, other=other)
         if phase.reference == "checkpoint":
             # Training pairs: only those the planned steps visit (a short run visits a fraction).
-            rows = None if name != "train" else planned_rows(
-                len(data), batch, round_.engine.grad_accum, runtime.settings.seed,
-                planned_steps(len(data), batch, round_.engine.grad_accum, round_.engine.epochs,
-                              round_.engine.max_steps, runtime.world.size), runtime.world.size)
+            rows = trained_pair_rows(data, round_.engine, runtime) if name == "train" else None
             data.reference = pair_logps(reference, data, collate, score, runtime, batch, rows)
         return data
 

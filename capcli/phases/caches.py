@@ -23,8 +23,9 @@ from capcli import faults
 from capcli.data.batches import PreferenceCollator, PreferenceDataset, load_image_field
 from capcli.data.images import ImageLoadError, resize_center_crop
 from capcli.model import Captioner
+from capcli.settings import EngineSettings
 from capcli.train.runtime import Runtime
-from capcli.train.sampler import SampleKey
+from capcli.train.sampler import SampleKey, planned_rows, planned_steps
 
 
 def image_identity(value: Any) -> str:
@@ -71,6 +72,21 @@ def frozen_features(
     if len(keep) < len(keys):
         pairs = pairs.select(keep)
     return pairs, features, [slot[keys[i]] for i in keep]
+
+
+def trained_pair_rows(data: PreferenceDataset, engine: EngineSettings, runtime: Runtime) -> list[int] | None:
+    """The training pairs whose reference log-probs align needs: those the run's planned steps
+    visit (``planned_rows``), or None (every pair) when a pair can still fail to load.
+
+    A micro-batch whose images are all unreadable is skipped without counting a step, so the
+    engine would then read past the plan; with cached features (unreadable images dropped
+    before training) or text-only pairs, no pair can fail.
+    """
+    if data.features is None and not data.text_only:
+        return None
+    world = runtime.world.size
+    steps = planned_steps(len(data), engine.batch_size, engine.grad_accum, engine.epochs, engine.max_steps, world)
+    return planned_rows(len(data), engine.batch_size, engine.grad_accum, runtime.settings.seed, steps, world)
 
 
 def pair_logps(
