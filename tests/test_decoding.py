@@ -25,7 +25,7 @@ from conftest import SameCaptionEveryEpoch
 
 from capcli.bench.decoding import bench_caption, naive_generate
 from capcli.bench.measure import Report
-from capcli.model import Captioner, generation
+from capcli.model import Captioner, generation, kvcache
 from capcli.model.generation import (
     DecodeSettings,
     candidate_captions,
@@ -193,7 +193,7 @@ def test_batched_beam_search_equals_the_reference(trained, reference):
     assert reference(BEAM) != reference(GREEDY)  # beam search finds other captions than greedy here
 
 
-@pytest.mark.skipif(not generation.SHARES_PREFIX, reason="transformers 4.x: each beam runs its prefix")
+@pytest.mark.skipif(not kvcache.SHARES_PREFIX, reason="transformers 4.x: each beam runs its prefix")
 def test_beams_and_samples_run_each_images_prefix_once(trained, monkeypatch):
     """At beams 5 (and with 3 samples per image) the K prefix positions of an image go through the
     decoder once, not once per beam: no pass of the first block ever sees B·beams rows of more

@@ -12,7 +12,6 @@ patch tokens, for a prefix mapper that reads where things are).
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import dataclass, field
@@ -22,12 +21,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from capcli.losses import IGNORE_INDEX
+from capcli.model.kvcache import TRANSFORMERS_5, cache_argument, output_cache
 from capcli.model.tokenizer import load_tokenizer
 from capcli.model.towers import build_decoder, build_vision, patch_tokens
 
@@ -50,23 +49,6 @@ class CaptionerConfig:
     concept_words: list[str] = field(default_factory=list)  # absent from checkpoints written before the head
     concept_source: str = "pooled"  # absent from checkpoints written before patch concepts
     concept_tags: bool = False  # absent from checkpoints written before concept tags
-
-
-# transformers 5's GPT-2 returns its KV cache as a ``Cache`` object, which can be reordered and
-# repeated; 4.x may return tuples. 5.24 renamed ``past_key_values`` to ``cache`` (argument and output).
-TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache of a transformers model output, under either name."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def cache_argument(model: nn.Module) -> str:
-    """The keyword that passes a KV cache to ``model``'s forward and ``generate``: ``cache`` from
-    transformers 5.24, ``past_key_values`` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 # Prefix mappers that read the patch tokens; the others read the pooled vector alone.

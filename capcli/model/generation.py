@@ -20,7 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from capcli.losses import sequence_logps
 from capcli.model import Captioner
-from capcli.model.captioner import TRANSFORMERS_5, cache_argument, output_cache
+from capcli.model.kvcache import SHARES_PREFIX, cache_argument, prefix_cache
 from capcli.settings import DecodeSettings  # the search controls, one settings group
 from capcli.train.runtime import evaluating
 
@@ -326,30 +326,9 @@ def _generate(model: Captioner, features: torch.Tensor, decode: DecodeSettings, 
         logits_processor=guide,
     )
     if copies > 1 and search.get("use_cache", True) and SHARES_PREFIX and prefix.shape[1] > 1:
-        arguments[cache_argument(model.decoder)] = _prefix_cache(model, prefix, copies)
+        arguments[cache_argument(model.decoder)] = prefix_cache(model.decoder, prefix, copies)
     with quiet_transformers():
         return model.decoder.generate(**{**arguments, **search})
-
-
-# transformers 5's ``generate`` runs only the positions a cache passed to it does not hold, also
-# for ``inputs_embeds``; 4.x reads the embeddings whole.
-SHARES_PREFIX = TRANSFORMERS_5
-
-
-def _prefix_cache(model: Captioner, prefix: torch.Tensor, copies: int):
-    """The decoder's keys and values of each image's prefix but its last position, computed once
-    per image and repeated for its ``copies`` rows (beams or samples).
-
-    ``generate`` repeats ``inputs_embeds`` for each row before its first pass, so without this
-    the K prefix positions of an image ran ``copies`` times (5 × 65 positions at beams 5 for the
-    tiny preset); with it they run once, and generate runs the last one for each row, which
-    gives it the first token's logits. Causal attention makes each position's keys depend only
-    on the positions before it, so the search is the same, up to float rounding.
-    """
-    with torch.no_grad():
-        cache = output_cache(model.decoder.transformer(inputs_embeds=prefix[:, :-1], use_cache=True))
-    cache.batch_repeat_interleave(copies)  # the rows of an image together, as generate expands them
-    return cache
 
 
 def candidate_captions(model: Captioner, features: torch.Tensor, decode: DecodeSettings, beams: int,
