@@ -29,8 +29,8 @@ def micro_batches_per_epoch(n: int, batch_size: int, accum: int, world: int = 1)
 
 def planned_steps(n: int, batch_size: int, accum: int, epochs: int, max_steps: int | None, world: int = 1) -> int:
     """Optimizer steps a run of ``n`` training samples takes if nothing stops it early."""
-    per_epoch = micro_batches_per_epoch(n, batch_size, accum, world) // accum
-    return min(per_epoch * epochs, max_steps if max_steps else per_epoch * epochs)
+    total = micro_batches_per_epoch(n, batch_size, accum, world) // accum * epochs
+    return min(total, max_steps) if max_steps else total
 
 
 def planned_rows(n: int, batch_size: int, accum: int, seed: int, steps: int, world: int = 1) -> list[int]:
