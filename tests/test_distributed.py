@@ -299,7 +299,9 @@ def test_a_streamed_source_is_split_by_node_across_two_ranks(env, tmp_path: Path
     image_dataset(6, start=100).to_parquet(str(root / "data" / "validation-00000-of-00001.parquet"))
     run = tmp_path / "run"
     result = capcli(["pretrain", "--data", f"hf:{root}", "--streaming", "--train-size", "16", "--val-size", "4",
-                     "--test-size", "0", "--batch-size", "4", "--epochs", "2", "--output", str(run), "--quiet",
+                     "--test-size", "0", "--batch-size", "4", "--epochs", "1", "--output", str(run), "--quiet",
                      "--json", "--device", "cpu"], env, nproc=2)
+    # One epoch: datasets waits 5 s at the end of each streamed pass (apache/arrow#45214), and the
+    # epochs after the first are test_hub_sources' (in one process, resumed mid-epoch).
     summary = json.loads(result.stdout)
-    assert summary["steps"] == 4 and summary["epochs"] == 2 and summary["samples"] == 32
+    assert summary["steps"] == 2 and summary["epochs"] == 1 and summary["samples"] == 16

@@ -120,13 +120,22 @@ def test_accumulation_equals_a_larger_batch(settings_factory):
         assert_close(small_state[key], big_state[key], rtol=1e-4, atol=2e-5, msg=key)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_cache):
+    """The default quick run (2 epochs of 8 steps), never stopped: what every resumed run must repeat."""
+    from conftest import make_settings
+
+    whole = make_settings(tmp_path_factory.mktemp("uninterrupted") / "whole", data_cache)
+    pretrain(whole)
+    return whole
+
+
 @pytest.mark.parametrize(("stop_at", "sig"), [(8, signal.SIGINT), (5, signal.SIGINT), (5, signal.SIGTERM)],
                          ids=["after-epoch-1", "mid-epoch", "sigterm-mid-epoch"])
-def test_resumed_run_repeats_the_uninterrupted_losses(settings_factory, stop_at, sig):
+def test_resumed_run_repeats_the_uninterrupted_losses(settings_factory, uninterrupted, stop_at, sig):
     """64 samples / batch 8 = 8 steps an epoch; stop after epoch 1 or in the middle of it, then resume.
     SIGTERM (a scheduler's preemption, torchrun stopping its workers) stops as Ctrl-C does."""
-    whole = settings_factory("whole")
-    pretrain(whole)
+    whole = uninterrupted
     parted = settings_factory("parted")
     with pytest.raises(TrainingInterrupted):
         pretrain(parted, on_step=interrupt_at(stop_at, sig))
@@ -251,7 +260,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(setting
 
 
 def test_early_stopping_after_patience_validations_without_improvement(settings_factory, monkeypatch):
-    settings = settings_factory(**{"pretrain.engine.epochs": 6, "pretrain.engine.patience": 2})
+    # One step an epoch: what is tested is the count of validations, not training.
+    settings = settings_factory(**{"pretrain.engine.epochs": 6, "pretrain.engine.patience": 2,
+                                   "data.train_size": 8, "pretrain.engine.save_checkpoints": False})
     monkeypatch.setattr(engine, "validate", lambda *args, **kwargs: {"loss": 1.0})
     result = pretrain(settings)
     assert result.stopped_early

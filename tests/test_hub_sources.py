@@ -193,8 +193,11 @@ def test_streaming_applies_to_hf_sources_only(disk_folder: Path) -> None:
 
 @pytest.mark.slow(seconds=30)
 def test_a_streamed_run_trains_epochs_and_resumes_to_the_same_losses(hf_folder: Path, tmp_path: Path,
-                                                                       data_cache: Path) -> None:
+                                                                       data_cache: Path, monkeypatch) -> None:
     """2 epochs of a 16-sample stream in steps of 4; stopped after step 6 (mid-epoch 2), then resumed."""
+    # datasets waits 5 s each time a streamed parquet iteration ends, for Arrow's reader threads to
+    # finish (apache/arrow#45214): 25 of this test's 30 s. Half a second is ample for files this small.
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.5)
     from capcli.phases import pretrain
     from capcli.settings import load_settings, override
     from capcli.train.checkpoint import load_state
