@@ -23,7 +23,14 @@ from typer.testing import CliRunner
 from capcli.bench import measure
 from capcli.bench.benchmark import SECTIONS
 from capcli.bench.flops import pretrain_step_flops
-from capcli.bench.measure import Report, matmul_peak, percentile
+from capcli.bench.measure import (
+    MatmulShapes,
+    Report,
+    matmul_flops,
+    matmul_peak,
+    percentile,
+    shapes_peak,
+)
 from capcli.bench.training import Counted, timed_fit
 from capcli.cli import app
 from capcli.phases import prepare_pretrain
@@ -38,7 +45,8 @@ SMALL = {
 FIGURES = {
     "data": ["data_samples_per_s", "data_uncached_samples_per_s", "data_cache_speedup"],
     "pretrain": ["pretrain_samples_per_s", "pretrain_tokens_per_s", "pretrain_eager_samples_per_s",
-                 "pretrain_speedup", "peak_flops", "pretrain_model_flops_per_s", "mfu", "pretrain_peak_memory_mb"],
+                 "pretrain_speedup", "peak_flops", "pretrain_model_flops_per_s", "mfu", "model_shapes_peak_flops",
+                 "mfu_at_model_shapes", "pretrain_peak_memory_mb"],
     "align": ["align_samples_per_s", "align_tokens_per_s", "align_live_samples_per_s", "align_cache_speedup",
               "align_mfu", "align_cache_build_s", "align_peak_memory_mb"],
     "caption": [f"caption_beam{b}_{f}" for b in (1, 5) for f in
@@ -95,6 +103,7 @@ def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path, m
     assert 0 < document["policy_judge_share"] < 1
     # Each ratio is of the two sides timed in the same repeat of this run.
     ratios = {"mfu": ("pretrain_model_flops_per_s", "peak_flops"),
+              "mfu_at_model_shapes": ("pretrain_model_flops_per_s", "model_shapes_peak_flops"),
               "pretrain_speedup": ("pretrain_samples_per_s", "pretrain_eager_samples_per_s"),
               **{f"caption_beam{b}_speedup": (f"caption_beam{b}_images_per_s", f"caption_beam{b}_naive_images_per_s")
                  for b in (1, 5)}}
@@ -107,6 +116,7 @@ def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path, m
     assert context["device"] == "cpu" and context["preset"] == "tiny" and context["weights"] == "random"
     assert context["pretrain_batch"] == 8 and context["align_batch"] == 8 and context["repeats"] == 2
     assert context["matmul_size"] == 256 and context["metrics_captions"] == 12
+    assert 0.5 < context["model_shapes_flops_share"] < 1  # the rest: attention in SDPA, the convolutions
 
 
 def test_onnxruntime_is_timed_beside_pytorch_on_the_same_captions() -> None:
@@ -184,6 +194,36 @@ def test_matmul_peak_is_the_formula_flops_over_the_median_time(monkeypatch) -> N
         rate = matmul_peak(torch.device("cpu"), torch.float32, 128, repeats=3)
     assert counter.get_total_flops() == 4 * 2 * 128 * 128 * 128
     assert rate == 2 * 128**3 / 0.5
+
+
+def test_the_products_of_a_step_are_counted_by_shape_forward_and_backward() -> None:
+    """A linear layer 3 → 5 on 4 rows: forward addmm(bias, x 4×3, Wᵀ 3×5); backward the input's
+    gradient (4×5)·(5×3) and the weight's (5×4)·(4×3). Each is 2·4·3·5 = 120 FLOPs; a bmm of
+    2 × (6×7)·(7×8) is 2·2·6·7·8 = 1344."""
+    layer = torch.nn.Linear(3, 5)
+    x = torch.randn(4, 3, requires_grad=True)
+    with MatmulShapes() as products:
+        layer(x).sum().backward()
+        torch.bmm(torch.randn(2, 6, 7), torch.randn(2, 7, 8))
+    assert products.counts == {
+        (torch.ops.aten.addmm.default, ((5,), (4, 3), (3, 5)), torch.float32): 1,
+        (torch.ops.aten.mm.default, ((4, 5), (5, 3)), torch.float32): 1,
+        (torch.ops.aten.mm.default, ((5, 4), (4, 3)), torch.float32): 1,
+        (torch.ops.aten.bmm.default, ((2, 6, 7), (2, 7, 8)), torch.float32): 1,
+    }
+    assert matmul_flops(products.counts) == 3 * 120 + 1344
+
+
+def test_the_shapes_peak_weights_each_product_by_how_often_it_runs(monkeypatch) -> None:
+    """Two products, one run 3 times and one once; with every call made to take 1 ms the peak is
+    their FLOPs, weighted by count, over 4 ms."""
+    mm, bmm = torch.ops.aten.mm.default, torch.ops.aten.bmm.default
+    counts = {(mm, ((8, 16), (16, 4)), torch.float32): 3, (bmm, ((2, 8, 8), (2, 8, 8)), torch.float32): 1}
+    clock = iter(float(t) * 1e-3 for t in range(10_000))  # each reading 1 ms after the last
+    monkeypatch.setattr(measure, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    # One call per timing (a first call of 1 ms), so each timing is one call between two readings.
+    rate = shapes_peak(counts, torch.device("cpu"), repeats=3)
+    assert rate == pytest.approx((3 * 2 * 8 * 16 * 4 + 2 * 2 * 8 * 8 * 8) / (4 * 1e-3))
 
 
 def test_report_keeps_median_and_range() -> None:

@@ -1,5 +1,5 @@
 """How ``capcli benchmark`` measures: each figure's median and range, runs taking turns, peak memory and
-the peak of a large matmul (MFU's denominator).
+the peak of a large matmul (MFU's denominator), and of the matrix products a step runs, at their own shapes.
 
 Each figure is taken ``repeats`` times after one warm-up, the fast side and its baseline taking turns
 (:func:`interleaved`) so that a busy machine slows both alike.
@@ -12,6 +12,7 @@ import math
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+aten = torch.ops.aten
 
 
 @dataclass
@@ -133,3 +137,60 @@ def percentile(sorted_values: list[float], q: float) -> float:
     low = math.floor(position)
     high = min(low + 1, len(sorted_values) - 1)
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (position - low)
+
+
+# The matrix products of a step as ATen runs them (nn.Linear and GPT-2's Conv1D become addmm or mm,
+# batched ones bmm), with the FLOPs of one call from its operands' shapes.
+_MATMULS: dict[Any, Callable[[list[tuple[int, ...]]], int]] = {
+    aten.mm.default: lambda s: 2 * s[0][0] * s[0][1] * s[1][1],
+    aten.addmm.default: lambda s: 2 * s[1][0] * s[1][1] * s[2][1],
+    aten.bmm.default: lambda s: 2 * s[0][0] * s[0][1] * s[0][2] * s[1][2],
+    aten.baddbmm.default: lambda s: 2 * s[1][0] * s[1][1] * s[1][2] * s[2][2],
+}
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Counts the matrix products run inside the block, by op, operand shapes and dtype, forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _MATMULS:
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.counts[(func, tuple(tuple(t.shape) for t in tensors), tensors[-1].dtype)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def matmul_flops(counts: Counter) -> int:
+    """FLOPs of the counted matrix products."""
+    return sum(count * _MATMULS[func](list(shapes)) for (func, shapes, _), count in counts.items())
+
+
+def shapes_peak(counts: Counter, device: torch.device, repeats: int = 5) -> float:
+    """FLOP/s of the counted matrix products, each timed alone at its own shapes and dtype.
+
+    Σ count·FLOPs / Σ count·seconds: the rate the step's products reach with nothing else running,
+    the peak a step of these shapes could reach, where ``matmul_peak`` is one large square product's.
+    Each product is timed over enough calls to take about a millisecond (the median of ``repeats``).
+    """
+    flops = seconds = 0.0
+    for (func, shapes, dtype), count in counts.items():
+        operands = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
+        synchronize(device)
+        start = time.perf_counter()
+        func(*operands)
+        synchronize(device)
+        calls = max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-7))))
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                func(*operands)
+            synchronize(device)
+            times.append((time.perf_counter() - start) / calls)
+        flops += count * _MATMULS[func](list(shapes))
+        seconds += count * statistics.median(times)
+    return flops / seconds

@@ -18,7 +18,16 @@ from typing import Any
 import torch
 
 from capcli.bench.flops import align_step_flops, pretrain_step_flops
-from capcli.bench.measure import Report, alone, interleaved, seconds_of, synchronize
+from capcli.bench.measure import (
+    MatmulShapes,
+    Report,
+    alone,
+    interleaved,
+    matmul_flops,
+    seconds_of,
+    shapes_peak,
+    synchronize,
+)
 from capcli.data.batches import (
     CaptionBatch,
     CaptionCollator,
@@ -33,7 +42,7 @@ from capcli.objectives import PretrainObjective, score_pairs
 from capcli.phases import prepare_align
 from capcli.phases.caches import frozen_features, pair_logps, trained_pair_rows
 from capcli.settings import Settings, override
-from capcli.train.engine import Objective, TrainData, fit
+from capcli.train.engine import Objective, TrainData, fit, total_loss
 from capcli.train.runtime import Runtime
 
 
@@ -142,7 +151,12 @@ def bench_pretrain(report: Report, settings: Settings, runtime: Runtime, model: 
         counted = Counted(objective, partial(pretrain_flops, model), _caption_tokens)
         runs.append(partial(timed_fit, copy.deepcopy(model), counted, data, s, runtime, "pretrain",
                             work / f"pretrain-{name}"))
-    peaks, fast, eager = interleaved([peak, *runs], repeats)
+    first = data.collate([data.train[(i, 0)] for i in range(min(p.engine.batch_size, len(data.train)))])
+    products = step_matmuls(model, objective, first, runtime)
+    at_shapes = partial(shapes_peak, products, runtime.device)
+    # The rest of the formula's FLOPs is attention inside SDPA's fused kernel and the convolutions.
+    report.context["model_shapes_flops_share"] = matmul_flops(products) / pretrain_flops(model, first)
+    peaks, shape_peaks, fast, eager = interleaved([peak, at_shapes, *runs], repeats)
     memory = alone(runs[0], runtime.device, dropped=runs)
     report.add("pretrain_samples_per_s", [r.per_s("samples") for r in fast])
     report.add("pretrain_tokens_per_s", [r.per_s("tokens") for r in fast])
@@ -152,7 +166,21 @@ def bench_pretrain(report: Report, settings: Settings, runtime: Runtime, model: 
     report.add("peak_flops", peaks)
     report.add("pretrain_model_flops_per_s", [r.per_s("flops") for r in fast])
     report.add("mfu", [r.per_s("flops") / p for r, p in zip(fast, peaks, strict=True)])
+    report.add("model_shapes_peak_flops", shape_peaks)
+    report.add("mfu_at_model_shapes", [r.per_s("flops") / p for r, p in zip(fast, shape_peaks, strict=True)])
     report.add("pretrain_peak_memory_mb", [memory["mb"]])
+
+
+def step_matmuls(model: Captioner, objective: Objective, batch: CaptionBatch, runtime: Runtime):
+    """The matrix products of one training step on ``batch``, forward and backward (``MatmulShapes``' counts),
+    under the runtime's precision. On a copy of the model, whose gradients are then dropped."""
+    model = copy.deepcopy(model).train()
+    batch = batch.to(runtime.device)
+    with MatmulShapes() as products:
+        with runtime.autocast():
+            loss = total_loss(objective(model, batch, 0.0))
+        loss.backward()
+    return products.counts
 
 
 # --- align ---------------------------------------------------------------------------------------------------------
