@@ -31,6 +31,7 @@ from capcli.options import (
     CaptionMaxLength,
     CaptionMinLength,
     CaptionNoRepeat,
+    CaptionWorkers,
     Compile,
     Config,
     Data,
@@ -224,7 +225,8 @@ def align(
 @app.command()
 def caption(
     images: Images = None, checkpoint: CaptionCheckpoint = None, beams: CaptionBeams = None,
-    batch_size: CaptionBatch = None, fmt: Format = None, max_length: CaptionMaxLength = None,
+    batch_size: CaptionBatch = None, workers: CaptionWorkers = None, fmt: Format = None,
+    max_length: CaptionMaxLength = None,
     min_length: CaptionMinLength = None, length_penalty: CaptionLengthPenalty = None,
     no_repeat_ngram: CaptionNoRepeat = None, concept_guidance: CaptionGuidance = None, config: Config = None,
     device: Device = None, precision: Precision = None, quiet: Quiet = False,
@@ -241,7 +243,7 @@ def caption(
 
         settings = load_settings(config, {
             "runtime.device": device, "runtime.precision": precision, "runtime.quiet": quiet or None,
-            "caption.format": fmt, "caption.batch_size": batch_size,
+            "caption.format": fmt, "caption.batch_size": batch_size, "caption.workers": workers,
             **decode_keys("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
         })
         items = expand_inputs(images or [], sys.stdin)
@@ -370,7 +372,7 @@ def benchmark(
     repeats: Annotated[Optional[int], typer.Option(help=help_for("benchmark.repeats"), show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option(help=help_for("benchmark.steps"), show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help="Time this checkpoint's architecture and weights.  \\[default: random weights of --model]", show_default=False)] = None,
-    sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, onnx, policy, metrics; and, run only when named, peers (capcli beside transformers' VisionEncoderDecoder and open_clip's CoCa) and startup (one image in one `capcli caption` process against `import torch`).  \\[default: all but peers and startup]", show_default=False)] = "data,pretrain,align,caption,onnx,policy,metrics",
+    sections: Annotated[str, typer.Option(help="Comma-separated: data, pretrain, align, caption, onnx, policy, metrics; and, run only when named, peers (capcli beside transformers' VisionEncoderDecoder and open_clip's CoCa), startup (one image in one `capcli caption` process against `import torch`) and caption_files (the caption command on a folder of full-size JPEGs, read ahead by workers or not).  \\[default: all but peers, startup and caption_files]", show_default=False)] = "data,pretrain,align,caption,onnx,policy,metrics",
     out: Annotated[Optional[Path], typer.Option(help="Also write the results JSON to this file.", show_default=False)] = None,
     compile: Compile = False,
 ) -> None:

@@ -95,6 +95,7 @@ Images = Annotated[Optional[list[str]], typer.Argument(metavar="IMAGES", help="I
 CaptionCheckpoint = Annotated[Optional[Path], typer.Option("--checkpoint", help="Checkpoint, or a run directory (its best).  \\[default: runs/align's best, else runs/pretrain's]", show_default=False)]
 CaptionBatch = Annotated[Optional[int], typer.Option("--batch-size", help=help_for("caption.batch_size"), show_default=False)]
 Format = Annotated[Optional[str], typer.Option("--format", help=help_for("caption.format"), show_default=False)]
+CaptionWorkers = Annotated[Optional[int], typer.Option("--workers", help=help_for("caption.workers"), show_default=False)]
 
 
 def search_options(group: str) -> tuple[Any, ...]:

@@ -119,6 +119,25 @@ def test_benchmark_json_reports_every_figure_with_its_baseline(tmp_path: Path, m
     assert 0.5 < context["model_shapes_flops_share"] < 1  # the rest: attention in SDPA, the convolutions
 
 
+@pytest.mark.slow
+def test_the_caption_command_on_a_folder_of_jpegs_is_timed_read_ahead_and_not(measured) -> None:
+    env = {"CAPCLI_BENCHMARK__CAPTION_FILES": "12", "CAPCLI_RUNTIME__DEVICE": "cpu",
+           "CAPCLI_CAPTION__BATCH_SIZE": "4", "CAPCLI_CAPTION__DECODE__MAX_LENGTH": "4"}
+    result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "2", "--sections", "caption_files"],
+                           env=env)
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [k for k in document if k not in ("range", "context")] == [
+        "caption_files_images_per_s", "caption_files_serial_images_per_s", "caption_files_overlap_speedup",
+        "caption_files_read_images_per_s"]
+    assert_figures_are_their_repeats(document, measured, repeats=2)
+    assert measured["caption_files_overlap_speedup"] == pytest.approx(
+        [f / s for f, s in zip(measured["caption_files_images_per_s"], measured["caption_files_serial_images_per_s"])])
+    context = document["context"]
+    assert context["caption_files"] == 12 and context["caption_files_size"] == [1024, 768]
+    assert context["caption_files_workers"] >= 1 and context["caption_files_batch"] == 4
+
+
 def test_onnxruntime_is_timed_beside_pytorch_on_the_same_captions() -> None:
     pytest.importorskip("onnxruntime")
     result = runner.invoke(app, ["benchmark", "--json", "--quiet", "--repeats", "1", "--steps", "2",

@@ -170,6 +170,44 @@ def test_bad_files_do_not_stop_the_good_ones_and_exit_1(corpus, corpus_run):
     assert all(line.startswith("error: ") for line in result.stderr.splitlines())
 
 
+def test_reading_in_worker_processes_gives_the_same_lines_in_the_same_order(corpus, corpus_run, checkpoint):
+    """The corpus again, read by two DataLoader workers, in batches of 2 so that reading and
+    captioning interleave: the same captions, the same error lines, in the same order."""
+    names, serial = corpus_run
+    paths = [str(corpus / name) for name in names]
+    read_ahead = invoke(*paths, "--checkpoint", str(checkpoint), "--format", "jsonl", "--workers", "2", *FAST)
+    assert read_ahead.exit_code == serial.exit_code == 1
+    assert read_ahead.stderr == serial.stderr
+    by_batch = invoke(*paths, "--checkpoint", str(checkpoint), "--format", "jsonl", "--batch-size", "2", *FAST)
+    workers = invoke(*paths, "--checkpoint", str(checkpoint), "--format", "jsonl", "--batch-size", "2",
+                     "--workers", "2", *FAST)
+    assert workers.stdout == by_batch.stdout and workers.stderr == by_batch.stderr
+    assert read_ahead.stdout == serial.stdout
+
+
+def test_readers_take_their_cores_from_the_models_threads_until_the_run_ends(tmp_path, checkpoint, monkeypatch):
+    from capcli.api import ImageCaptioner
+
+    seen = []
+    original = ImageCaptioner.caption_pixels
+
+    def recording(self, pixels, decode):
+        seen.append(torch.get_num_threads())
+        return original(self, pixels, decode)
+
+    monkeypatch.setattr(ImageCaptioner, "caption_pixels", recording)
+    paths = write_images(tmp_path, [f"{i}.png" for i in range(3)])
+    settings = load_settings(cli={"runtime.device": "cpu", "runtime.quiet": True, "caption.batch_size": 2,
+                                  "caption.workers": 1, "caption.decode.max_length": 4}, environ={})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert write_captions([Item(str(p)) for p in paths], checkpoint, settings, out=io.StringIO()) == 0
+        assert seen == [2, 2] and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_pixel_cap_from_the_settings_refuses_before_decoding(tmp_path, checkpoint):
     small, large = write_images(tmp_path, ["small.png", "large.png"])
     picture(1, (8, 8)).save(small)  # 64 pixels; large is 48×32 = 1536

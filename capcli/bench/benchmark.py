@@ -16,6 +16,7 @@ that a busy machine slows both alike; the report gives the median and the min–
 | ``policy_pairs_per_s`` | on-policy pairs drawn and judged (align's ``draw_pairs``) | the judge alone on as many captions: ``policy_judge_share`` |
 | ``peer_*`` (only when named: ``--sections peers``) | capcli's caption path and pretrain step | transformers' VisionEncoderDecoder and open_clip's CoCa at the same sizes (:mod:`capcli.bench.peers`) |
 | ``startup_caption_s`` (only when named: ``--sections startup``) | ``capcli caption`` of one image in a new process | ``python -c "import torch"`` (:mod:`capcli.bench.startup`) |
+| ``caption_files_images_per_s`` (only when named: ``--sections caption_files``) | the caption command on a folder of full-size JPEGs, DataLoader workers reading ahead | the same with the images read between batches (:mod:`capcli.bench.files`) |
 
 ``mfu`` is pretrain's model FLOPs per second (``capcli.bench.flops``, counted from each step's
 real batch shapes) over the peak of a large matmul in the same precision, timed in the same
@@ -47,6 +48,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from capcli.bench.decoding import bench_caption, bench_onnx
+from capcli.bench.files import bench_caption_files
 from capcli.bench.measure import (
     Report,
     interleaved,
@@ -161,8 +163,9 @@ def bench_policy(report: Report, settings: Settings, runtime: Runtime, model: Ca
 
 SECTIONS = ("data", "pretrain", "align", "caption", "onnx", "policy", "metrics")
 # Run only when named: capcli beside the tools users would pick instead (capcli.bench.peers); one image
-# in one `capcli caption` process against `import torch` (capcli.bench.startup).
-OPT_IN_SECTIONS = ("peers", "startup")
+# in one `capcli caption` process against `import torch` (capcli.bench.startup); the caption command on
+# a folder of full-size JPEGs, read ahead by workers or not (capcli.bench.files).
+OPT_IN_SECTIONS = ("peers", "startup", "caption_files")
 
 
 def benchmark_settings(settings: Settings) -> Settings:
@@ -248,6 +251,9 @@ def run_benchmark(settings: Settings, checkpoint: Path | None = None, sections: 
             bench_metrics(report, test["captions"][: b.metric_captions], b.repeats)
         if "peers" in sections:
             bench_peers(report, settings, runtime, model, test, work, b.repeats, peak, log)
+        if "caption_files" in sections:
+            log(f"benchmark: the caption command on {b.caption_files} JPEGs ({b.repeats} repeats after a warm-up)")
+            bench_caption_files(report, settings, start, test, b.caption_files, b.repeats, work)
         if "startup" in sections:
             image = image_files(test, 1, work / "startup-image")[0]
             bench_startup(report, start, image, str(device), b.repeats, log)

@@ -143,7 +143,7 @@ def report(message: str) -> None:
 
 def caption_items(
     items: Sequence[Item], load_model: Callable[[], ImageCaptioner], decode: DecodeSettings,
-    batch_size: int, max_pixels: int, on_error: Callable[[str], None],
+    batch_size: int, max_pixels: int, on_error: Callable[[str], None], image_size: int, workers: int = 0,
 ) -> Iterator[list[tuple[str, ScoredCaption]]]:
     """Caption images a batch at a time, in input order.
 
@@ -153,12 +153,14 @@ def caption_items(
     has loaded: a run where every input is bad never loads it. A last,
     possibly empty, batch is always yielded, so a caller sees every failure reported.
 
+    With ``workers`` > 0, that many processes read and resize the images (a DataLoader, in
+    order) while the model captions the batch before: decoding a large JPEG takes about as
+    long as captioning it with the tiny preset, so the two overlap instead of taking turns.
+
     Yields:
         ``[(path, ScoredCaption), ...]`` for each decoded batch.
     """
     import torch
-
-    from capcli.data.images import ImageLoadError, load_image, resize_center_crop
 
     model = None
     paths: list[str] = []
@@ -171,22 +173,68 @@ def caption_items(
         pixels.clear()
         return out
 
-    for item in items:
+    images = ImageReader(items, image_size, max_pixels)
+    threads = torch.get_num_threads()
+    if workers:
+        from torch.utils.data import DataLoader
+
+        # One image at a time, in order; each worker keeps a batch read ahead. The readers take
+        # their cores from the model's threads: on 2 cores, 2 model threads beside a reader ran
+        # slower than 2 threads alone (docs/performance.md).
+        loaded = DataLoader(images, batch_size=None, num_workers=workers, prefetch_factor=batch_size)
+        torch.set_num_threads(max(1, threads - workers))
+    else:
+        loaded = (images[i] for i in range(len(images)))
+    try:
+        for path, image, problem in loaded:
+            if problem is not None:
+                on_error(f"{escape(path)}: {problem}")
+                continue
+            if model is None:
+                model = load_model()
+            paths.append(path)
+            pixels.append(image)
+            if len(pixels) == batch_size:
+                yield decode_batch()
+        yield decode_batch() if pixels else []
+    finally:
+        torch.set_num_threads(threads)
+
+
+class ImageReader:
+    """The items as (path, (3, S, S) uint8 pixels, None), or (path, None, reason) where one cannot be read.
+
+    A map-style dataset, so a DataLoader's workers can read it in order.
+    """
+
+    def __init__(self, items: Sequence[Item], image_size: int, max_pixels: int):
+        self.items, self.image_size, self.max_pixels = list(items), image_size, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        from capcli.data.images import ImageLoadError, load_image, resize_center_crop
+
+        item = self.items[index]
         if item.problem is not None:
-            on_error(f"{escape(item.path)}: {item.problem}")
-            continue
+            return item.path, None, item.problem
         try:
-            image = load_image(item.path, max_pixels=max_pixels)
+            image = load_image(item.path, max_pixels=self.max_pixels)
         except ImageLoadError as err:
-            on_error(f"{escape(item.path)}: {err.reason}")
-            continue
-        if model is None:
-            model = load_model()
-        paths.append(item.path)
-        pixels.append(resize_center_crop(image, model.image_size))  # (3, S, S) uint8
-        if len(pixels) == batch_size:
-            yield decode_batch()
-    yield decode_batch() if pixels else []
+            return item.path, None, err.reason
+        return item.path, resize_center_crop(image, self.image_size), None
+
+
+def checkpoint_image_size(checkpoint: Path) -> int:
+    """The side of the images a checkpoint reads, from its ``model.json``, without loading its weights."""
+    from capcli.model.captioner import CONFIG_FILE
+
+    try:
+        return int(json.loads((checkpoint / CONFIG_FILE).read_text())["vision"]["arch"]["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot read the model configuration of checkpoint '{checkpoint}' "
+                          f"({type(err).__name__}: {err})") from None
 
 
 def load_captioner(checkpoint: Path, settings: Settings) -> ImageCaptioner:
@@ -232,7 +280,8 @@ def write_captions(items: Sequence[Item], checkpoint: Path, settings: Settings, 
     done, shown, start = 0, 0, time.monotonic()
     with ProgressDisplay("caption", len(items), quiet=settings.runtime.quiet) as progress:
         batches = caption_items(items, lambda: load_captioner(checkpoint, settings), options.decode,
-                                options.batch_size, settings.data.max_pixels, on_error)
+                                options.batch_size, settings.data.max_pixels, on_error,
+                                checkpoint_image_size(checkpoint), options.workers)
         for batch in batches:
             emit([format_record(options.format, path, result) for path, result in batch])
             done += len(batch)

@@ -256,6 +256,8 @@ class BenchmarkSettings(Strict):
     """Images decoded together, as `capcli caption --batch-size`."""
     metric_captions: int = Field(200, ge=1)
     """Captions scored in each metric-timing repeat."""
+    caption_files: int = Field(1000, ge=1)
+    """JPEGs (1024 × 768) the caption_files section writes and captions in each repeat."""
     matmul_size: int | None = Field(None, ge=64)
     """Side of the square matmul that measures the peak FLOP/s. Default: 2048 on CPU, 8192 on CUDA."""
 
@@ -294,6 +296,8 @@ class CaptionSettings(Strict):
     """text: path<TAB>caption | tsv: a header line, then path, caption, score, logprob, tokens | jsonl: one JSON object per image with those keys."""
     batch_size: int = Field(16, ge=1)
     """Images decoded together; their lines are written and flushed after each batch."""
+    workers: int = Field(0, ge=0)
+    """Processes that read and resize the images while the model captions the batch before; 0: this process reads them between batches."""
     decode: DecodeSettings = DecodeSettings(beams=5)
 
 
