@@ -208,6 +208,42 @@ def test_readers_take_their_cores_from_the_models_threads_until_the_run_ends(tmp
         torch.set_num_threads(threads)
 
 
+def test_closing_a_run_halfway_gives_the_model_its_threads_back(tmp_path, checkpoint):
+    """What ``write_captions`` does on its way out, a closed pipe or Ctrl-C: close the batches."""
+    from capcli.inference.captioning import (
+        caption_items,
+        checkpoint_image_size,
+        load_captioner,
+    )
+    from capcli.model.generation import DecodeSettings
+
+    paths = write_images(tmp_path, [f"{i}.png" for i in range(4)])
+    settings = load_settings(cli={"runtime.device": "cpu", "runtime.quiet": True}, environ={})
+    errors: list[str] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        batches = caption_items([Item(str(p)) for p in paths], lambda: load_captioner(checkpoint, settings),
+                                DecodeSettings(max_length=3), 2, settings.data.max_pixels, errors.append,
+                                checkpoint_image_size(checkpoint), workers=1)
+        assert len(next(batches)) == 2 and torch.get_num_threads() == 2
+        batches.close()
+        assert torch.get_num_threads() == 3 and errors == []
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_checkpoint_without_its_model_configuration_exits_1_naming_it(tmp_path, checkpoint):
+    broken = tmp_path / "broken"
+    shutil.copytree(checkpoint, broken)
+    config = json.loads((broken / "model.json").read_text(encoding="utf-8"))
+    (broken / "model.json").write_text(json.dumps({**config, "vision": {}}), encoding="utf-8")  # no image size
+    (image,) = write_images(tmp_path, ["a.png"])
+    result = invoke(str(image), "--checkpoint", str(broken), *FAST)
+    assert result.exit_code == 1 and "cannot read the model configuration" in result.stderr
+    assert result.stdout == ""
+
+
 def test_pixel_cap_from_the_settings_refuses_before_decoding(tmp_path, checkpoint):
     small, large = write_images(tmp_path, ["small.png", "large.png"])
     picture(1, (8, 8)).save(small)  # 64 pixels; large is 48×32 = 1536

@@ -44,8 +44,9 @@ def write_jpegs(split: Any, count: int, folder: Path) -> Path:
 
 
 def default_workers() -> int:
-    """One reader per core beyond the first, at least one: the model keeps its threads."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """One reader per core this process may use beyond the first, at least one and at most 4
+    (``caption_items`` takes the readers' cores from the model's threads)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) - 1))
 
 
 def bench_caption_files(report: Any, settings: Settings, checkpoint: Path, test: Any, count: int, repeats: int,

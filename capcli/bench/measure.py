@@ -178,11 +178,12 @@ def shapes_peak(counts: Counter, device: torch.device, repeats: int = 5) -> floa
     flops = seconds = 0.0
     for (func, shapes, dtype), count in counts.items():
         operands = [torch.randn(shape, device=device, dtype=dtype) for shape in shapes]
+        func(*operands)  # warm: the first call of a shape may pick its kernel
         synchronize(device)
         start = time.perf_counter()
         func(*operands)
         synchronize(device)
-        calls = max(1, min(1000, int(1e-3 / max(time.perf_counter() - start, 1e-7))))
+        calls = max(1, min(1000, round(1e-3 / max(time.perf_counter() - start, 1e-7))))
         times = []
         for _ in range(repeats):
             synchronize(device)

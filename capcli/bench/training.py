@@ -154,7 +154,8 @@ def bench_pretrain(report: Report, settings: Settings, runtime: Runtime, model: 
     first = data.collate([data.train[(i, 0)] for i in range(min(p.engine.batch_size, len(data.train)))])
     products = step_matmuls(model, objective, first, runtime)
     at_shapes = partial(shapes_peak, products, runtime.device)
-    # The rest of the formula's FLOPs is attention inside SDPA's fused kernel and the convolutions.
+    # The rest of the formula's FLOPs is the convolutions and, where SDPA runs a fused kernel (the
+    # CPU's), attention's two products.
     report.context["model_shapes_flops_share"] = matmul_flops(products) / pretrain_flops(model, first)
     peaks, shape_peaks, fast, eager = interleaved([peak, at_shapes, *runs], repeats)
     memory = alone(runs[0], runtime.device, dropped=runs)
