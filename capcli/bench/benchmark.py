@@ -20,12 +20,12 @@ that a busy machine slows both alike; the report gives the median and the min–
 
 ``mfu`` is pretrain's model FLOPs per second (``capcli.bench.flops``, counted from each step's
 real batch shapes) over the peak of a large matmul in the same precision, timed in the same
-repeat. ``mfu_at_model_shapes`` divides the same rate by ``model_shapes_peak_flops``: the rate
-that the step's own matrix products (recorded from one step, forward and backward) reach when
-each is timed alone at its shapes, so that a machine whose large-matmul peak small matrices
-cannot reach (AVX-512) compares with one whose they can. Weights are random unless ``checkpoint`` is given: speed does not depend on their
-values, except that a random decoder rarely ends a caption early, so every caption runs to
-``max_length``.
+repeat. ``mfu_at_model_shapes`` divides the same rate by ``model_shapes_peak_flops``, the rate
+the step's own matrix products (recorded from one step, forward and backward) reach when each
+is timed alone at its shapes: where small matrices cannot reach a CPU's large-matmul peak
+(AVX-512), it still says how much of a step lies outside its products. Weights are random
+unless ``checkpoint`` is given: speed does not depend on their values, except that a random
+decoder rarely ends a caption early, so every caption runs to ``max_length``.
 
 This module runs the sections and holds the data, metrics and on-policy ones; the others are
 :mod:`capcli.bench.training` (pretrain, align), :mod:`capcli.bench.decoding` (caption, onnx),
