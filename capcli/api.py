@@ -126,7 +126,8 @@ class ImageCaptioner:
 
     def caption(self, images: ImageInput | Iterable[ImageInput], beams: int = 5, max_length: int = 32,
                 min_length: int = 1, length_penalty: float = 1.0, no_repeat_ngram: int = 0,
-                concept_guidance: float = 1.0, spatial_guidance: bool = True) -> Caption | list[Caption]:
+                concept_guidance: float = 1.0, spatial_guidance: bool = True,
+                concept_prior: float = DecodeSettings.model_fields["concept_prior"].default) -> Caption | list[Caption]:
         """Caption one image (returns one :class:`Caption`) or several (returns a list, in order).
 
         The settings are ``capcli caption``'s (``beams=1`` is greedy search). Each caption comes
@@ -136,7 +137,8 @@ class ImageCaptioner:
         items, single = _as_list(images)
         decode = DecodeSettings(beams=beams, max_length=max_length, min_length=min_length,
                                 length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram,
-                                concept_guidance=concept_guidance, spatial_guidance=spatial_guidance)
+                                concept_guidance=concept_guidance, spatial_guidance=spatial_guidance,
+                                concept_prior=concept_prior)
         out: list[Caption] = []
         for start in range(0, len(items), self.batch_size):
             pixels = torch.stack([self._pixels(image) for image in items[start : start + self.batch_size]])

@@ -31,6 +31,7 @@ from capcli.options import (
     CaptionMaxLength,
     CaptionMinLength,
     CaptionNoRepeat,
+    CaptionPrior,
     CaptionWorkers,
     Compile,
     Config,
@@ -44,9 +45,11 @@ from capcli.options import (
     EvalMaxLength,
     EvalMinLength,
     EvalNoRepeat,
+    EvalPrior,
     ExportGuidance,
     ExportMaxLength,
     ExportMinLength,
+    ExportPrior,
     Format,
     GradCheckpoint,
     ImageColumn,
@@ -228,7 +231,8 @@ def caption(
     batch_size: CaptionBatch = None, workers: CaptionWorkers = None, fmt: Format = None,
     max_length: CaptionMaxLength = None,
     min_length: CaptionMinLength = None, length_penalty: CaptionLengthPenalty = None,
-    no_repeat_ngram: CaptionNoRepeat = None, concept_guidance: CaptionGuidance = None, config: Config = None,
+    no_repeat_ngram: CaptionNoRepeat = None, concept_guidance: CaptionGuidance = None,
+    concept_prior: CaptionPrior = None, config: Config = None,
     device: Device = None, precision: Precision = None, quiet: Quiet = False,
 ) -> None:
     """Caption image files, folders, globs and stdin lists: one line per image on stdout, in input order, flushed batch by batch.
@@ -244,7 +248,8 @@ def caption(
         settings = load_settings(config, {
             "runtime.device": device, "runtime.precision": precision, "runtime.quiet": quiet or None,
             "caption.format": fmt, "caption.batch_size": batch_size, "caption.workers": workers,
-            **decode_keys("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            **decode_keys("caption", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance,
+                          concept_prior),
         })
         items = expand_inputs(images or [], sys.stdin)
         # torch and friends: only once the options are known to be good
@@ -264,7 +269,7 @@ def evaluate(
     split: Annotated[Optional[str], typer.Option(help=help_for("evaluate.split"), show_default=False)] = None,
     beams: EvalBeams = None, max_length: EvalMaxLength = None, min_length: EvalMinLength = None,
     length_penalty: EvalLengthPenalty = None, no_repeat_ngram: EvalNoRepeat = None,
-    concept_guidance: EvalGuidance = None,
+    concept_guidance: EvalGuidance = None, concept_prior: EvalPrior = None,
     limit: Annotated[Optional[int], typer.Option(help=help_for("evaluate.limit"), show_default=False)] = None,
     baseline: Annotated[Optional[Path], typer.Option(help=help_for("evaluate.baseline"), show_default=False)] = None,
     save_captions: Annotated[Optional[Path], typer.Option(help=help_for("evaluate.save_captions"), show_default=False)] = None,
@@ -287,7 +292,8 @@ def evaluate(
         cli = {
             **runtime_keys(device, precision, seed, quiet), "data.source": data, "data.train_size": train_size,
             "data.val_size": val_size, "data.test_size": test_size, "evaluate.split": split,
-            **decode_keys("evaluate", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance),
+            **decode_keys("evaluate", beams, max_length, min_length, length_penalty, no_repeat_ngram, concept_guidance,
+                          concept_prior),
             "evaluate.limit": limit, "evaluate.baseline": baseline, "evaluate.save_captions": save_captions,
             "evaluate.report": report, "evaluate.output": output, "evaluate.batch_size": batch_size,
             "evaluate.judge": judge, "evaluate.allow_train_images": allow_train_images or None,
@@ -340,6 +346,7 @@ def export(
     output: Annotated[Path, typer.Option(help="Folder for the graphs, the tokenizer and decoding.json.", show_default=False)],
     fmt: Annotated[str, typer.Option("--format", help="onnx  \\[default: onnx]", show_default=False)] = "onnx",
     max_length: ExportMaxLength = None, min_length: ExportMinLength = None, concept_guidance: ExportGuidance = None,
+    concept_prior: ExportPrior = None,
 ) -> None:
     """Export a checkpoint for serving without PyTorch: the vision tower with the prefix mapper as one ONNX
     graph, the decoder with its key/value cache as another (dynamic batch and sequence axes), the tokenizer,
@@ -352,7 +359,8 @@ def export(
 
         if fmt != "onnx":
             raise ConfigError(f"unknown --format {fmt!r} (allowed: onnx)")
-        given = {"max_length": max_length, "min_length": min_length, "concept_guidance": concept_guidance}
+        given = {"max_length": max_length, "min_length": min_length, "concept_guidance": concept_guidance,
+                 "concept_prior": concept_prior}
         decode = validated(DecodeSettings, {key: value for key, value in given.items() if value is not None})
 
         require_onnx()  # before torch is imported: a missing extra answers at once
@@ -360,7 +368,7 @@ def export(
         from capcli.train.checkpoint import resolve_checkpoint
 
         export_onnx(resolve_checkpoint(checkpoint), output, decode.max_length, decode.min_length,
-                    decode.concept_guidance)
+                    decode.concept_guidance, decode.concept_prior)
         print(output)
 
 

@@ -104,22 +104,26 @@ def search_options(group: str) -> tuple[Any, ...]:
         return Annotated[Optional[kind], typer.Option(help=help_for(f"{group}.decode.{field}"), show_default=False)]
 
     return (option("beams", int), option("max_length", int), option("min_length", int),
-            option("length_penalty", float), option("no_repeat_ngram", int), option("concept_guidance", float))
+            option("length_penalty", float), option("no_repeat_ngram", int), option("concept_guidance", float),
+            option("concept_prior", float))
 
 
-CaptionBeams, CaptionMaxLength, CaptionMinLength, CaptionLengthPenalty, CaptionNoRepeat, CaptionGuidance = (
-    search_options("caption"))
-EvalBeams, EvalMaxLength, EvalMinLength, EvalLengthPenalty, EvalNoRepeat, EvalGuidance = search_options("evaluate")
+(CaptionBeams, CaptionMaxLength, CaptionMinLength, CaptionLengthPenalty, CaptionNoRepeat, CaptionGuidance,
+ CaptionPrior) = search_options("caption")
+EvalBeams, EvalMaxLength, EvalMinLength, EvalLengthPenalty, EvalNoRepeat, EvalGuidance, EvalPrior = (
+    search_options("evaluate"))
 # export's greedy search: the library's own DecodeSettings defaults
 ExportMaxLength = Annotated[Optional[int], typer.Option(help=help_for("max_length", DecodeSettings), show_default=False)]
 ExportMinLength = Annotated[Optional[int], typer.Option(help=help_for("min_length", DecodeSettings), show_default=False)]
 ExportGuidance = Annotated[Optional[float], typer.Option(help=help_for("concept_guidance", DecodeSettings), show_default=False)]
+ExportPrior = Annotated[Optional[float], typer.Option(help=help_for("concept_prior", DecodeSettings), show_default=False)]
 
 
 def decode_keys(group: str, beams: int | None, max_length: int | None, min_length: int | None,
             length_penalty: float | None, no_repeat_ngram: int | None,
-            concept_guidance: float | None) -> dict[str, object]:
+            concept_guidance: float | None, concept_prior: float | None = None) -> dict[str, object]:
     """The search options of caption and evaluate, as dotted settings keys of ``group``.decode (None: not given)."""
     return {f"{group}.decode.beams": beams, f"{group}.decode.max_length": max_length,
             f"{group}.decode.min_length": min_length, f"{group}.decode.length_penalty": length_penalty,
-            f"{group}.decode.no_repeat_ngram": no_repeat_ngram, f"{group}.decode.concept_guidance": concept_guidance}
+            f"{group}.decode.no_repeat_ngram": no_repeat_ngram, f"{group}.decode.concept_guidance": concept_guidance,
+            f"{group}.decode.concept_prior": concept_prior}

@@ -77,7 +77,10 @@ class OnnxCaptioner:
                     rows = np.nonzero(after >= 0)[0]
                     bias = bias.copy()
                     bias[rows] = weight * follows[rows, after[rows]]
-                scores[:, ids] += bias
+                if s.get("concept_slots"):
+                    scores[:, ids] = fill_slots(scores[:, ids], bias, s["concept_slots"], s["concept_prior"])
+                else:
+                    scores[:, ids] += bias
             token = scores.argmax(axis=1)
             token = np.where(done, s["pad_token_id"], token)
             out[:, step] = token
@@ -88,6 +91,40 @@ class OnnxCaptioner:
             past = dict(zip(past, present, strict=True))
             feed_prefix, feed_ids = np.zeros((batch, 0, width), dtype=np.float32), token[:, None]
         return [self.tokenizer.decode([int(t) for t in row], skip_special_tokens=True).strip() for row in out]
+
+
+def fill_slots(scores, bias, layout: dict, prior: float):
+    """``generation.SlotFill`` in numpy: (B, K) scores and bias of the concept tokens → (B, K).
+
+    ``layout``: decoding.json's ``concept_slots``, each token's word (-1: additive) and each word's slot.
+    """
+    import numpy as np
+
+    word = np.asarray(layout["token_words"])
+    slot = np.asarray(layout["word_slots"])
+    out = scores + bias
+    with np.errstate(invalid="ignore", divide="ignore"):
+        words = np.stack([_logsumexp(scores[:, word == w]) for w in range(len(slot))], axis=1)  # (B, W)
+        word_bias = np.stack([bias[:, np.flatnonzero(word == w)[0]] for w in range(len(slot))], axis=1)
+        choice = np.where(np.isneginf(words), words, prior * words + word_bias)
+        for g in np.unique(slot):
+            members = np.flatnonzero(slot == g)
+            mass, total = _logsumexp(words[:, members]), _logsumexp(choice[:, members])
+            for w in members:
+                share = np.where(np.isneginf(total), total, choice[:, w] - total)
+                k = word == w
+                filled = (mass + share - words[:, w])[:, None] + scores[:, k]
+                out[:, k] = np.where(np.isneginf(scores[:, k]), scores[:, k], filled)
+    return out
+
+
+def _logsumexp(x):
+    """log Σ exp over the last axis of a (B, N) array, -inf where every entry is -inf."""
+    import numpy as np
+
+    top = x.max(axis=1)
+    safe = np.where(np.isneginf(top), 0.0, top)
+    return np.log(np.exp(x - safe[:, None]).sum(axis=1)) + safe
 
 
 def time_captioning(captioner: OnnxCaptioner, pixels, batch_size: int, repeats: int) -> list[float]:

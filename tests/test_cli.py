@@ -162,7 +162,7 @@ def test_help_states_the_defaults_the_settings_have(command, option, key):
 def test_export_help_states_the_librarys_decode_defaults():
     params = typer.main.get_command(app).commands["export"].params
     for option, field in (("--max-length", "max_length"), ("--min-length", "min_length"),
-                          ("--concept-guidance", "concept_guidance")):
+                          ("--concept-guidance", "concept_guidance"), ("--concept-prior", "concept_prior")):
         help_text = next(p.help for p in params if option in p.opts)
         assert help_text.endswith(f"[default: {getattr(DecodeSettings(), field):g}]"), help_text
 

@@ -142,8 +142,11 @@ def test_a_model_with_concept_words_has_a_head_that_round_trips(tmp_path: Path, 
         logits = model.concept_logits(model.image_features(pixels))
     assert logits.shape == (2, 3)
     model.save_pretrained(tmp_path / "ckpt")
-    assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["concept_words"] == ["circle", "square", "star"]
+    saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
+    assert saved["concept_words"] == ["circle", "square", "star"]
+    assert saved["concept_slots"] == [0, -1, 0] == model.config.concept_slots  # no square in these captions
     loaded = Captioner.from_pretrained(tmp_path / "ckpt").eval()
+    assert loaded.config.concept_slots == [0, -1, 0]
     with torch.no_grad():
         assert torch.equal(loaded.concept_logits(loaded.image_features(pixels)), logits)
 
@@ -154,20 +157,24 @@ def test_a_model_with_concept_words_has_a_head_that_round_trips(tmp_path: Path, 
 
 
 def test_a_checkpoint_from_before_the_stem_and_the_head_loads_as_it_was(tmp_path: Path, captions: list[str]) -> None:
-    """Its model.json has neither the vision spec's "stem" nor "concept_words": a patch embedding, no head."""
+    """Its model.json has neither the vision spec's "stem" nor "concept_words" (nor "concept_slots"): a
+    patch embedding, no head."""
     current = build_model(ModelSettings(), captions)
     config = dict(current.config.__dict__)
     config.pop("concept_words")
+    config.pop("concept_slots")
     config["vision"] = {k: v for k, v in config["vision"].items() if k != "stem"}
     torch.manual_seed(1)
     old = Captioner(CaptionerConfig(**config), current.tokenizer).eval()
     old.save_pretrained(tmp_path / "old")
     saved = json.loads((tmp_path / "old" / CONFIG_FILE).read_text())
     saved.pop("concept_words")
+    saved.pop("concept_slots")
     (tmp_path / "old" / CONFIG_FILE).write_text(json.dumps(saved))
 
     loaded = Captioner.from_pretrained(tmp_path / "old").eval()
     assert isinstance(loaded.vision.conv1, torch.nn.Conv2d) and loaded.concept_head is None
+    assert loaded.config.concept_slots == []  # absent: guidance stays additive (generation.slot_layout)
     pixels = _pixels(2, loaded.image_size)
     with torch.no_grad():
         assert torch.equal(loaded.image_features(pixels), old.image_features(pixels))
@@ -261,3 +268,15 @@ def test_concept_tags_add_each_patchs_seen_words_to_its_prefix_vector(tmp_path: 
     # Where there is no patch head or token prefix to carry them, the model has no tags, and says so.
     assert build_model(ModelSettings(prefix_mapper="mlp", concept_tags=True), captions, words).config.concept_tags is False
     assert build_model(settings, captions, ()).config.concept_tags is False
+
+
+def test_slots_count_the_concept_words_after_each_in_its_commonest_use() -> None:
+    """By hand: "a small red circle" puts small 2, red 1, circle 0; "red" alone once (0) loses to its
+    two uses before a shape (1); a plural is its word; "left" never follows a run; a phrase and an
+    unused word have no slot."""
+    from capcli.data.concepts import concept_slots
+
+    captions = ["a small red circle and two blue squares", "a red circle is left of a large square", "red"]
+    words = ["circle", "square", "red", "blue", "small", "large", "red circle", "green"]
+    assert concept_slots(captions, words) == [0, 0, 1, 1, 2, 1, -1, -1]
+    assert concept_slots([], words) == [-1] * len(words)

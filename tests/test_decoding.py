@@ -384,6 +384,7 @@ def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained
     words = ("circle", "square", "red", "blue")
     model = build_model(ModelSettings(concept_source="patches"), captions, words).eval()
     model.concept_head = _PlacedConcepts(4, {(3, 1): [0, 2], (3, 6): [1, 3], (3, 0): [2]})
+    model.config.concept_slots = []  # the bias terms themselves, added as before slots
     token = {w: model.tokenizer.encode(" " + w, add_special_tokens=False) for w in
              ("a", "red", "circle", "square", "blue", "is", "left of", "right of", "above")}
     assert all(len(t) == 1 for w, t in token.items() if " " not in w)
@@ -462,9 +463,132 @@ def _with_concept_head(model: Captioner, words: list[str], bias: float) -> Capti
 
     guided = copy.deepcopy(model)
     guided.config.concept_words = list(words)
+    guided.config.concept_slots = []  # none read from captions: additive guidance
     width = guided.config.vision["arch"]["output_dim"]
     guided.concept_head = torch.nn.Linear(width, len(words))
     with torch.no_grad():
         guided.concept_head.weight.zero_()
         guided.concept_head.bias.fill_(bias)
     return guided.eval()
+
+
+# --- slot guidance ---------------------------------------------------------------------------------------------------
+
+
+def _slot_case():
+    """Six concept tokens: "A" and "As" (two forms of word 0) and "B" (word 1) share slot 0, "C" and
+    "D" (words 2, 3) slot 1, "X" has no slot. Decoder probabilities and head biases by hand."""
+    import math
+
+    p = {"A": 0.3, "As": 0.1, "B": 0.2, "C": 0.05, "D": 0.15, "X": 0.2}
+    b = {"A": math.log(0.5), "As": math.log(0.5), "B": 0.0, "C": -1.0, "D": 0.0, "X": -2.0}
+    layout = ([0, 0, 1, 2, 3, -1], [0, 0, 1, 1])
+    scores = torch.tensor([[math.log(v) for v in p.values()]], dtype=torch.float64)
+    return p, b, layout, scores, torch.tensor([list(b.values())], dtype=torch.float64)
+
+
+def test_slot_fill_shares_each_slots_probability_by_the_head_by_hand() -> None:
+    """prior 0.5. Slot 0 keeps p = 0.3 + 0.1 + 0.2 = 0.6; word A (p 0.4, head 0.5) against B (p 0.2, head 1):
+    q_A ∝ √0.4·0.5 = 0.31623, q_B ∝ √0.2 = 0.44721, so A 0.6·0.41421·(3/4) = 0.18640, its plural
+    0.6·0.41421·(1/4) = 0.062132, B 0.6·0.58579 = 0.35147. Slot 1 keeps 0.2: q_C ∝ √0.05·e⁻¹ = 0.082262,
+    q_D ∝ √0.15 = 0.38730, so C 0.035038, D 0.16496. X, in no slot, gets its bias added: 0.2·e⁻²."""
+    import math
+
+    from capcli.model.generation import SlotFill
+
+    _, _, layout, scores, bias = _slot_case()
+    filled = SlotFill(*layout, prior=0.5, device=torch.device("cpu"))(scores, bias).exp()[0]
+    want = [0.18640, 0.062132, 0.35147, 0.035038, 0.16496, 0.2 * math.exp(-2.0)]
+    torch.testing.assert_close(filled, torch.tensor(want, dtype=torch.float64), rtol=2e-4, atol=0)
+    assert float(filled[:3].sum()) == pytest.approx(0.6) and float(filled[3:5].sum()) == pytest.approx(0.2)
+
+
+def test_slot_fill_with_prior_0_lets_the_head_choose_and_1_renormalises_the_additive_bias() -> None:
+    """prior 0: slot 0's 0.6 goes 1/3 to A (head 0.5) and 2/3 to B (head 1), A's forms 3:1. prior 1:
+    each word's share is p_w·h_w over the slot's Σ p·h: A 0.4·0.5 = 0.2 against B 0.2·1 = 0.2."""
+    from capcli.model.generation import SlotFill
+
+    _, _, layout, scores, bias = _slot_case()
+    head = SlotFill(*layout, prior=0.0, device=torch.device("cpu"))(scores, bias).exp()[0]
+    torch.testing.assert_close(head[:3], torch.tensor([0.15, 0.05, 0.4], dtype=torch.float64))
+    full = SlotFill(*layout, prior=1.0, device=torch.device("cpu"))(scores, bias).exp()[0]
+    torch.testing.assert_close(full[:3], torch.tensor([0.225, 0.075, 0.3], dtype=torch.float64))
+
+
+def test_slot_fill_keeps_barred_tokens_barred_and_makes_no_nan() -> None:
+    """A form barred by the search (-inf: no-repeat n-grams) stays barred and its word's other form
+    takes the word's share; a slot barred whole stays barred, at every prior."""
+    from capcli.model.generation import SlotFill
+
+    _, _, layout, scores, bias = _slot_case()
+    scores[0, 1] = float("-inf")  # "As"
+    scores[0, 3:5] = float("-inf")  # "C" and "D": all of slot 1
+    for prior in (0.0, 0.2, 1.0):
+        filled = SlotFill(*layout, prior=prior, device=torch.device("cpu"))(scores, bias)
+        assert not filled.isnan().any()
+        assert torch.isneginf(filled[0, [1, 3, 4]]).all()
+        assert float(filled[0, :3].exp().sum()) == pytest.approx(0.5)  # slot 0 without "As": 0.3 + 0.2
+
+
+def test_numpy_slot_fill_of_the_onnx_search_equals_torchs() -> None:
+    """serving.fill_slots (numpy, for the exported greedy search) against SlotFill, barred tokens included."""
+    import numpy as np
+
+    from capcli.model.generation import SlotFill
+    from capcli.serving import fill_slots
+
+    _, _, layout, _, _ = _slot_case()
+    torch.manual_seed(0)
+    scores, bias = torch.randn(4, 6) * 3, -torch.rand(4, 6) * 5
+    bias[:, 1] = bias[:, 0]  # forms of one word share its bias
+    scores[1, 1], scores[2, 3:5] = float("-inf"), float("-inf")
+    for prior in (0.0, 0.2, 1.0):
+        want = SlotFill(*layout, prior=prior, device=torch.device("cpu"))(scores, bias).numpy()
+        got = fill_slots(scores.numpy(), bias.numpy(), dict(zip(("token_words", "word_slots"), layout)), prior)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_slot_layout_shares_only_slots_of_several_words() -> None:
+    """Concepts circle 0, square 0, red 1, small 2, "red circle" -1; tokens circle, circles, square, red,
+    small. circle and square share slot 0; red and small are alone in theirs: additive, as is a checkpoint
+    written before slots; slots for fewer words than the tokens name are a damaged checkpoint."""
+    from capcli.model.generation import slot_layout
+
+    assert slot_layout([0, 0, 1, 2, -1], [0, 0, 1, 2, 3]) == ([0, 0, 1, -1, -1], [0, 0])
+    assert slot_layout([0, 1, 2, -1], [0, 1, 2]) is None
+    assert slot_layout([], [0, 1]) is None
+    with pytest.raises(ValueError, match="concept slots"):
+        slot_layout([0, 0], [0, 1, 2])
+
+
+def test_concept_guidance_fills_the_slot_the_decoder_opens_with_the_word_bound_there(trained) -> None:
+    """A red circle at the left, a blue square at the right; the decoder all but sure of " square" after " red".
+    With the slots read from the captions (circle, square: 0; red, blue: 1), the shape slot keeps the
+    decoder's probability and the head gives it to " circle", bound to red; the additive bias of a
+    checkpoint written before slots takes it from " square" and leaves it to other tokens."""
+    from capcli.model import build_model
+    from capcli.model.generation import ConceptGuidance, concept_token_ids
+    from capcli.settings import ModelSettings
+
+    _, pixels = trained
+    torch.manual_seed(0)
+    captions = ["a red circle and a blue square", "a blue square and a red circle", "two red circles"] * 10
+    model = build_model(ModelSettings(concept_source="patches"), captions, ("circle", "square", "red", "blue")).eval()
+    assert model.config.concept_slots == [0, 0, 1, 1]
+    model.concept_head = _PlacedConcepts(4, {(3, 1): [0, 2], (3, 6): [1, 3]})
+    tok = {w: model.tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in ("a", "red", "circle", "square")}
+    ids = torch.tensor([[tok["a"], tok["red"]]])
+    scores = torch.full((1, model.decoder.config.vocab_size), -8.0)
+    scores[0, tok["square"]] = 0.0  # the decoder's prior after "red": only red squares seen
+    scores = scores.log_softmax(dim=-1)
+    ids_, columns = concept_token_ids(model)
+    circle = [i for i, c in zip(ids_, columns) if c == 0]  # " circle", " circles": equal odds here
+    shapes = [i for i, c in zip(ids_, columns) if c in (0, 1)]
+    with torch.no_grad():
+        features = model.image_features(pixels[:1])
+        slotted = ConceptGuidance(model, features, weight=1.0, beams=1)(ids, scores.clone()).softmax(dim=-1)
+        model.config.concept_slots = []
+        additive = ConceptGuidance(model, features, weight=1.0, beams=1)(ids, scores.clone()).softmax(dim=-1)
+    slot = float(scores[0, shapes].exp().sum())  # the decoder's probability of a shape next: 0.85
+    assert float(slotted[0, circle].sum()) == pytest.approx(slot, rel=1e-2)
+    assert float(additive[0, circle].sum()) < 1e-2 and float(additive[0, tok["square"]]) < 1e-2  # to other tokens

@@ -32,14 +32,16 @@ from torch import nn
 from transformers import DynamicCache
 
 from capcli.model import Captioner
-from capcli.model.generation import concept_token_ids
+from capcli.model.generation import concept_token_ids, slot_layout
 from capcli.serving import DECODING_FILE, require_onnx
+from capcli.settings import DecodeSettings
 
 OPSET = 17
 
 
 def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length: int = 1,
-                concept_guidance: float = 1.0) -> dict[str, Any]:
+                concept_guidance: float = 1.0,
+                concept_prior: float = DecodeSettings.model_fields["concept_prior"].default) -> dict[str, Any]:
     """Write the ONNX graphs, tokenizer and decoding settings of ``checkpoint`` into ``output``.
 
     Returns:
@@ -53,6 +55,7 @@ def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length
     layers, heads, width = config.n_layer, config.n_head, config.n_embd
     ids, columns = concept_token_ids(model)
     guided = model.concept_head is not None and bool(ids)
+    layout = slot_layout(model.config.concept_slots, columns)
     size = model.image_size
 
     vision = VisionGraph(model, columns if guided else [])
@@ -80,6 +83,9 @@ def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length
         "max_length": max_length, "min_length": min_length,
         "concept_guidance": concept_guidance if guided else 0.0, "spatial_guidance": False,
         "concept_token_ids": ids if guided else [], "concept_patches": model.config.concept_source == "patches",
+        # Slot guidance (generation.SlotFill): each token's word (-1: additive), each word's slot; null: additive.
+        "concept_slots": dict(zip(("token_words", "word_slots"), layout, strict=True)) if guided and layout else None,
+        "concept_prior": concept_prior,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "vocab_size": config.vocab_size, "checkpoint": str(checkpoint), "opset": OPSET,
     }

@@ -49,6 +49,7 @@ class CaptionerConfig:
     concept_words: list[str] = field(default_factory=list)  # absent from checkpoints written before the head
     concept_source: str = "pooled"  # absent from checkpoints written before patch concepts
     concept_tags: bool = False  # absent from checkpoints written before concept tags
+    concept_slots: list[int] = field(default_factory=list)  # data.concepts.concept_slots; absent before slot guidance
 
 
 # Prefix mappers that read the patch tokens; the others read the pooled vector alone.

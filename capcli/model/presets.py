@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import islice
 
+from capcli.data.concepts import concept_slots
 from capcli.model.captioner import Captioner, CaptionerConfig
 from capcli.model.tokenizer import load_tokenizer, train_bpe
 from capcli.model.towers import (
@@ -18,6 +20,7 @@ from capcli.settings import ModelSettings
 
 PREFIX_LENGTH = {"tiny": 4, "clip-gpt2": 10}  # ClipCap uses 10 for GPT-2
 RESAMPLER_LENGTH = {"tiny": 16, "clip-gpt2": 32}  # BLIP-2's Q-Former has 32 queries
+SLOT_CAPTIONS = 50_000  # the captions a pretrained decoder's concept slots are read from
 
 
 def prefix_length(settings: ModelSettings, vision: dict) -> int:
@@ -34,9 +37,12 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_w
 
     Args:
         settings: the model settings group.
-        captions: training captions, used by the tiny preset to train its tokenizer.
+        captions: training captions: the tiny preset's tokenizer learns from them, and the concept
+            words' slots (``concept_slots``) are read from them.
         concept_words: the words its concept head detects; none, no head.
     """
+    # Kept: the tiny preset's tokenizer learns from all of them; the concept slots need only a sample.
+    captions = list(captions if settings.preset == "tiny" else islice(captions, SLOT_CAPTIONS))
     if settings.preset == "tiny":
         tokenizer = train_bpe(captions, vocab_size=TINY_VOCAB)
         vision, vision_state = vision_spec_tiny(), None
@@ -68,6 +74,7 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_w
         # Tags sit on the patch tokens and need the head that reads them: elsewhere there is nothing to add.
         concept_tags=bool(settings.concept_tags and concept_words and settings.prefix_mapper == "tokens"
                           and settings.concept_source == "patches"),
+        concept_slots=concept_slots(captions, concept_words) if concept_words else [],
     )
     model = Captioner(config, tokenizer)
     if vision_state is not None:
