@@ -75,6 +75,10 @@ def quiet_transformers() -> Iterator[None]:
 class ConceptGuidance(LogitsProcessor):
     """Soft constraints from the concept head: the words it does not see in the image are penalised.
 
+    The terms below are the bias b. A checkpoint that records its concept words' slots applies
+    it within each slot (``SlotFill``: the decoder keeps the slot's probability, the head shares
+    it out); an older one adds it to the scores, as described here.
+
     Each concept word (and its plural) that the tokenizer writes as one token gets
     ``λ · log σ(logit)`` added to its next-token score: about 0 for a word the head sees,
     strongly negative for one it does not. It is the soft form of constrained beam search on
@@ -249,11 +253,12 @@ class SlotFill:
     one the head binds to yellow best. (Cutting the slot by the head's best word as well, tried
     first, left test_novel captions without a shape where the head doubted every one: CHAIR-s
     0.497 → 0.430 but recall 0.57 → 0.45 and CIDEr-D 3.06 → 2.39; docs/models.md.) A word alone
-    in its slot, or with no slot, keeps the additive bias. Neural Baby Talk (Lu et al. 2018) fills a caption's slots from a detector
-    the same way; ``prior`` 0 is its form. The additive bias took probability from a word the head
-    does not see and left it to whatever came next: on unseen colour-shape pairs, after "yellow"
-    the decoder's "square" lost it to stray tokens ("a large yellowa single ...") or, renormalised
-    over all concept words, to another colour ("a large yellow large yellow ..."); docs/models.md.
+    in its slot, or with no slot, keeps the additive bias. Neural Baby Talk (Lu et al. 2018) fills
+    a caption's slots from a detector the same way; ``prior`` 0 is its form. The additive bias
+    took probability from a word the head does not see and left it to whatever came next: on
+    unseen colour-shape pairs, after "yellow" the decoder's "square" lost it to stray tokens ("a
+    large yellowa single ...") or, renormalised over all concept words, to another colour ("a
+    large yellow large yellow ..."); docs/models.md.
     """
 
     def __init__(self, word_of_token: list[int], slot_of_word: list[int], prior: float, device: torch.device):
