@@ -144,9 +144,9 @@ def test_a_model_with_concept_words_has_a_head_that_round_trips(tmp_path: Path, 
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert saved["concept_words"] == ["circle", "square", "star"]
-    assert saved["concept_slots"] == [0, -1, 0] == model.config.concept_slots  # no square in these captions
+    assert saved["concept_slots"] == [-1, -1, -1] == model.config.concept_slots  # shapes alone: no colour is a concept
     loaded = Captioner.from_pretrained(tmp_path / "ckpt").eval()
-    assert loaded.config.concept_slots == [0, -1, 0]
+    assert loaded.config.concept_slots == [-1, -1, -1]
     with torch.no_grad():
         assert torch.equal(loaded.concept_logits(loaded.image_features(pixels)), logits)
 
@@ -271,12 +271,14 @@ def test_concept_tags_add_each_patchs_seen_words_to_its_prefix_vector(tmp_path: 
 
 
 def test_slots_count_the_concept_words_after_each_in_its_commonest_use() -> None:
-    """By hand: "a small red circle" puts small 2, red 1, circle 0; "red" alone once (0) loses to its
-    two uses before a shape (1); a plural is its word; "left" never follows a run; a phrase and an
-    unused word have no slot."""
+    """By hand: "a small red circle" puts small 2, red 1, circle 0; "red" alone once is outweighed by
+    its two uses before a shape (1); a plural is its word; "left" never follows a run; "drawing",
+    always alone, a phrase and an unused word have no slot."""
     from capcli.data.concepts import concept_slots
 
-    captions = ["a small red circle and two blue squares", "a red circle is left of a large square", "red"]
-    words = ["circle", "square", "red", "blue", "small", "large", "red circle", "green"]
-    assert concept_slots(captions, words) == [0, 0, 1, 1, 2, 1, -1, -1]
+    captions = ["a small red circle and two blue squares", "a red circle is left of a large square", "red",
+                "a drawing of a blue circle", "a drawing"]
+    words = ["circle", "square", "red", "blue", "small", "large", "red circle", "green", "drawing"]
+    assert concept_slots(captions, words) == [0, 0, 1, 1, 2, 1, -1, -1, -1]
+    assert concept_slots(["a red", "red", "a red circle"], ["red", "circle"]) == [-1, 0]  # red: alone 2 of 3
     assert concept_slots([], words) == [-1] * len(words)

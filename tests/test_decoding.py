@@ -551,14 +551,15 @@ def test_numpy_slot_fill_of_the_onnx_search_equals_torchs() -> None:
 def test_slot_layout_shares_only_slots_of_several_words() -> None:
     """Concepts circle 0, square 0, red 1, small 2, "red circle" -1; tokens circle, circles, square, red,
     small. circle and square share slot 0; red and small are alone in theirs: additive, as is a checkpoint
-    written before slots; slots for fewer words than the tokens name are a damaged checkpoint."""
+    written before slots; slots for more or fewer words than the checkpoint's are a damaged checkpoint."""
     from capcli.model.generation import slot_layout
 
-    assert slot_layout([0, 0, 1, 2, -1], [0, 0, 1, 2, 3]) == ([0, 0, 1, -1, -1], [0, 0])
-    assert slot_layout([0, 1, 2, -1], [0, 1, 2]) is None
-    assert slot_layout([], [0, 1]) is None
-    with pytest.raises(ValueError, match="concept slots"):
-        slot_layout([0, 0], [0, 1, 2])
+    assert slot_layout([0, 0, 1, 2, -1], [0, 0, 1, 2, 3], 5) == ([0, 0, 1, -1, -1], [0, 0])
+    assert slot_layout([0, 1, 2, -1], [0, 1, 2], 4) is None
+    assert slot_layout([], [0, 1], 2) is None
+    for damaged in ([0, 0], [0, 0, 1, 1]):
+        with pytest.raises(ValueError, match="concept slots for 3 concept words"):
+            slot_layout(damaged, [0, 1, 2], 3)
 
 
 def test_concept_guidance_fills_the_slot_the_decoder_opens_with_the_word_bound_there(trained) -> None:

@@ -56,6 +56,7 @@ def test_the_export_folder_holds_both_graphs_the_tokenizer_and_the_settings(expo
         onnx.checker.check_model(str(folder / name))
     settings = json.loads((folder / "decoding.json").read_text())
     assert settings["max_length"] == 10 and settings["concept_token_ids"] and settings["concept_patches"]
+    assert settings["concept_slots"]["word_slots"] and settings["concept_prior"] == 0.2  # slot guidance exported
     decoder = onnx.load(str(folder / "decoder.onnx"))
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in decoder.graph.input}
     assert dims["input_ids"] == ["batch", "tokens"] and dims["past_key_0"][0] == "batch"

@@ -91,16 +91,19 @@ def caption_words(captions: Iterable[Sequence[str]], limit: int = 64, min_share:
 
 
 def concept_slots(captions: Iterable[str], concepts: Sequence[str]) -> list[int]:
-    """Each concept's slot in the captions' noun phrases: how many concept words follow it in its
-    run of concept words, in its most common use ("a small red circle": small 2, red 1, circle 0).
+    """Each concept's slot in the captions' phrases: how many concept words follow it in a run of
+    several concept words, in its most common use ("a small red circle": small 2, red 1, circle 0).
 
     Concept-guided decoding (``generation.ConceptGuidance``) lets the decoder say *when* a word
     of a slot comes, and the concept head *which* one: the slots group the words that can stand
     in for one another (shapes, colours, sizes; objects and their attributes) without a list
-    made by hand. A concept of several words, or one the captions never use, has slot -1.
+    made by hand. Only a word that stands in such a run in at least half of its uses gets a slot:
+    one mostly said alone ("a drawing of ...", "a man sitting on ...") is not placed by the words
+    around it, and keeps the additive guidance. A concept of several words, or one the captions
+    never use, has slot -1 too.
 
     Args:
-        captions: training captions (a sample of them is enough: the slots are the commonest use).
+        captions: training captions (the first ones are enough: the slots are the commonest use).
         concepts: the concept words, as the model's ``concept_words``.
     """
     index: dict[str, int] = {}
@@ -110,17 +113,21 @@ def concept_slots(captions: Iterable[str], concepts: Sequence[str]) -> list[int]
     for concept, c in list(index.items()):  # plurals, unless a plural is a concept of its own
         for form in (concept + "s", concept + "es"):
             index.setdefault(form, c)
-    uses: list[Counter[int]] = [Counter() for _ in concepts]
+    uses: list[Counter[int]] = [Counter() for _ in concepts]  # places in runs of several words
+    alone = [0] * len(concepts)
     for caption in captions:
         found = [index.get(w) for w in _WORD.findall(caption.lower())]
         end = len(found)
         for i in range(len(found) - 1, -1, -1):
             if found[i] is None:
                 end = i
+            elif end - i == 1 and (i == 0 or found[i - 1] is None):
+                alone[found[i]] += 1
             else:
                 uses[found[i]][end - 1 - i] += 1
-    # The commonest slot; a tie goes to the later one (the smaller count of words after it).
-    return [max(u.items(), key=lambda kv: (kv[1], -kv[0]))[0] if u else -1 for u in uses]
+    # The commonest place; a tie goes to the later one (the smaller count of words after it).
+    return [max(u.items(), key=lambda kv: (kv[1], -kv[0]))[0] if u and sum(u.values()) >= alone[c] else -1
+            for c, u in enumerate(uses)]
 
 
 def concept_targets(captions: Sequence[str], concepts: Sequence[str],

@@ -55,7 +55,7 @@ def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length
     layers, heads, width = config.n_layer, config.n_head, config.n_embd
     ids, columns = concept_token_ids(model)
     guided = model.concept_head is not None and bool(ids)
-    layout = slot_layout(model.config.concept_slots, columns)
+    layout = slot_layout(model.config.concept_slots, columns, len(model.config.concept_words)) if guided else None
     size = model.image_size
 
     vision = VisionGraph(model, columns if guided else [])

@@ -112,7 +112,7 @@ class ConceptGuidance(LogitsProcessor):
                  prior: float = DecodeSettings.model_fields["concept_prior"].default):
         ids, columns = concept_token_ids(model)
         self.ids = torch.tensor(ids, dtype=torch.long, device=features.device)  # (K,) vocabulary ids
-        layout = slot_layout(model.config.concept_slots, columns)
+        layout = slot_layout(model.config.concept_slots, columns, len(model.config.concept_words))
         self.slots = None if layout is None else SlotFill(*layout, prior, features.device)
         columns = torch.tensor(columns, dtype=torch.long, device=features.device)  # (K,) their concept words
         self.follows = None
@@ -220,21 +220,21 @@ class ConceptGuidance(LogitsProcessor):
         return sides
 
 
-def slot_layout(slots: list[int], columns: list[int]) -> tuple[list[int], list[int]] | None:
+def slot_layout(slots: list[int], columns: list[int], words: int) -> tuple[list[int], list[int]] | None:
     """Which word each concept token is a form of, and which slot each such word fills: (K,) word
     index per token (-1 for a token whose concept has no slot shared with another word) and (W,)
     slot per word; None when there is no such slot, or the checkpoint records none (written before
     slots: its guidance stays additive)."""
     if not slots or not columns:
         return None
-    if max(columns) >= len(slots):
-        raise ValueError(f"the checkpoint records {len(slots)} concept slots for more concept words")
-    words = sorted(set(columns))
-    shared = {slot for slot in {slots[c] for c in words} if slot >= 0 and sum(slots[c] == slot for c in words) > 1}
-    words = [c for c in words if slots[c] in shared]  # a slot of one word has nothing to share
-    if not words:
+    if len(slots) != words:
+        raise ValueError(f"the checkpoint records {len(slots)} concept slots for {words} concept words")
+    named = sorted(set(columns))
+    shared = {slot for slot in {slots[c] for c in named} if slot >= 0 and sum(slots[c] == slot for c in named) > 1}
+    named = [c for c in named if slots[c] in shared]  # a slot of one word has nothing to share
+    if not named:
         return None
-    return [words.index(c) if c in words else -1 for c in columns], [slots[c] for c in words]
+    return [named.index(c) if c in named else -1 for c in columns], [slots[c] for c in named]
 
 
 class SlotFill:

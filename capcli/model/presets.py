@@ -41,8 +41,8 @@ def build_model(settings: ModelSettings, captions: Iterable[str] = (), concept_w
             words' slots (``concept_slots``) are read from them.
         concept_words: the words its concept head detects; none, no head.
     """
-    # Kept: the tiny preset's tokenizer learns from all of them; the concept slots need only a sample.
-    captions = list(captions if settings.preset == "tiny" else islice(captions, SLOT_CAPTIONS))
+    # Kept: the tiny preset's tokenizer learns from all of them; the concept slots need only the first ones.
+    captions = list(captions if settings.preset == "tiny" else islice(captions, SLOT_CAPTIONS if concept_words else 0))
     if settings.preset == "tiny":
         tokenizer = train_bpe(captions, vocab_size=TINY_VOCAB)
         vision, vision_state = vision_spec_tiny(), None

@@ -280,7 +280,7 @@ class DecodeSettings(Strict):
     concept_guidance: float = Field(1.0, ge=0, allow_inf_nan=False)
     """Weight λ of the concept head's soft constraint: each concept word's score gains λ·log σ(its concept logit), so words the head does not see in the image are hard to say; 0 turns it off, and a model without a concept head ignores it."""
     concept_prior: float = Field(0.2, ge=0, le=1, allow_inf_nan=False)
-    """With concept guidance and a checkpoint that records its concept slots: how much the decoder's own choice among the concept words of one slot (shapes, colours, sizes; objects, attributes) counts beside the concept head's. The decoder still decides when a word of a slot comes and in which form; 0 leaves the choice of word to the head alone, 1 renormalises the λ-weighted constraint within each slot."""
+    """With concept guidance and a checkpoint that records its concept slots: how much the decoder's own choice among the concept words of one slot (shapes, colours, sizes; objects, attributes) counts beside the concept head's. The decoder still decides when a word of a slot comes and in which form; 0 leaves the choice of word to the head alone, 1 renormalises the λ-weighted constraint within each slot. It applies whenever concept guidance is on (λ > 0): λ weights the head's terms, this the decoder's."""
     spatial_guidance: bool = True
     """With concept guidance and a head on the patches: after a spatial phrase ("left of", "above", …) the next object's words are scored by the patches on that side of the subject, so that a relation is stated the right way round."""
 
