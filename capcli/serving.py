@@ -2,7 +2,7 @@
 
 :class:`OnnxCaptioner` runs the greedy search of ``capcli caption --beams 1`` over the exported
 graphs (``export.py``): end-of-text barred before ``min_length`` tokens, concept guidance
-added to the logits as ``generation.ConceptGuidance`` adds it, a finished caption padded.
+added to the logits as ``guidance.ConceptGuidance`` adds it, a finished caption padded.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class OnnxCaptioner:
 
 
 def fill_slots(scores, bias, layout: dict, prior: float):
-    """``generation.SlotFill`` in numpy: (B, K) scores and bias of the concept tokens → (B, K).
+    """``guidance.SlotFill`` in numpy: (B, K) scores and bias of the concept tokens → (B, K).
 
     ``layout``: decoding.json's ``concept_slots``, each token's word (-1: additive) and each word's slot.
     """

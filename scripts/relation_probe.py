@@ -30,7 +30,8 @@ from capcli.data.images import resize_center_crop
 from capcli.data.sources import load_splits
 from capcli.metrics.grounding import grounding_intervals, grounding_metrics
 from capcli.model import Captioner
-from capcli.model.generation import ConceptGuidance, quiet_transformers
+from capcli.model.generation import quiet_transformers
+from capcli.model.guidance import ConceptGuidance
 from capcli.scenes.reader import parse_layout
 from capcli.settings import load_settings
 from capcli.train.checkpoint import resolve_checkpoint

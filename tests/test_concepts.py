@@ -174,7 +174,7 @@ def test_a_checkpoint_from_before_the_stem_and_the_head_loads_as_it_was(tmp_path
 
     loaded = Captioner.from_pretrained(tmp_path / "old").eval()
     assert isinstance(loaded.vision.conv1, torch.nn.Conv2d) and loaded.concept_head is None
-    assert loaded.config.concept_slots == []  # absent: guidance stays additive (generation.slot_layout)
+    assert loaded.config.concept_slots == []  # absent: guidance stays additive (guidance.slot_layout)
     pixels = _pixels(2, loaded.image_size)
     with torch.no_grad():
         assert torch.equal(loaded.image_features(pixels), old.image_features(pixels))

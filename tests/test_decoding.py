@@ -303,7 +303,7 @@ def test_concept_guidance_adds_lambda_log_sigmoid_to_each_concept_token(trained)
     """By hand: the score of " circle" and " circles" gains λ·log σ(circle's logit), of " red" λ·log σ(red's);
     no other token moves; beams repeat their image's row."""
     from capcli.model import build_model
-    from capcli.model.generation import ConceptGuidance, concept_token_ids
+    from capcli.model.guidance import ConceptGuidance, concept_token_ids
     from capcli.settings import ModelSettings
 
     _, pixels = trained
@@ -332,7 +332,7 @@ def test_concept_guidance_after_a_concept_word_binds_by_place(trained) -> None:
     """By hand, with the head on the patches: after " red", the score of " circle" gains
     λ·log(max_n σ(red_n)·σ(circle_n) / max_n σ(red_n)); after any other token, λ·log σ(circle's logit)."""
     from capcli.model import build_model
-    from capcli.model.generation import ConceptGuidance
+    from capcli.model.guidance import ConceptGuidance
     from capcli.settings import ModelSettings
 
     _, pixels = trained
@@ -374,7 +374,7 @@ def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained
     (a red patch is there: " red" keeps its score); "above"/"below" have no side with the square.
     Before the phrase, " right" and " above" lose as much, " left" nothing."""
     from capcli.model import build_model
-    from capcli.model.generation import ConceptGuidance
+    from capcli.model.guidance import ConceptGuidance
     from capcli.settings import ModelSettings
 
     _, pixels = trained
@@ -425,7 +425,7 @@ def test_spatial_phrases_bind_the_next_object_by_the_side_of_the_subject(trained
 def test_the_object_of_a_spatial_phrase_is_found_after_a_verb_a_which_and_an_article() -> None:
     """Token ids by hand: 1 "a", 2 "red", 3 "circle", 4 ",", 5 "which", 6 "is", 7 "on", 8 "the",
     10 "left", 11 "of"; red and circle are concept slots 0 and 1."""
-    from capcli.model.generation import _spatial_object
+    from capcli.model.guidance import _spatial_object
 
     phrases = [((10, 11), (1.0, 0.0))]
     slot_of = {2: 0, 3: 1}
@@ -494,7 +494,7 @@ def test_slot_fill_shares_each_slots_probability_by_the_head_by_hand() -> None:
     q_D ∝ √0.15 = 0.38730, so C 0.035038, D 0.16496. X, in no slot, gets its bias added: 0.2·e⁻²."""
     import math
 
-    from capcli.model.generation import SlotFill
+    from capcli.model.guidance import SlotFill
 
     _, _, layout, scores, bias = _slot_case()
     filled = SlotFill(*layout, prior=0.5, device=torch.device("cpu"))(scores, bias).exp()[0]
@@ -506,7 +506,7 @@ def test_slot_fill_shares_each_slots_probability_by_the_head_by_hand() -> None:
 def test_slot_fill_with_prior_0_lets_the_head_choose_and_1_renormalises_the_additive_bias() -> None:
     """prior 0: slot 0's 0.6 goes 1/3 to A (head 0.5) and 2/3 to B (head 1), A's forms 3:1. prior 1:
     each word's share is p_w·h_w over the slot's Σ p·h: A 0.4·0.5 = 0.2 against B 0.2·1 = 0.2."""
-    from capcli.model.generation import SlotFill
+    from capcli.model.guidance import SlotFill
 
     _, _, layout, scores, bias = _slot_case()
     head = SlotFill(*layout, prior=0.0, device=torch.device("cpu"))(scores, bias).exp()[0]
@@ -518,7 +518,7 @@ def test_slot_fill_with_prior_0_lets_the_head_choose_and_1_renormalises_the_addi
 def test_slot_fill_keeps_barred_tokens_barred_and_makes_no_nan() -> None:
     """A form barred by the search (-inf: no-repeat n-grams) stays barred and its word's other form
     takes the word's share; a slot barred whole stays barred, at every prior."""
-    from capcli.model.generation import SlotFill
+    from capcli.model.guidance import SlotFill
 
     _, _, layout, scores, bias = _slot_case()
     scores[0, 1] = float("-inf")  # "As"
@@ -534,7 +534,7 @@ def test_numpy_slot_fill_of_the_onnx_search_equals_torchs() -> None:
     """serving.fill_slots (numpy, for the exported greedy search) against SlotFill, barred tokens included."""
     import numpy as np
 
-    from capcli.model.generation import SlotFill
+    from capcli.model.guidance import SlotFill
     from capcli.serving import fill_slots
 
     _, _, layout, _, _ = _slot_case()
@@ -552,7 +552,7 @@ def test_slot_layout_shares_only_slots_of_several_words() -> None:
     """Concepts circle 0, square 0, red 1, small 2, "red circle" -1; tokens circle, circles, square, red,
     small. circle and square share slot 0; red and small are alone in theirs: additive, as is a checkpoint
     written before slots; slots for more or fewer words than the checkpoint's are a damaged checkpoint."""
-    from capcli.model.generation import slot_layout
+    from capcli.model.guidance import slot_layout
 
     assert slot_layout([0, 0, 1, 2, -1], [0, 0, 1, 2, 3], 5) == ([0, 0, 1, -1, -1], [0, 0])
     assert slot_layout([0, 1, 2, -1], [0, 1, 2], 4) is None
@@ -568,7 +568,7 @@ def test_concept_guidance_fills_the_slot_the_decoder_opens_with_the_word_bound_t
     decoder's probability and the head gives it to " circle", bound to red; the additive bias of a
     checkpoint written before slots takes it from " square" and leaves it to other tokens."""
     from capcli.model import build_model
-    from capcli.model.generation import ConceptGuidance, concept_token_ids
+    from capcli.model.guidance import ConceptGuidance, concept_token_ids
     from capcli.settings import ModelSettings
 
     _, pixels = trained

@@ -80,11 +80,11 @@ def test_onnx_greedy_captions_equal_capclis(exported, guidance):
 
 
 def test_the_vision_graph_gives_capclis_prefix_and_guidance_terms(exported):
-    """The concept guidance of the ONNX search is generation.ConceptGuidance's, term for term."""
+    """The concept guidance of the ONNX search is guidance.ConceptGuidance's, term for term."""
     import numpy as np
     import onnxruntime as ort
 
-    from capcli.model.generation import ConceptGuidance
+    from capcli.model.guidance import ConceptGuidance
 
     checkpoint, folder = exported
     model = Captioner.from_pretrained(checkpoint).eval()

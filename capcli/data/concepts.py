@@ -94,7 +94,7 @@ def concept_slots(captions: Iterable[str], concepts: Sequence[str]) -> list[int]
     """Each concept's slot in the captions' phrases: how many concept words follow it in a run of
     several concept words, in its most common use ("a small red circle": small 2, red 1, circle 0).
 
-    Concept-guided decoding (``generation.ConceptGuidance``) lets the decoder say *when* a word
+    Concept-guided decoding (``guidance.ConceptGuidance``) lets the decoder say *when* a word
     of a slot comes, and the concept head *which* one: the slots group the words that can stand
     in for one another (shapes, colours, sizes; objects and their attributes) without a list
     made by hand. Only a word that stands in such a run in at least half of its uses gets a slot:

@@ -4,7 +4,7 @@ The export folder holds:
 
 - ``vision.onnx``: (B, 3, S, S) uint8 pixels → the decoder prefix (B, K, D), and the concept
   head's guidance terms (unweighted: ``concept_alone`` (B, C) and ``concept_follows`` (B, C, C),
-  as ``generation.ConceptGuidance`` computes them before multiplying by λ);
+  as ``guidance.ConceptGuidance`` computes them before multiplying by λ);
 - ``decoder.onnx``: one step of GPT-2 with its key/value cache: ``prefix`` (B, P, D) and
   ``input_ids`` (B, T), one of them empty, and the past keys and values of every layer
   (B, H, past, hd) → ``logits`` (B, P+T, V) and the present keys and values. Batch, sequence
@@ -32,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from capcli.model import Captioner
-from capcli.model.generation import concept_token_ids, slot_layout
+from capcli.model.guidance import concept_token_ids, slot_layout
 from capcli.serving import DECODING_FILE, require_onnx
 from capcli.settings import DecodeSettings
 
@@ -83,7 +83,7 @@ def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length
         "max_length": max_length, "min_length": min_length,
         "concept_guidance": concept_guidance if guided else 0.0, "spatial_guidance": False,
         "concept_token_ids": ids if guided else [], "concept_patches": model.config.concept_source == "patches",
-        # Slot guidance (generation.SlotFill): each token's word (-1: additive), each word's slot; null: additive.
+        # Slot guidance (guidance.SlotFill): each token's word (-1: additive), each word's slot; null: additive.
         "concept_slots": dict(zip(("token_words", "word_slots"), layout, strict=True)) if guided and layout else None,
         "concept_prior": concept_prior,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
@@ -106,7 +106,7 @@ def _export(module, args, path: Path, inputs: list[str], outputs: list[str], axe
 
 
 class VisionGraph(nn.Module):
-    """pixels → prefix, and the concept head's unweighted guidance terms (generation.ConceptGuidance)."""
+    """pixels → prefix, and the concept head's unweighted guidance terms (guidance.ConceptGuidance)."""
 
     def __init__(self, model: Captioner, columns: list[int]):
         super().__init__()
