@@ -90,6 +90,11 @@ def caption_words(captions: Iterable[Sequence[str]], limit: int = 64, min_share:
     return tuple(ranked[:limit])
 
 
+def plurals(word: str) -> tuple[str, str]:
+    """The plural forms a concept word is also read in ("circles", "crosses")."""
+    return word + "s", word + "es"
+
+
 def concept_slots(captions: Iterable[str], concepts: Sequence[str]) -> list[int]:
     """Each concept's slot in the captions' phrases: how many concept words follow it in a run of
     several concept words, in its most common use ("a small red circle": small 2, red 1, circle 0).
@@ -111,7 +116,7 @@ def concept_slots(captions: Iterable[str], concepts: Sequence[str]) -> list[int]
         if len(_WORD.findall(concept.lower())) == 1:
             index.setdefault(concept.lower(), c)
     for concept, c in list(index.items()):  # plurals, unless a plural is a concept of its own
-        for form in (concept + "s", concept + "es"):
+        for form in plurals(concept):
             index.setdefault(form, c)
     uses: list[Counter[int]] = [Counter() for _ in concepts]  # places in runs of several words
     alone = [0] * len(concepts)
@@ -137,7 +142,7 @@ def concept_targets(captions: Sequence[str], concepts: Sequence[str],
     longest = max((len(p) for p in phrases), default=0)
     singular = {}
     for phrase in phrases:
-        for form in (phrase[-1] + "s", phrase[-1] + "es"):
+        for form in plurals(phrase[-1]):
             singular.setdefault(form, phrase[-1])
     targets = torch.zeros(len(captions), len(phrases))
     for b, caption in enumerate(captions):

@@ -84,7 +84,7 @@ def export_onnx(checkpoint: Path, output: Path, max_length: int = 32, min_length
         "concept_guidance": concept_guidance if guided else 0.0, "spatial_guidance": False,
         "concept_token_ids": ids if guided else [], "concept_patches": model.config.concept_source == "patches",
         # Slot guidance (guidance.SlotFill): each token's word (-1: additive), each word's slot; null: additive.
-        "concept_slots": dict(zip(("token_words", "word_slots"), layout, strict=True)) if guided and layout else None,
+        "concept_slots": dict(zip(("token_words", "word_slots"), layout, strict=True)) if layout else None,
         "concept_prior": concept_prior,
         "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
         "vocab_size": config.vocab_size, "checkpoint": str(checkpoint), "opset": OPSET,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
+from capcli.data.concepts import plurals
 from capcli.model import Captioner
 from capcli.settings import DecodeSettings
 
@@ -19,7 +20,6 @@ from capcli.settings import DecodeSettings
 # down): "A left of B" puts B to A's right. English, not the synthetic grammar's own list.
 SPATIAL_PHRASES = {"left of": (1.0, 0.0), "right of": (-1.0, 0.0), "above": (0.0, 1.0), "over": (0.0, 1.0),
                    "below": (0.0, -1.0), "under": (0.0, -1.0), "beneath": (0.0, -1.0)}
-
 
 
 class ConceptGuidance(LogitsProcessor):
@@ -312,7 +312,7 @@ def concept_token_ids(model: Captioner) -> tuple[list[int], list[int]]:
     for column, word in enumerate(model.config.concept_words):
         if " " in word:
             continue
-        for form in (word, word + "s", word + "es"):
+        for form in (word, *plurals(word)):
             token = model.tokenizer.encode(" " + form, add_special_tokens=False)
             if len(token) == 1 and token[0] not in ids:
                 ids.append(token[0])
